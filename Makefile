@@ -1,0 +1,38 @@
+# Two commands set up everything from a fresh clone (Linux, Python >= 3.11):
+#   make run    - create .venv, install, run the main job on the embedded phantoms
+#   make test   - create .venv, install system + Python test deps, lint, run all tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# Pins the test/dev environment (torch==2.13.0); the package itself keeps ranges.
+CONSTRAINTS := constraints.txt
+DEMO_DATA ?= data/phantoms
+
+.PHONY: run test install install-test lint clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "napari-voco needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e .
+
+install-test: $(BIN)/python
+	bash scripts/system-deps.sh
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[gui,testing]"
+
+run: install
+	$(BIN)/voco make-phantoms --out $(DEMO_DATA) -n 4 --seed 0
+	$(BIN)/voco info $(DEMO_DATA)/imagesTr/phantom_000.nii.gz
+
+lint: install-test
+	$(BIN)/ruff check src tests benchmarks
+
+test: install-test
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""Typed errors raised for bad input.
+
+Every message names the file or parameter at fault and says what was expected,
+so the CLI can print it as one line and the GUI as one notification.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class VoCoError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class VoCoDataError(VoCoError, ValueError):
+    """A data file or datalist is missing, unreadable or not what was expected.
+
+    ``path`` is the offending file (or folder), when there is one.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class VoCoConfigError(VoCoError, ValueError):
+    """A configuration value (file field or CLI flag) is invalid."""

@@ -1,0 +1,42 @@
+"""Shared fixtures: small NIfTI files and phantom datasets made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+SMALL_SHAPE = (48, 48, 32)
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """Write ``data`` with plain nibabel (independent of the code under test)."""
+    image = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    image.set_data_dtype(data.dtype)
+    nib.save(image, path)
+    return path
+
+
+@pytest.fixture
+def rotated_affine() -> np.ndarray:
+    """A non-trivial affine: LPS-like axes, anisotropic spacing, a small rotation."""
+    angle = np.deg2rad(10.0)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([-0.8, -0.8, 2.5])
+    affine[:3, 3] = [120.5, -30.25, 400.0]
+    return affine
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory) -> Path:
+    """Three small phantoms in Decathlon layout (returns the folder)."""
+    from voco_core.data.phantoms import make_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantoms")
+    make_phantom_dataset(out, n=3, seed=0, shape=SMALL_SHAPE)
+    return out
