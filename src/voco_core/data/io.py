@@ -1,0 +1,349 @@
+"""NIfTI reading/writing and datalists.
+
+Axis convention
+---------------
+A :class:`VolumeRecord` keeps the voxel array exactly in the file's storage
+order: ``array[i, j, k]`` is voxel ``(i, j, k)`` and ``affine @ (i, j, k, 1)`` is
+its centre in world millimetres, RAS+ (x to the patient's Right, y Anterior,
+z Superior), as nibabel defines it. Nothing is reoriented on read, so writing a
+result back with the source affine overlays exactly. ``spacing`` is the voxel
+size in mm along ``i, j, k``; ``orientation`` is nibabel's axis code (e.g.
+``"RAS"`` or ``"LPS"``) saying which world direction each voxel axis points to.
+
+Datalists
+---------
+:func:`load_datalist` accepts a Decathlon-style JSON (``{"training": [{"image":
+..., "label": ...}]}``, paths relative to the JSON's folder) or a folder. A
+folder is read as: its ``dataset.json`` if it has one; else ``imagesTr/`` (with
+labels paired by file name from ``labelsTr/`` when that exists); else every
+``.nii``/``.nii.gz`` file directly inside it, sorted by name.
+
+Every problem raises :class:`~voco_core.errors.VoCoDataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from voco_core.errors import VoCoDataError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+# Errors nibabel/numpy/gzip raise on unreadable, truncated or corrupt files.
+_READ_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError)
+
+
+def is_nifti_path(path: str | Path) -> bool:
+    """True when the file name ends in ``.nii`` or ``.nii.gz`` (any case)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _nifti_suffix(path: Path) -> str:
+    return ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+
+
+@dataclass(frozen=True, eq=False)
+class VolumeRecord:
+    """One 3-D volume and its geometry.
+
+    Attributes:
+        array: voxel data, shape ``(I, J, K)`` in file storage order (see module doc).
+        affine: ``(4, 4)`` float64, voxel index -> world RAS+ position in mm.
+        spacing: voxel size in mm along ``(i, j, k)``.
+        path: the file it was read from, if any.
+        header: the NIfTI header it was read with, reused when writing results.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    path: Path | None = None
+    header: nib.Nifti1Header | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def orientation(self) -> str:
+        """nibabel axis code of the voxel axes, e.g. ``"RAS"``."""
+        return "".join(nib.aff2axcodes(self.affine))
+
+    @property
+    def is_label_map(self) -> bool:
+        """True for integer (or boolean) data: a label map, not an intensity image."""
+        return bool(np.issubdtype(self.array.dtype, np.integer) or self.array.dtype == np.bool_)
+
+    @property
+    def name(self) -> str:
+        """File name without the NIfTI suffix (``"case_001"`` for ``case_001.nii.gz``)."""
+        if self.path is None:
+            return "volume"
+        return self.path.name[: -len(_nifti_suffix(self.path))]
+
+    def describe(self) -> dict:
+        """Plain-type summary (what ``voco info`` prints)."""
+        data = self.array
+        summary = {
+            "file": str(self.path) if self.path else None,
+            "shape": list(self.shape),
+            "dtype": str(data.dtype),
+            "spacing_mm": [round(s, 4) for s in self.spacing],
+            "extent_mm": [round(s * n, 1) for s, n in zip(self.spacing, self.shape, strict=True)],
+            "orientation": self.orientation,
+            "intensity_min": float(data.min()),
+            "intensity_max": float(data.max()),
+            "intensity_mean": float(data.mean(dtype=np.float64)),
+        }
+        if self.is_label_map:
+            values, counts = np.unique(data, return_counts=True)
+            if values.size <= 64:
+                summary["label_voxels"] = {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+        return summary
+
+
+def read_volume(
+    path: str | Path,
+    *,
+    kind: str = "image",
+    min_shape: Sequence[int] | None = None,
+) -> VolumeRecord:
+    """Read a 3-D NIfTI volume (``.nii`` or ``.nii.gz``).
+
+    Args:
+        path: the file.
+        kind: ``"image"`` or ``"label map"``; only used in error messages.
+        min_shape: when given, the volume must be at least this large along
+            each voxel axis (e.g. the crop size), else :class:`VoCoDataError`.
+
+    A 4-D file is accepted when its extra axes have length 1 (one channel).
+    Raises :class:`VoCoDataError` for a missing file, a non-NIfTI file, a
+    truncated or corrupt file, data that is not 3-D, and non-finite voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VoCoDataError(f"{kind} file not found", path)
+    if path.is_dir():
+        raise VoCoDataError(f"is a folder, expected a NIfTI {kind} file (.nii or .nii.gz)", path)
+    if not is_nifti_path(path):
+        raise VoCoDataError(
+            f"not a NIfTI file: expected a {kind} file named *.nii or *.nii.gz", path
+        )
+    try:
+        image = nib.load(path)
+    except _READ_ERRORS as err:
+        raise VoCoDataError(f"cannot be read as NIfTI ({type(err).__name__}: {err})", path) from err
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise VoCoDataError(f"is a {type(image).__name__}, expected a NIfTI-1/2 {kind}", path)
+
+    shape = tuple(int(s) for s in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:  # single channel / time point
+        shape = shape[:-1]
+    if len(shape) < 3:
+        raise VoCoDataError(
+            f"is {len(shape)}-D with shape {shape}, expected a 3-D {kind} volume", path
+        )
+    if len(shape) > 3:
+        raise VoCoDataError(
+            f"is {len(shape)}-D with shape {shape} ({int(np.prod(shape[3:]))} channels or "
+            f"time points), expected a 3-D {kind} volume or a 4-D file with one channel",
+            path,
+        )
+    try:
+        array = np.asanyarray(image.dataobj).reshape(shape)
+    except _READ_ERRORS as err:
+        raise VoCoDataError(
+            f"data cannot be read: the file is truncated or corrupt ({type(err).__name__}: {err})",
+            path,
+        ) from err
+    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            what = "all voxels are NaN/inf" if bad == finite.size else f"{bad} voxels are NaN/inf"
+            raise VoCoDataError(f"{what}; expected finite {kind} values", path)
+
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    if any(not np.isfinite(s) or s <= 0 for s in spacing):
+        raise VoCoDataError(f"voxel spacing {spacing} mm is not positive", path)
+    record = VolumeRecord(
+        array=array,
+        affine=np.asarray(image.affine, dtype=np.float64),
+        spacing=spacing,  # type: ignore[arg-type]
+        path=path,
+        header=image.header,
+    )
+    if min_shape is not None:
+        check_min_shape(record, min_shape)
+    return record
+
+
+def check_min_shape(
+    record: VolumeRecord, min_shape: Sequence[int], what: str = "the crop size"
+) -> None:
+    """Raise :class:`VoCoDataError` unless ``record.shape >= min_shape`` on every axis."""
+    min_shape = tuple(int(s) for s in min_shape)
+    if len(min_shape) != 3:
+        raise ValueError(f"min_shape must have 3 entries, got {min_shape}")
+    if any(s < m for s, m in zip(record.shape, min_shape, strict=True)):
+        raise VoCoDataError(
+            f"volume shape {record.shape} is smaller than {what} {min_shape} voxels", record.path
+        )
+
+
+def check_pair(image: VolumeRecord, label: VolumeRecord, atol_mm: float = 1e-3) -> None:
+    """Check that a label map lies on its image's voxel grid (same shape and affine)."""
+    if image.shape != label.shape:
+        raise VoCoDataError(
+            f"label map shape {label.shape} does not match image {image.path} shape {image.shape}",
+            label.path,
+        )
+    if not np.allclose(image.affine, label.affine, atol=atol_mm):
+        raise VoCoDataError(
+            f"label map affine does not match image {image.path} affine "
+            f"(max difference {np.abs(image.affine - label.affine).max():.4g} mm)",
+            label.path,
+        )
+
+
+def write_volume(
+    path: str | Path,
+    array: np.ndarray,
+    like: VolumeRecord | None = None,
+    *,
+    affine: np.ndarray | None = None,
+) -> Path:
+    """Write a 3-D array as NIfTI, atomically (temp file + ``os.replace``).
+
+    The geometry comes from ``affine`` or else from ``like`` (its affine and
+    header, so a result written next to its source overlays exactly); with
+    neither, an identity affine (1 mm voxels) is used. The array's dtype is
+    kept (no intensity scaling is stored). Compression follows the suffix.
+    """
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise VoCoDataError("output must be named *.nii or *.nii.gz", path)
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise VoCoDataError(f"cannot write a {array.ndim}-D array, expected 3-D", path)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if like is not None and affine is None and array.shape != like.shape:
+        raise VoCoDataError(
+            f"array shape {array.shape} differs from the source volume's {like.shape}; "
+            "pass the affine of the new grid",
+            path,
+        )
+    if affine is None:
+        affine = like.affine if like is not None else np.eye(4)
+    header = like.header.copy() if like is not None and like.header is not None else None
+    if not isinstance(header, nib.Nifti1Header | None):
+        header = None
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64), header=header)
+    image.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(np.nan, np.nan)  # raw values, no scaling
+    if header is None:
+        image.header.set_xyzt_units("mm", "sec")
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{_nifti_suffix(path)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise VoCoDataError(f"cannot write ({err.strerror or err})", path) from err
+    finally:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class DatalistEntry:
+    """One training case: an image file and, for finetuning, its label map."""
+
+    image: Path
+    label: Path | None = None
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p))
+
+
+def load_datalist(
+    source: str | Path, *, section: str = "training", require_labels: bool = False
+) -> list[DatalistEntry]:
+    """List the cases of a folder or a Decathlon-style JSON (see module doc).
+
+    Checks that every listed file exists; it does not read them (that happens
+    lazily, in :func:`read_volume`, with the same typed errors).
+    """
+    source = Path(source)
+    if not source.exists():
+        raise VoCoDataError("datalist or data folder not found", source)
+    if source.is_dir():
+        if (source / "dataset.json").is_file():
+            return load_datalist(
+                source / "dataset.json", section=section, require_labels=require_labels
+            )
+        if (source / "imagesTr").is_dir():
+            images = _nifti_files(source / "imagesTr")
+            label_dir = source / "labelsTr"
+            entries = [
+                DatalistEntry(img, label_dir / img.name if (label_dir / img.name).is_file() else None)
+                for img in images
+            ]
+            where = source / "imagesTr"
+        else:
+            entries = [DatalistEntry(img) for img in _nifti_files(source)]
+            where = source
+        if not entries:
+            raise VoCoDataError("no NIfTI files (*.nii, *.nii.gz) found in this folder", where)
+    else:
+        entries = _read_json_datalist(source, section)
+    if require_labels:
+        for entry in entries:
+            if entry.label is None:
+                raise VoCoDataError("has no label map, but labels are required", entry.image)
+    return entries
+
+
+def _read_json_datalist(path: Path, section: str) -> list[DatalistEntry]:
+    if path.suffix.lower() != ".json":
+        raise VoCoDataError("expected a data folder or a Decathlon-style .json datalist", path)
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise VoCoDataError(f"not a readable JSON datalist ({err})", path) from err
+    if not isinstance(spec, dict) or not isinstance(spec.get(section), list):
+        raise VoCoDataError(f'expected a JSON object with a "{section}" list', path)
+    if not spec[section]:
+        raise VoCoDataError(f'the "{section}" list is empty', path)
+    root = path.parent
+    entries = []
+    for n, item in enumerate(spec[section]):
+        if isinstance(item, str):
+            item = {"image": item}
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+            raise VoCoDataError(
+                f'{section}[{n}] must be a path or an object with an "image" path, got {item!r}',
+                path,
+            )
+        image = (root / item["image"]).resolve()
+        label = item.get("label")
+        if label is not None and not isinstance(label, str):
+            raise VoCoDataError(f'{section}[{n}]["label"] must be a path, got {label!r}', path)
+        label = (root / label).resolve() if label else None
+        for file in (image, label):
+            if file is not None and not file.is_file():
+                raise VoCoDataError(f"file listed in {path.name} ({section}[{n}]) not found", file)
+        entries.append(DatalistEntry(image, label))
+    return entries
