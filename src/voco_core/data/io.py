@@ -106,7 +106,8 @@ class VolumeRecord:
         if self.is_label_map:
             values, counts = np.unique(data, return_counts=True)
             if values.size <= 64:
-                summary["label_voxels"] = {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+                pairs = zip(values.tolist(), counts.tolist(), strict=True)
+                summary["label_voxels"] = {int(v): int(c) for v, c in pairs}
         return summary
 
 
@@ -298,7 +299,7 @@ def load_datalist(
             images = _nifti_files(source / "imagesTr")
             label_dir = source / "labelsTr"
             entries = [
-                DatalistEntry(img, label_dir / img.name if (label_dir / img.name).is_file() else None)
+                DatalistEntry(img, label if (label := label_dir / img.name).is_file() else None)
                 for img in images
             ]
             where = source / "imagesTr"
