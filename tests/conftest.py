@@ -40,3 +40,29 @@ def phantom_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
     make_phantom_dataset(out, n=3, seed=0, shape=SMALL_SHAPE)
     return out
+
+
+def tiny_config(overrides: dict | None = None):
+    """The smallest VoCo config that runs: feature size 12, 40^3 crops at native size,
+    a 2 x 2 grid over an 80 x 80 x 40 sample, m = 2, a 64-wide head."""
+    from voco_core.config import make_config, merge
+
+    base = {
+        "data": {"target_size": [80, 80, 40]},
+        "geometry": {"grid_size": 2, "num_random_crops": 2, "input_size": 40,
+                     "resize_crops": False},
+        "model": {"feature_size": 12, "head_hidden_dim": 64, "head_out_dim": 64},
+        "optim": {"total_steps": 4, "warmup_steps": 1, "batch_size": 1, "lr": 3e-4},
+        "run": {"device": "cpu", "checkpoint_every": 100, "log_every": 1, "tensorboard": False},
+    }
+    return make_config("tiny", merge(base, overrides or {}))
+
+
+@pytest.fixture(scope="session")
+def train_dataset(tmp_path_factory) -> Path:
+    """Three 64 x 64 x 48 phantoms for training tests (returns the folder)."""
+    from voco_core.data.phantoms import make_phantom_dataset
+
+    out = tmp_path_factory.mktemp("train_phantoms")
+    make_phantom_dataset(out, n=3, seed=1, shape=(64, 64, 48))
+    return out

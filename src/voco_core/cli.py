@@ -77,6 +77,110 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_config(args: argparse.Namespace):
+    """Config for ``voco pretrain``: the run's own when resuming, else file/preset; then flags."""
+    from voco_core.config import (
+        apply_overrides,
+        load_config,
+        make_config,
+        merge,
+        parse_override,
+    )
+    from voco_core.train.pretrain import resume_config
+
+    flags: dict = {}
+    for text in args.set or []:
+        flags = merge(flags, parse_override(text))
+    if args.steps is not None:
+        flags = merge(flags, {"optim": {"total_steps": args.steps}})
+    if args.device is not None:
+        flags = merge(flags, {"run": {"device": args.device}})
+    if args.out is not None:
+        flags = merge(flags, {"run": {"output_dir": str(args.out)}})
+    if args.resume is not None:
+        return resume_config(args.resume, **flags)
+    if args.config is not None:
+        return apply_overrides(load_config(args.config, check_device=False), flags)
+    preset = args.preset
+    if preset is None:
+        import torch
+
+        preset = "base" if torch.cuda.is_available() else "tiny"
+        print(f"preset: {preset} (no --preset given; {'CUDA' if preset == 'base' else 'CPU'})")
+    return make_config(preset, flags)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+
+    config = _pretrain_config(args)
+    run_dir = Path(config.run.output_dir)
+    return _run_pretraining(config, args.data, run_dir, resume=args.resume)
+
+
+def _run_pretraining(config, data, run_dir: Path, resume=None) -> int:
+    """Drive the trainer with a tqdm progress bar; Ctrl-C stops cleanly with a checkpoint."""
+    import threading
+
+    from tqdm import tqdm
+
+    from voco_core.train.pretrain import iter_pretrain
+
+    stop = threading.Event()
+    events = iter_pretrain(config, data, run_dir, resume=resume, stop=stop)
+    bar = None
+    last = None
+    try:
+        for event in events:
+            last = event
+            if event.kind == "start":
+                bar = tqdm(total=event.total_steps, initial=event.step, unit="step",
+                           desc="pretrain", dynamic_ncols=True)
+                continue
+            if event.kind == "step" and bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
+                                crops_s=f"{event.crops_per_second:.1f}")
+    except KeyboardInterrupt:
+        # Second chance: ask the loop to stop at the next step and write a checkpoint.
+        stop.set()
+        for event in events:
+            last = event
+    finally:
+        if bar is not None:
+            bar.close()
+    if last is None:
+        return 1
+    state = "stopped" if last.kind == "stopped" else "finished"
+    print(f"{state} at step {last.step}/{last.total_steps}, loss {last.loss:.4f}; "
+          f"checkpoint {run_dir / 'checkpoints' / 'last.pt'}; loss curve {run_dir / 'loss.png'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from voco_core.config import make_config
+    from voco_core.data.phantoms import make_phantom_dataset
+    from voco_core.train.pretrain import read_log
+
+    data = Path(args.data)
+    if not (data / "dataset.json").is_file():
+        make_phantom_dataset(data, n=args.phantoms, seed=0)
+        print(f"wrote {args.phantoms} phantoms to {data}")
+    config = make_config("tiny", {"optim": {"total_steps": args.steps},
+                                  "run": {"output_dir": str(args.out), "device": "cpu"}})
+    if (args.out / "checkpoints" / "last.pt").exists():
+        raise VoCoConfigError(f"--out {args.out} already holds a run; choose a new folder")
+    start = time.perf_counter()
+    status = _run_pretraining(config, data, Path(args.out))
+    records = read_log(Path(args.out) / "log.jsonl")
+    if len(records) >= 10:
+        window = max(3, len(records) // 5)
+        first = sum(r["loss"] for r in records[:window]) / window
+        final = sum(r["loss"] for r in records[-window:]) / window
+        print(f"mean loss of the first {window} steps {first:.4f} -> last {window} {final:.4f} "
+              f"({time.perf_counter() - start:.0f} s)")
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="voco", description="VoCo volume-contrastive pretraining for 3D medical images."
@@ -104,6 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", type=Path, help="a .nii or .nii.gz file")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_cmd_info)
+
+    pre = commands.add_parser("pretrain", help="VoCo self-supervised pretraining")
+    pre.add_argument("--data", type=Path, required=True,
+                     help="folder of NIfTI files, Decathlon folder or dataset.json")
+    pre.add_argument("--out", type=Path, help="run folder (default: the config's run.output_dir)")
+    pre.add_argument("--preset", choices=["tiny", "base", "large", "huge"],
+                     help="model/geometry preset (default: base with CUDA, tiny on CPU)")
+    pre.add_argument("--config", type=Path, help="YAML/JSON config file")
+    pre.add_argument("--steps", type=_positive_int, help="total optimizer steps")
+    pre.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    pre.add_argument("--resume", type=Path, help="run folder or checkpoint to continue")
+    pre.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                     help="override any config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    pre.set_defaults(func=_cmd_pretrain)
+
+    demo = commands.add_parser(
+        "demo", help="headless demo: phantoms (if absent) + a few minutes of tiny pretraining")
+    demo.add_argument("--data", type=Path, default=Path("data/phantoms"))
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--steps", type=_positive_int, default=50)
+    demo.add_argument("--phantoms", type=_positive_int, default=8)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -111,24 +111,8 @@ class VolumeRecord:
         return summary
 
 
-def read_volume(
-    path: str | Path,
-    *,
-    kind: str = "image",
-    min_shape: Sequence[int] | None = None,
-) -> VolumeRecord:
-    """Read a 3-D NIfTI volume (``.nii`` or ``.nii.gz``).
-
-    Args:
-        path: the file.
-        kind: ``"image"`` or ``"label map"``; only used in error messages.
-        min_shape: when given, the volume must be at least this large along
-            each voxel axis (e.g. the crop size), else :class:`VoCoDataError`.
-
-    A 4-D file is accepted when its extra axes have length 1 (one channel).
-    Raises :class:`VoCoDataError` for a missing file, a non-NIfTI file, a
-    truncated or corrupt file, data that is not 3-D, and non-finite voxels.
-    """
+def _open_nifti(path: Path, kind: str):
+    """Open a NIfTI file lazily (header only) and check it is a 3-D volume."""
     path = Path(path)
     if not path.exists():
         raise VoCoDataError(f"{kind} file not found", path)
@@ -158,6 +142,42 @@ def read_volume(
             f"time points), expected a 3-D {kind} volume or a 4-D file with one channel",
             path,
         )
+    return image, shape
+
+
+def check_volume_header(
+    path: str | Path, *, kind: str = "image", min_shape: Sequence[int] | None = None
+) -> tuple[int, int, int]:
+    """Cheap pre-flight check from the header alone (no voxel data is read): the file
+    exists, is NIfTI, is 3-D (or 4-D with one channel) and, when ``min_shape`` is
+    given, is at least that large. Returns the shape; raises :class:`VoCoDataError`."""
+    path = Path(path)
+    _, shape = _open_nifti(path, kind)
+    if min_shape is not None:
+        _require_min_shape(shape, min_shape, path)
+    return shape  # type: ignore[return-value]
+
+
+def read_volume(
+    path: str | Path,
+    *,
+    kind: str = "image",
+    min_shape: Sequence[int] | None = None,
+) -> VolumeRecord:
+    """Read a 3-D NIfTI volume (``.nii`` or ``.nii.gz``).
+
+    Args:
+        path: the file.
+        kind: ``"image"`` or ``"label map"``; only used in error messages.
+        min_shape: when given, the volume must be at least this large along
+            each voxel axis (e.g. the crop size), else :class:`VoCoDataError`.
+
+    A 4-D file is accepted when its extra axes have length 1 (one channel).
+    Raises :class:`VoCoDataError` for a missing file, a non-NIfTI file, a
+    truncated or corrupt file, data that is not 3-D, and non-finite voxels.
+    """
+    path = Path(path)
+    image, shape = _open_nifti(path, kind)
     try:
         array = np.asanyarray(image.dataobj).reshape(shape)
     except _READ_ERRORS as err:
@@ -191,12 +211,16 @@ def check_min_shape(
     record: VolumeRecord, min_shape: Sequence[int], what: str = "the crop size"
 ) -> None:
     """Raise :class:`VoCoDataError` unless ``record.shape >= min_shape`` on every axis."""
+    _require_min_shape(record.shape, min_shape, record.path, what)
+
+
+def _require_min_shape(shape, min_shape, path, what: str = "the crop size") -> None:
     min_shape = tuple(int(s) for s in min_shape)
     if len(min_shape) != 3:
         raise ValueError(f"min_shape must have 3 entries, got {min_shape}")
-    if any(s < m for s, m in zip(record.shape, min_shape, strict=True)):
+    if any(s < m for s, m in zip(shape, min_shape, strict=True)):
         raise VoCoDataError(
-            f"volume shape {record.shape} is smaller than {what} {min_shape} voxels", record.path
+            f"volume shape {tuple(shape)} is smaller than {what} {min_shape} voxels", path
         )
 
 

@@ -1,0 +1,86 @@
+"""Checkpoint files: atomic writes, safe loads.
+
+Checkpoints hold only tensors and plain types (dicts, lists, numbers, strings),
+so they load with ``torch.load(..., weights_only=True)``: a file that would need
+arbitrary pickle code to load is refused, never executed (checkpoints are
+downloaded files, i.e. untrusted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from voco_core.errors import VoCoDataError
+
+CHECKPOINT_NAME = "last.pt"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``:
+    a crash or a full disk never leaves a half-written checkpoint under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise VoCoDataError(f"cannot write checkpoint ({err.strerror or err})", path) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    return atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder holding ``checkpoints/last.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "checkpoints" / CHECKPOINT_NAME
+        if not candidate.is_file():
+            raise VoCoDataError(f"no checkpoint in this run folder (expected {candidate})", path)
+        return candidate
+    if not path.is_file():
+        raise VoCoDataError("checkpoint or run folder not found", path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``); typed errors name the file."""
+    path = find_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise VoCoDataError(
+            "refused: loading it would execute arbitrary pickled code (it is not a plain "
+            f"weights file; only tensors and plain values are accepted) [{err}]".splitlines()[0],
+            path,
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise VoCoDataError(
+            f"not a readable PyTorch checkpoint (truncated or corrupt: {type(err).__name__})", path
+        ) from err
+    if not isinstance(state, dict):
+        raise VoCoDataError(f"checkpoint holds a {type(state).__name__}, expected a dict", path)
+    return state

@@ -1,0 +1,342 @@
+"""Pre-processing and one-pass VoCo crop sampling.
+
+Pre-processing (MONAI transforms, once per volume, cacheable): orient to RAS,
+intensity window (CT) or percentiles (MRI), crop the foreground, then either
+resize the whole volume to ``target_size`` (v1 geometry) or resample it to
+``target_spacing`` and pad it to at least ``target_size`` (v2 geometry).
+
+Crop sampling (:class:`VoCoCropSampler`, per step, on the training device): for a
+batch of pre-processed volumes, pick the sample region (v2: a random
+``target_size`` window; v1: the whole volume), cut the ``K`` base crops as one
+reshaped view of the region and the ``m`` random sub-volumes as slices, resize
+*all* crops of the batch with one batched trilinear interpolation, then apply
+the augmentation to the whole stack at once (flips, in-plane rot90, intensity
+shift). This replaces ``K + m`` separate MONAI crop/resize pipelines per volume;
+with augmentation off it equals them (``tests/test_sampling.py`` keeps the
+per-crop MONAI version as the oracle).
+
+All randomness of a step comes from one ``numpy.random.Generator`` whose state is
+checkpointed, so a resumed run draws the same crops as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai import transforms as mt
+from monai.data import MetaTensor
+
+from voco_core.config import DataConfig, VoCoConfig
+from voco_core.data.io import DatalistEntry, read_volume
+from voco_core.errors import VoCoDataError
+from voco_core.geometry import (
+    base_crop_grid,
+    crop_boxes_from_centres,
+    overlap_labels,
+    sample_crop_centres,
+)
+
+# ---------------------------------------------------------------- pre-processing
+
+# nibabel's convention (what read_volume's affine means): axis codes point to R, A, S.
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+class ForegroundSelector:
+    """Voxels above ``threshold``; the whole volume when none is (nothing to crop to)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        mask = image > self.threshold
+        return mask if bool(mask.any()) else torch.ones_like(mask)
+
+
+class LoadVolumed(mt.MapTransform):
+    """Read ``data[key]`` (a path) with :func:`read_volume` into a channel-first MetaTensor."""
+
+    def __init__(self, keys: str | Sequence[str], min_shape: Sequence[int] | None = None):
+        super().__init__(keys)
+        self.min_shape = min_shape
+
+    def __call__(self, data: dict) -> dict:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            record = read_volume(out[key], min_shape=self.min_shape)
+            array = torch.as_tensor(record.array.astype(np.float32, copy=False))[None]
+            out[key] = MetaTensor(array, affine=torch.as_tensor(record.affine),
+                                  meta={"filename_or_obj": str(record.path)})
+        return out
+
+
+def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = None) -> mt.Compose:
+    """MONAI pipeline: file path under ``"image"`` -> ``(1, X, Y, Z)`` float32 tensor in [0, 1]."""
+    key = "image"
+    steps: list = [
+        LoadVolumed(key, min_shape),
+        mt.Orientationd(key, axcodes="RAS", labels=_RAS_LABELS),
+    ]
+    if data.intensity == "ct":
+        low, high = data.ct_window
+        steps.append(mt.ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=0.0, b_max=1.0,
+                                             clip=True))
+    else:
+        low, high = data.percentiles
+        steps.append(mt.ScaleIntensityRangePercentilesd(key, lower=low, upper=high, b_min=0.0,
+                                                         b_max=1.0, clip=True))
+    if data.foreground_threshold >= 0:
+        steps.append(mt.CropForegroundd(key, source_key=key, allow_smaller=True,
+                                        select_fn=ForegroundSelector(data.foreground_threshold)))
+    if data.resample == "resize":
+        steps.append(mt.Resized(key, spatial_size=tuple(data.target_size), mode="trilinear"))
+    else:
+        steps.append(mt.Spacingd(key, pixdim=tuple(data.target_spacing), mode="bilinear"))
+        steps.append(mt.SpatialPadd(key, spatial_size=tuple(data.target_size)))
+    steps.append(mt.EnsureTyped(key, dtype=torch.float32, track_meta=False))
+    return mt.Compose(steps)
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A volume that could not be loaded; returned instead of raising inside workers,
+    so the training process can stop with the one-line message."""
+
+    message: str
+
+
+def _explain(err: BaseException, path: str) -> str:
+    """The typed error's message if one is in the chain (MONAI wraps errors), else a summary."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, VoCoDataError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return f"{path}: pre-processing failed ({type(err).__name__}: {err})"
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Pre-processed volumes ``(1, X, Y, Z)`` for pretraining, optionally cached by MONAI.
+
+    ``cache``: ``none`` (plain ``monai.data.Dataset``), ``memory`` (``CacheDataset``:
+    float32 volumes held in RAM, 4 bytes per voxel of ``target_size``) or ``disk``
+    (``PersistentDataset`` in ``cache_dir``: the same bytes as ``.pt`` files).
+    """
+
+    def __init__(self, entries: Sequence[DatalistEntry], config: VoCoConfig):
+        from monai.data import CacheDataset, Dataset, PersistentDataset
+
+        self.paths = [str(e.image) for e in entries]
+        transform = preprocess_transforms(config.data, min_shape=min_raw_shape(config))
+        items = [{"image": p} for p in self.paths]
+        if config.data.cache == "memory":
+            try:
+                self.inner = CacheDataset(items, transform, num_workers=0, progress=False)
+            except Exception as err:  # MONAI wraps the typed error: unwrap it
+                raise VoCoDataError(_explain(err, "a volume").split(": ", 1)[-1],
+                                    _failing_path(err)) from err
+        elif config.data.cache == "disk":
+            self.inner = PersistentDataset(items, transform, cache_dir=config.data.cache_dir)
+        else:
+            self.inner = Dataset(items, transform)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor | LoadFailure:
+        try:
+            return self.inner[index]["image"]
+        except Exception as err:
+            return LoadFailure(_explain(err, self.paths[index]))
+
+
+def _failing_path(err: BaseException) -> str | None:
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, VoCoDataError) and cause.path is not None:
+            return str(cause.path)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def min_raw_shape(config: VoCoConfig) -> tuple[int, int, int]:
+    """Smallest raw volume accepted: the network input along each axis (a smaller one
+    would only be seen up-sampled)."""
+    return (config.geometry.input_size,) * 3
+
+
+class ResumableRandomSampler(torch.utils.data.Sampler[int]):
+    """Endless stream of shuffled indices, reproducible and resumable.
+
+    The global stream is the concatenation of permutations ``rng([seed, epoch])``;
+    rank ``r`` of ``world_size`` takes every ``world_size``-th element starting at
+    ``r``. ``start`` skips that many of this rank's elements (for resuming).
+    """
+
+    def __init__(self, num_items: int, seed: int, start: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if num_items < 1:
+            raise ValueError("num_items must be >= 1")
+        self.num_items, self.seed, self.start = num_items, seed, start
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start * self.world_size + self.rank  # in the global stream
+        epoch, offset = divmod(position, self.num_items)
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            while offset < self.num_items:
+                yield int(order[offset])
+                offset += self.world_size
+            epoch, offset = epoch + offset // self.num_items, offset % self.num_items
+
+    def __len__(self) -> int:  # endless; DataLoader only needs a number
+        return 2**62
+
+
+def collate_list(batch: list) -> list:
+    """Keep volumes as a list (v2 volumes differ in size; failures stay visible)."""
+    return batch
+
+
+# ---------------------------------------------------------------- crop sampling
+
+
+@dataclass
+class VoCoBatch:
+    """Crops and labels of one micro-batch (``B`` volumes).
+
+    Attributes:
+        base_crops: ``(B, K, 1, S, S, S)`` network inputs, i-major grid order.
+        random_crops: ``(B, m, 1, S, S, S)``.
+        labels: ``(B, m, K)`` float32 overlap of each random crop with each base crop.
+        base_boxes: ``(B, K, 3, 2)`` voxel boxes in the pre-processed volume.
+        crop_boxes: ``(B, m, 3, 2)`` voxel boxes in the pre-processed volume.
+    """
+
+    base_crops: torch.Tensor
+    random_crops: torch.Tensor
+    labels: torch.Tensor
+    base_boxes: np.ndarray
+    crop_boxes: np.ndarray
+
+    @property
+    def num_crops(self) -> int:
+        return self.base_crops.shape[0] * (self.base_crops.shape[1] + self.random_crops.shape[1])
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    """Per-crop probabilities of the spec's augmentation."""
+
+    flip_prob: float = 0.2
+    rot90_prob: float = 0.2
+    shift_prob: float = 0.1
+    shift_max: float = 0.1
+
+
+class VoCoCropSampler:
+    """Draws base crops, random sub-volumes and labels for a batch in one pass.
+
+    Args:
+        config: geometry and sizes.
+        seed: seeds the generator (state in :meth:`state_dict`).
+        augmentation: probabilities; ``None`` disables augmentation.
+    """
+
+    def __init__(self, config: VoCoConfig, seed: int = 0,
+                 augmentation: AugmentationConfig | None = AugmentationConfig()):
+        self.region_size = tuple(config.data.target_size)
+        self.base_size = config.base_crop_size
+        self.crop_size = config.random_crop_size
+        self.input_size = config.geometry.input_size
+        self.resize = config.geometry.resize_crops
+        self.m = config.geometry.num_random_crops
+        self.grid_size = config.geometry.grid_size
+        self.grid = base_crop_grid(self.region_size, config.geometry.grid_size)
+        self.augmentation = augmentation
+        self.rng = np.random.default_rng(seed)
+
+    def state_dict(self) -> dict:
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]
+
+    def draw_boxes(self, volume_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Draw one volume's sample region and random crops.
+
+        Returns the region's offset ``(3,)`` in the volume and the random crop boxes
+        ``(m, 3, 2)`` relative to the region (the base boxes are ``self.grid``).
+        """
+        spare = np.array(volume_shape[:3]) - np.array(self.region_size)
+        if np.any(spare < 0):
+            raise ValueError(f"volume {tuple(volume_shape)} smaller than region {self.region_size}")
+        offset = np.array([self.rng.integers(0, s + 1) for s in spare])
+        centres = sample_crop_centres(self.rng, self.region_size, self.crop_size, self.m)
+        return offset, crop_boxes_from_centres(centres, self.crop_size, self.region_size)
+
+    def __call__(self, volumes: Sequence[torch.Tensor] | torch.Tensor) -> VoCoBatch:
+        """``volumes``: ``B`` tensors ``(1, X, Y, Z)`` (on any device) -> :class:`VoCoBatch`."""
+        n, (rx, ry, rz), (bx, by, bz) = self.grid_size, self.region_size, self.base_size
+        offsets, region_boxes, bases, crops = [], [], [], []
+        for volume in volumes:
+            offset, boxes = self.draw_boxes(volume.shape[1:])
+            offsets.append(offset)
+            region_boxes.append(boxes)
+            x0, y0, z0 = (int(o) for o in offset)
+            region = volume[:, x0 : x0 + rx, y0 : y0 + ry, z0 : z0 + rz]
+            # The n x n base crops are one reshape of the region (i-major order).
+            tiles = region.reshape(1, n, bx, n, by, bz).permute(1, 3, 0, 2, 4, 5)
+            bases.append(tiles.reshape(n * n, 1, bx, by, bz))
+            crops.extend(region[:, a0:a1, b0:b1, c0:c1] for (a0, a1), (b0, b1), (c0, c1) in boxes)
+        num_bases = n * n * len(bases)
+        crops = self._to_input(torch.cat([torch.cat(bases), torch.stack(crops)]))
+        if self.augmentation is not None:
+            crops = self._augment(crops)
+        region_boxes = np.stack(region_boxes)  # (B, m, 3, 2)
+        shifts = np.stack(offsets)[:, None, :, None]  # (B, 1, 3, 1)
+        s = self.input_size
+        return VoCoBatch(
+            base_crops=crops[:num_bases].reshape(len(offsets), n * n, 1, s, s, s),
+            random_crops=crops[num_bases:].reshape(len(offsets), self.m, 1, s, s, s),
+            labels=torch.as_tensor(overlap_labels(region_boxes, self.grid), device=crops.device),
+            base_boxes=self.grid[None] + shifts,
+            crop_boxes=region_boxes + shifts,
+        )
+
+    def _to_input(self, crops: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, a, b, c)`` -> ``(N, 1, S, S, S)``: one batched trilinear resize."""
+        target = (self.input_size,) * 3
+        if tuple(crops.shape[2:]) == target:
+            return crops.contiguous()
+        if not self.resize:
+            raise ValueError(f"crops of {tuple(crops.shape[2:])} need resizing to {target}")
+        return F.interpolate(crops, size=target, mode="trilinear", align_corners=False)
+
+    def _augment(self, crops: torch.Tensor) -> torch.Tensor:
+        """Independent flips (each axis), in-plane rot90 (k in 1..3) and intensity shift
+        per crop, applied to the whole stack grouped by the drawn parameters."""
+        aug, n, device = self.augmentation, crops.shape[0], crops.device
+        crops = crops.clone()
+        for axis in (2, 3, 4):
+            chosen = np.flatnonzero(self.rng.random(n) < aug.flip_prob)
+            if chosen.size:
+                index = torch.as_tensor(chosen, device=device)
+                crops[index] = crops[index].flip(axis)
+        rotate = self.rng.random(n) < aug.rot90_prob
+        turns = self.rng.integers(1, 4, size=n)
+        for k in (1, 2, 3):
+            chosen = np.flatnonzero(rotate & (turns == k))
+            if chosen.size:
+                index = torch.as_tensor(chosen, device=device)
+                crops[index] = torch.rot90(crops[index], k, dims=(2, 3))
+        shift = (self.rng.random(n) < aug.shift_prob) * self.rng.uniform(
+            -aug.shift_max, aug.shift_max, size=n)
+        if shift.any():
+            crops += torch.as_tensor(shift, dtype=crops.dtype, device=device).view(n, 1, 1, 1, 1)
+        return crops

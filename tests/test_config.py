@@ -1,0 +1,116 @@
+"""Config: presets, YAML/JSON round trip, overrides, and invalid values at load time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from voco_core.config import (
+    PRESETS,
+    VoCoConfig,
+    apply_overrides,
+    load_config,
+    make_config,
+    parse_override,
+    resolve_device,
+)
+from voco_core.errors import VoCoConfigError
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_are_valid_and_round_trip_through_yaml_and_json(tmp_path, preset):
+    config = make_config(preset)
+    assert config.preset == preset
+    for name in ("config.yaml", "config.json"):
+        again = load_config(config.save(tmp_path / name))
+        assert again == config
+
+
+def test_base_preset_is_the_authors_setup():
+    config = make_config("base")
+    assert config.data.target_size == (384, 384, 96) and config.geometry.grid_size == 4
+    assert config.base_crop_size == (96, 96, 96) and config.random_crop_size == (96, 96, 96)
+    assert config.geometry.input_size == 64 and config.num_base_crops == 16
+    assert config.model.feature_size == 48 and config.model.ema_momentum == 0.9
+    assert config.optim.lr == 1e-4 and config.optim.amsgrad
+    assert (config.optim.warmup_steps, config.optim.total_steps) == (5000, 250_000)
+    assert config.data.ct_window == (-175.0, 250.0)
+    assert [make_config(p).model.feature_size for p in ("large", "huge")] == [96, 192]
+
+
+def test_tiny_preset_fits_a_cpu():
+    config = make_config("tiny")
+    assert config.model.feature_size == 12 and config.geometry.input_size == 40
+    assert config.base_crop_size == (40, 40, 40) and not config.geometry.resize_crops
+
+
+def test_partial_file_is_completed_from_its_preset(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("preset: tiny\noptim:\n  lr: 0.001\n  total_steps: 7\n")
+    config = load_config(path)
+    assert config.optim.lr == 1e-3 and config.optim.total_steps == 7
+    assert config.model.feature_size == 12
+
+
+def test_cli_style_overrides():
+    assert parse_override("optim.lr=3e-4") == {"optim": {"lr": 3e-4}}
+    config = apply_overrides(make_config("tiny"), ["optim.lr=5e-4", "data.target_size=[120,120,40]",
+                                                   "model.teacher=head", "run.tensorboard=false"])
+    assert config.optim.lr == 5e-4 and config.data.target_size == (120, 120, 40)
+    assert config.model.teacher == "head" and config.run.tensorboard is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"geometry": {"grid_size": 5}}, "geometry.grid_size = 5 .* divisor"),
+        ({"geometry": {"random_crop_size": [400, 96]}}, "random_crop_size .* at most"),
+        ({"optim": {"lr": -1e-4}}, r"optim.lr = -0.0001 .* > 0"),
+        ({"run": {"device": "gpu0"}}, "run.device = 'gpu0'"),
+        ({"model": {"teacher": "half"}}, "model.teacher = 'half' .* one of"),
+        ({"model": {"feature_size": 20}}, "multiple of 12"),
+        ({"geometry": {"input_size": 32}}, "input_size = 32 .* >= 40"),
+        ({"optim": {"batch_size": "two"}}, "optim.batch_size = 'two'"),
+        ({"optim": {"learning_rate": 1}}, "unknown config field 'optim.learning_rate'"),
+        ({"data": {"target_size": [384, 384]}}, "expected 3 values"),
+    ],
+)
+def test_invalid_values_fail_at_load_time_naming_the_field(overrides, fragment):
+    with pytest.raises(VoCoConfigError, match=fragment):
+        make_config("base", overrides)
+
+
+def test_native_crops_must_equal_input_size():
+    with pytest.raises(VoCoConfigError, match="resize_crops"):
+        make_config("base", {"geometry": {"resize_crops": False}})
+
+
+def test_unknown_preset_and_bad_files(tmp_path):
+    with pytest.raises(VoCoConfigError, match="preset 'xl' is unknown"):
+        make_config("xl")
+    with pytest.raises(VoCoConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(VoCoConfigError, match=r"bad\.json: not a readable"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"preset": "tiny", "optim": {"lr": 0}}))
+    with pytest.raises(VoCoConfigError, match=r"wrong.json: optim.lr = 0"):
+        load_config(wrong)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent():
+    with pytest.raises(VoCoConfigError, match="CUDA is not available"):
+        make_config("tiny", {"run": {"device": "cuda"}})
+    with pytest.raises(VoCoConfigError, match="CUDA is not available"):
+        resolve_device("cuda:1")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_to_dict_is_plain_json():
+    values = VoCoConfig().to_dict()
+    assert json.loads(json.dumps(values)) == values

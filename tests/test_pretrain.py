@@ -1,0 +1,107 @@
+"""Trainer: exact resume, stop flag, checkpoint contents, logs, teacher variants."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from voco_core.checkpoint import load_checkpoint
+from voco_core.train.pretrain import iter_pretrain, pretrain, resume_config
+
+from conftest import tiny_config
+
+N = 2  # steps before the stop; the uninterrupted run has 2N
+
+
+class StopAt:
+    """Sets a stop flag once an event with ``step == target`` has been seen."""
+
+    def __init__(self, target: int):
+        self.flag, self.target = threading.Event(), target
+
+    def __call__(self, event):
+        if event.kind == "step" and event.step >= self.target:
+            self.flag.set()
+
+
+def step_losses(history):
+    return [(e.step, e.loss, e.pos, e.neg, e.reg, e.lr) for e in history if e.kind == "step"]
+
+
+def test_resume_is_exact(tmp_path, train_dataset):
+    config = tiny_config({"optim": {"total_steps": 2 * N}})
+    straight = pretrain(config, train_dataset, tmp_path / "straight")
+
+    stopper = StopAt(N)
+    first = pretrain(config, train_dataset, tmp_path / "split", stop=stopper.flag,
+                     callback=stopper)
+    assert first.stopped and first.step == N
+    assert first.history[-1].kind == "stopped" and first.history[-1].checkpoint
+    second = pretrain(resume_config(tmp_path / "split"), train_dataset, tmp_path / "split",
+                      resume=tmp_path / "split")
+    assert not second.stopped and second.step == 2 * N
+
+    expected = step_losses(straight.history)
+    got = step_losses(first.history) + step_losses(second.history)
+    assert [s for s, *_ in got] == list(range(1, 2 * N + 1))
+    for (step, *values), (_, *reference) in zip(got, expected, strict=True):
+        assert values == pytest.approx(reference, abs=1e-6), f"step {step}"
+
+    a = load_checkpoint(straight.checkpoint)
+    b = load_checkpoint(second.checkpoint)
+    for key, value in a["student"].items():
+        torch.testing.assert_close(b["student"][key], value, atol=1e-6, rtol=0)
+    for key, value in a["teacher"].items():
+        torch.testing.assert_close(b["teacher"][key], value, atol=1e-6, rtol=0)
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 2 * N + 1))
+
+
+def test_stop_flag_before_the_first_step_leaves_a_valid_checkpoint(tmp_path, train_dataset):
+    flag = threading.Event()
+    flag.set()
+    events = list(iter_pretrain(tiny_config(), train_dataset, tmp_path / "run", stop=flag))
+    assert [e.kind for e in events] == ["start", "stopped"]
+    state = load_checkpoint(tmp_path / "run")
+    assert state["step"] == 0 and state["format"] == "napari-voco/pretrain"
+
+
+def test_checkpoint_contents_are_plain_and_complete(tmp_path, train_dataset):
+    config = tiny_config({"optim": {"total_steps": 1}})
+    result = pretrain(config, train_dataset, tmp_path / "run")
+    state = torch.load(result.checkpoint, weights_only=True)  # no arbitrary pickle needed
+    assert set(state) >= {"student", "teacher", "optimizer", "scheduler", "scaler", "step",
+                          "config", "sampler", "rng", "format", "voco_version"}
+    assert state["step"] == 1 and state["config"]["model"]["feature_size"] == 12
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["step"] == 1 and meta["checkpoint"] == "checkpoints/last.pt"
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp"))
+    event = result.history[-1]
+    assert event.kind == "done" and event.crops_per_second > 0 and event.peak_memory_bytes > 0
+    assert event.seconds_per_step > 0 and event.eta_seconds == 0
+
+
+@pytest.mark.parametrize("variant", ["head", "none"])
+def test_other_teacher_variants_train_and_resume(tmp_path, train_dataset, variant):
+    config = tiny_config({"model": {"teacher": variant}, "optim": {"total_steps": 2}})
+    stopper = StopAt(1)
+    pretrain(config, train_dataset, tmp_path / "run", stop=stopper.flag, callback=stopper)
+    resumed = pretrain(resume_config(tmp_path / "run"), train_dataset, tmp_path / "run",
+                       resume=tmp_path / "run")
+    assert resumed.step == 2
+    state = load_checkpoint(resumed.checkpoint)
+    assert (state["teacher"] is None) == (variant == "none")
+    assert all(torch.isfinite(torch.tensor(e.loss)) for e in resumed.history if e.kind == "step")
+
+
+def test_gradient_accumulation_and_longer_resume(tmp_path, train_dataset):
+    config = tiny_config({"optim": {"total_steps": 1, "grad_accum": 2}})
+    pretrain(config, train_dataset, tmp_path / "run")
+    longer = resume_config(tmp_path / "run", optim={"total_steps": 2})
+    result = pretrain(longer, train_dataset, tmp_path / "run", resume=tmp_path / "run")
+    assert [e.step for e in result.history if e.kind == "step"] == [2]

@@ -1,0 +1,167 @@
+"""One-pass crop sampler against the per-crop MONAI oracle; pre-processing; data order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Resize, SpatialCrop
+
+from voco_core.config import make_config
+from voco_core.data.io import load_datalist
+from voco_core.data.sampling import (
+    LoadFailure,
+    PretrainDataset,
+    ResumableRandomSampler,
+    VoCoCropSampler,
+    preprocess_transforms,
+)
+from voco_core.geometry import base_crop_grid
+
+from conftest import tiny_config
+
+# The fast path resizes all crops with one batched F.interpolate; MONAI's Resize
+# calls the same kernel per crop, so the crops agree to float32 rounding.
+CROP_ATOL = 1e-6
+
+
+def oracle_crops(volume: torch.Tensor, boxes: np.ndarray, input_size: int) -> torch.Tensor:
+    """The straightforward version: one MONAI SpatialCrop + Resize per box."""
+    resize = Resize((input_size,) * 3, mode="trilinear")
+    out = []
+    for box in boxes:
+        crop = SpatialCrop(roi_start=box[:, 0].tolist(), roi_end=box[:, 1].tolist())(volume)
+        out.append(torch.as_tensor(resize(crop)))
+    return torch.stack(out)
+
+
+def oracle_labels(crop_boxes: np.ndarray, base_boxes: np.ndarray) -> np.ndarray:
+    labels = np.zeros((len(crop_boxes), len(base_boxes)), np.float32)
+    for i, c in enumerate(crop_boxes):
+        for k, b in enumerate(base_boxes):
+            dx = max(0, min(c[0, 1], b[0, 1]) - max(c[0, 0], b[0, 0]))
+            dy = max(0, min(c[1, 1], b[1, 1]) - max(c[1, 0], b[1, 0]))
+            labels[i, k] = dx * dy / ((c[0, 1] - c[0, 0]) * (c[1, 1] - c[1, 0]))
+    return labels
+
+
+@pytest.mark.parametrize("resize", [True, False])
+def test_fast_crops_match_the_per_crop_monai_oracle(resize):
+    if resize:  # v1 geometry: a 3 x 3 grid of 48 x 48 x 40 crops resized to 40^3
+        config = make_config("tiny", {"data": {"target_size": [144, 144, 40]},
+                                      "geometry": {"grid_size": 3, "resize_crops": True}})
+    else:  # native 40^3 crops
+        config = tiny_config()
+    rng = torch.Generator().manual_seed(0)
+    volumes = [torch.rand((1, *config.data.target_size), generator=rng) for _ in range(2)]
+    sampler = VoCoCropSampler(config, seed=3, augmentation=None)
+    batch = sampler(volumes)
+    k, m, s = config.num_base_crops, config.geometry.num_random_crops, config.geometry.input_size
+    assert batch.base_crops.shape == (2, k, 1, s, s, s)
+    assert batch.random_crops.shape == (2, m, 1, s, s, s)
+    for b, volume in enumerate(volumes):
+        torch.testing.assert_close(batch.base_crops[b],
+                                   oracle_crops(volume, batch.base_boxes[b], s),
+                                   atol=CROP_ATOL, rtol=0)
+        torch.testing.assert_close(batch.random_crops[b],
+                                   oracle_crops(volume, batch.crop_boxes[b], s),
+                                   atol=CROP_ATOL, rtol=0)
+        np.testing.assert_array_equal(batch.labels[b].numpy(),
+                                      oracle_labels(batch.crop_boxes[b], batch.base_boxes[b]))
+    grid = base_crop_grid(config.data.target_size, config.geometry.grid_size)
+    np.testing.assert_array_equal(batch.base_boxes[0], grid)
+
+
+def test_v2_region_offsets_move_boxes_and_keep_labels():
+    config = tiny_config({"data": {"resample": "spacing"}})
+    volume = torch.rand(1, 100, 90, 50)  # larger than the 80 x 80 x 40 sample region
+    batch = VoCoCropSampler(config, seed=1, augmentation=None)([volume])
+    offset = batch.base_boxes[0, 0, :, 0]
+    assert (offset >= 0).all() and (batch.base_boxes[0, -1, :, 1] <= [100, 90, 50]).all()
+    torch.testing.assert_close(batch.base_crops[0], oracle_crops(volume, batch.base_boxes[0], 40))
+    np.testing.assert_array_equal(batch.labels[0].numpy(),
+                                  oracle_labels(batch.crop_boxes[0], batch.base_boxes[0]))
+
+
+def test_augmentation_changes_orientation_not_content_or_labels():
+    config = tiny_config()
+    volume = torch.rand(1, 80, 80, 40)
+    plain = VoCoCropSampler(config, seed=5, augmentation=None)([volume])
+    from voco_core.data.sampling import AugmentationConfig
+
+    no_shift = AugmentationConfig(flip_prob=0.5, rot90_prob=0.5, shift_prob=0.0)
+    augmented = VoCoCropSampler(config, seed=5, augmentation=no_shift)([volume])
+    torch.testing.assert_close(augmented.labels, plain.labels)
+    np.testing.assert_array_equal(augmented.crop_boxes, plain.crop_boxes)
+    flat_a = augmented.base_crops.flatten(2).sort(dim=-1).values
+    flat_p = plain.base_crops.flatten(2).sort(dim=-1).values
+    torch.testing.assert_close(flat_a, flat_p)  # same voxels, possibly moved
+    assert not torch.equal(augmented.base_crops, plain.base_crops)
+
+
+def test_same_seed_same_batch_and_state_round_trip():
+    config = tiny_config()
+    volume = torch.rand(1, 80, 80, 40)
+    first = VoCoCropSampler(config, seed=9)
+    a = first([volume])
+    saved = first.state_dict()
+    b = first([volume])
+    second = VoCoCropSampler(config, seed=0)
+    second.load_state_dict(saved)
+    c = second([volume])
+    torch.testing.assert_close(b.random_crops, c.random_crops)
+    torch.testing.assert_close(b.labels, c.labels)
+    assert not torch.equal(a.random_crops, b.random_crops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_sampling_on_the_gpu_matches_the_cpu():
+    config = tiny_config()
+    volume = torch.rand(1, 80, 80, 40)
+    cpu = VoCoCropSampler(config, seed=2)([volume])
+    gpu = VoCoCropSampler(config, seed=2)([volume.cuda()])
+    assert gpu.base_crops.is_cuda and gpu.labels.is_cuda
+    torch.testing.assert_close(gpu.base_crops.cpu(), cpu.base_crops)
+    torch.testing.assert_close(gpu.labels.cpu(), cpu.labels)
+
+
+def test_preprocessing_gives_the_target_size_in_unit_range(train_dataset):
+    config = tiny_config()
+    entry = load_datalist(train_dataset)[0]
+    volume = preprocess_transforms(config.data)({"image": str(entry.image)})["image"]
+    assert volume.shape == (1, 80, 80, 40) and volume.dtype == torch.float32
+    assert volume.min() >= 0 and volume.max() <= 1 and volume.std() > 0.1
+
+
+def test_preprocessing_v2_spacing_pads_to_the_region(train_dataset):
+    config = tiny_config({"data": {"resample": "spacing", "target_spacing": [8.0, 8.0, 8.0]}})
+    entry = load_datalist(train_dataset)[0]
+    volume = preprocess_transforms(config.data)({"image": str(entry.image)})["image"]
+    assert tuple(volume.shape[1:]) >= (80, 80, 40)
+
+
+def test_dataset_reports_unloadable_volumes_instead_of_raising(tmp_path, train_dataset):
+    from conftest import save_nifti
+
+    bad = save_nifti(tmp_path / "nan.nii.gz", np.full((48, 48, 48), np.nan, np.float32))
+    entries = load_datalist(train_dataset)[:1]
+    from voco_core.data.io import DatalistEntry
+
+    dataset = PretrainDataset([*entries, DatalistEntry(bad)], tiny_config())
+    assert isinstance(dataset[0], torch.Tensor)
+    failure = dataset[1]
+    assert isinstance(failure, LoadFailure)
+    assert "nan.nii.gz" in failure.message and "NaN" in failure.message
+
+
+def test_resumable_sampler_skips_exactly_and_splits_ranks():
+    def take(sampler, count):
+        it = iter(sampler)
+        return [next(it) for _ in range(count)]
+
+    full = take(ResumableRandomSampler(5, seed=1), 23)
+    assert sorted(full[:5]) == list(range(5)) and sorted(full[5:10]) == list(range(5))
+    assert take(ResumableRandomSampler(5, seed=1, start=7), 16) == full[7:]
+    rank0 = take(ResumableRandomSampler(5, seed=1, rank=0, world_size=2), 10)
+    rank1 = take(ResumableRandomSampler(5, seed=1, rank=1, world_size=2), 10)
+    assert rank0 == full[0:20:2] and rank1 == full[1:20:2]
