@@ -69,12 +69,17 @@ def find_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint safely (``weights_only=True``); typed errors name the file."""
     path = find_checkpoint(path)
+    with open(path, "rb") as file:
+        head = file.read(2)
+    # torch.save writes a zip archive; very old torch wrote a bare pickle (b"\x80").
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise VoCoDataError("not a readable PyTorch checkpoint (not torch.save's format)", path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise VoCoDataError(
-            "refused: loading it would execute arbitrary pickled code (it is not a plain "
-            f"weights file; only tensors and plain values are accepted) [{err}]".splitlines()[0],
+            "refused: loading it would execute arbitrary pickled code; only checkpoints made "
+            "of tensors and plain values (dicts, lists, numbers, strings) are accepted",
             path,
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:

@@ -133,10 +133,13 @@ def _run_pretraining(config, data, run_dir: Path, resume=None) -> int:
         for event in events:
             last = event
             if event.kind == "start":
-                bar = tqdm(total=event.total_steps, initial=event.step, unit="step",
-                           desc="pretrain", dynamic_ncols=True)
+                print(f"pretraining ({config.preset} preset, teacher {config.model.teacher}) "
+                      f"from step {event.step} to {event.total_steps}; run folder {run_dir}")
                 continue
-            if event.kind == "step" and bar is not None:
+            if event.kind == "step":
+                if bar is None:  # created after the first step: errors before it stay one line
+                    bar = tqdm(total=event.total_steps, initial=event.step - 1, unit="step",
+                               desc="pretrain", dynamic_ncols=True)
                 bar.update(1)
                 bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
                                 crops_s=f"{event.crops_per_second:.1f}")
