@@ -1,5 +1,5 @@
 # Two commands set up everything from a fresh clone (Linux, Python >= 3.11):
-#   make run    - create .venv, install, run the main job on the embedded phantoms
+#   make run    - create .venv, install, run the main job (voco demo) on the embedded phantoms
 #   make test   - create .venv, install system + Python test deps, lint, run all tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,7 +24,7 @@ install-test: $(BIN)/python
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[gui,testing]"
 
 run: install
-	$(BIN)/voco make-phantoms --out $(DEMO_DATA) -n 4 --seed 0
+	$(BIN)/voco demo --data $(DEMO_DATA) --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 	$(BIN)/voco info $(DEMO_DATA)/imagesTr/phantom_000.nii.gz
 
 lint: install-test

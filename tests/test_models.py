@@ -66,3 +66,18 @@ def test_backbone_loads_into_swinunetr_with_no_unexpected_keys(feature_size):
     loaded = net.state_dict()
     for key, value in exported.items():
         torch.testing.assert_close(loaded[key], value)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = VoCoModel(ModelConfig(**{**TINY.__dict__, "teacher": "none"}))
+    checkpointed = VoCoModel(ModelConfig(**{**TINY.__dict__, "teacher": "none",
+                                            "gradient_checkpointing": True}))
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, 40, 40, 40)
+    grads = []
+    for model in (plain, checkpointed):
+        model(x)[0].square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

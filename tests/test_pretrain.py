@@ -105,3 +105,12 @@ def test_gradient_accumulation_and_longer_resume(tmp_path, train_dataset):
     longer = resume_config(tmp_path / "run", optim={"total_steps": 2})
     result = pretrain(longer, train_dataset, tmp_path / "run", resume=tmp_path / "run")
     assert [e.step for e in result.history if e.kind == "step"] == [2]
+
+
+def test_dataloader_workers_give_the_same_losses(tmp_path, train_dataset):
+    config = tiny_config({"optim": {"total_steps": 1}, "run": {"tensorboard": True}})
+    in_process = pretrain(config, train_dataset, tmp_path / "a")
+    workers = tiny_config({"optim": {"total_steps": 1}, "data": {"num_workers": 1}})
+    with_workers = pretrain(workers, train_dataset, tmp_path / "b")
+    assert step_losses(with_workers.history) == step_losses(in_process.history)
+    assert list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))

@@ -54,7 +54,7 @@ def test_fast_crops_match_the_per_crop_monai_oracle(resize):
         config = tiny_config()
     rng = torch.Generator().manual_seed(0)
     volumes = [torch.rand((1, *config.data.target_size), generator=rng) for _ in range(2)]
-    sampler = VoCoCropSampler(config, seed=3, augmentation=None)
+    sampler = VoCoCropSampler(config, seed=3, augment=False)
     batch = sampler(volumes)
     k, m, s = config.num_base_crops, config.geometry.num_random_crops, config.geometry.input_size
     assert batch.base_crops.shape == (2, k, 1, s, s, s)
@@ -75,7 +75,7 @@ def test_fast_crops_match_the_per_crop_monai_oracle(resize):
 def test_v2_region_offsets_move_boxes_and_keep_labels():
     config = tiny_config({"data": {"resample": "spacing"}})
     volume = torch.rand(1, 100, 90, 50)  # larger than the 80 x 80 x 40 sample region
-    batch = VoCoCropSampler(config, seed=1, augmentation=None)([volume])
+    batch = VoCoCropSampler(config, seed=1, augment=False)([volume])
     offset = batch.base_boxes[0, 0, :, 0]
     assert (offset >= 0).all() and (batch.base_boxes[0, -1, :, 1] <= [100, 90, 50]).all()
     torch.testing.assert_close(batch.base_crops[0], oracle_crops(volume, batch.base_boxes[0], 40))
@@ -86,11 +86,9 @@ def test_v2_region_offsets_move_boxes_and_keep_labels():
 def test_augmentation_changes_orientation_not_content_or_labels():
     config = tiny_config()
     volume = torch.rand(1, 80, 80, 40)
-    plain = VoCoCropSampler(config, seed=5, augmentation=None)([volume])
-    from voco_core.data.sampling import AugmentationConfig
-
-    no_shift = AugmentationConfig(flip_prob=0.5, rot90_prob=0.5, shift_prob=0.0)
-    augmented = VoCoCropSampler(config, seed=5, augmentation=no_shift)([volume])
+    plain = VoCoCropSampler(config, seed=5, augment=False)([volume])
+    no_shift = tiny_config({"augment": {"flip_prob": 0.5, "rot90_prob": 0.5, "shift_prob": 0}})
+    augmented = VoCoCropSampler(no_shift, seed=5)([volume])
     torch.testing.assert_close(augmented.labels, plain.labels)
     np.testing.assert_array_equal(augmented.crop_boxes, plain.crop_boxes)
     flat_a = augmented.base_crops.flatten(2).sort(dim=-1).values
@@ -165,3 +163,26 @@ def test_resumable_sampler_skips_exactly_and_splits_ranks():
     rank0 = take(ResumableRandomSampler(5, seed=1, rank=0, world_size=2), 10)
     rank1 = take(ResumableRandomSampler(5, seed=1, rank=1, world_size=2), 10)
     assert rank0 == full[0:20:2] and rank1 == full[1:20:2]
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cached_datasets_give_the_same_volumes(tmp_path, train_dataset, cache):
+    entries = load_datalist(train_dataset)[:2]
+    plain = PretrainDataset(entries, tiny_config())
+    cached = PretrainDataset(entries, tiny_config({"data": {"cache": cache,
+                                                            "cache_dir": str(tmp_path / "c")}}))
+    for index in range(2):
+        torch.testing.assert_close(cached[index], plain[index])
+    if cache == "disk":
+        assert len(list((tmp_path / "c").glob("*.pt"))) == 2
+
+
+def test_memory_cache_refuses_a_bad_volume_naming_it(tmp_path, train_dataset):
+    from voco_core.data.io import DatalistEntry
+    from voco_core.errors import VoCoDataError
+
+    from conftest import save_nifti
+
+    bad = save_nifti(tmp_path / "nan.nii.gz", np.full((48, 48, 48), np.nan, np.float32))
+    with pytest.raises(VoCoDataError, match=r"nan\.nii\.gz.*NaN"):
+        PretrainDataset([DatalistEntry(bad)], tiny_config({"data": {"cache": "memory"}}))

@@ -73,6 +73,22 @@ class GeometryConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Per-crop augmentation, drawn independently for every base and random crop
+    (spec: "Augmentation"). Flips and rotations change orientation, not labels."""
+
+    flip_prob: float = 0.2
+    """Probability of a flip, for each axis separately."""
+    rot90_prob: float = 0.2
+    """Probability of an in-plane (x-y) rotation by k * 90 degrees, k uniform in 1..3."""
+    shift_prob: float = 0.1
+    """Probability of an intensity shift."""
+    shift_max: float = 0.1
+    """Shift drawn uniformly in [-shift_max, shift_max] (intensities are in [0, 1])."""
+    enabled: bool = True
+
+
+@dataclass
 class ModelConfig:
     """Swin backbone + projection head + teacher (spec: "Network")."""
 
@@ -139,6 +155,7 @@ class VoCoConfig:
     preset: str = "base"
     data: DataConfig = field(default_factory=DataConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -208,6 +225,12 @@ class VoCoConfig:
                                ("random crop", self.random_crop_size)):
                 _require(size == (g.input_size,) * 3, "geometry.resize_crops", False,
                          f"crops equal to input_size^3 when not resizing; the {name} is {size}")
+
+        a = self.augment
+        for name in ("flip_prob", "rot90_prob", "shift_prob"):
+            _require(0.0 <= getattr(a, name) <= 1.0, f"augment.{name}", getattr(a, name),
+                     "a probability in [0, 1]")
+        _require(a.shift_max >= 0, "augment.shift_max", a.shift_max, ">= 0")
 
         _require(m.feature_size > 0 and m.feature_size % 12 == 0, "model.feature_size",
                  m.feature_size, "a positive multiple of 12")

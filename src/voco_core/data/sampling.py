@@ -229,27 +229,16 @@ class VoCoBatch:
         return self.base_crops.shape[0] * (self.base_crops.shape[1] + self.random_crops.shape[1])
 
 
-@dataclass(frozen=True)
-class AugmentationConfig:
-    """Per-crop probabilities of the spec's augmentation."""
-
-    flip_prob: float = 0.2
-    rot90_prob: float = 0.2
-    shift_prob: float = 0.1
-    shift_max: float = 0.1
-
-
 class VoCoCropSampler:
     """Draws base crops, random sub-volumes and labels for a batch in one pass.
 
     Args:
-        config: geometry and sizes.
+        config: geometry, sizes and ``config.augment``.
         seed: seeds the generator (state in :meth:`state_dict`).
-        augmentation: probabilities; ``None`` disables augmentation.
+        augment: overrides ``config.augment.enabled`` when given (False: no augmentation).
     """
 
-    def __init__(self, config: VoCoConfig, seed: int = 0,
-                 augmentation: AugmentationConfig | None = AugmentationConfig()):
+    def __init__(self, config: VoCoConfig, seed: int = 0, augment: bool | None = None):
         self.region_size = tuple(config.data.target_size)
         self.base_size = config.base_crop_size
         self.crop_size = config.random_crop_size
@@ -258,7 +247,8 @@ class VoCoCropSampler:
         self.m = config.geometry.num_random_crops
         self.grid_size = config.geometry.grid_size
         self.grid = base_crop_grid(self.region_size, config.geometry.grid_size)
-        self.augmentation = augmentation
+        enabled = config.augment.enabled if augment is None else augment
+        self.augmentation = config.augment if enabled else None
         self.rng = np.random.default_rng(seed)
 
     def state_dict(self) -> dict:

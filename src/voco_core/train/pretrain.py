@@ -438,8 +438,13 @@ def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> Path | None:
     fig = Figure(figsize=(6, 3.5), constrained_layout=True)
     ax = fig.add_subplot()
     steps = np.array([r["step"] for r in records])
-    for key in ("loss", "pos", "neg", "reg"):
-        ax.plot(steps, [r[key] for r in records], label="total" if key == "loss" else key)
+    window = max(1, len(records) // 10)
+    ax.plot(steps, [r["loss"] for r in records], color="0.75", lw=0.8, label="total (per step)")
+    for key, colour in (("loss", "k"), ("pos", "C0"), ("neg", "C1"), ("reg", "C2")):
+        values = np.array([r[key] for r in records], dtype=float)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color=colour,
+                label=f"{'total' if key == 'loss' else key} ({window}-step mean)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title("VoCo pretraining")
