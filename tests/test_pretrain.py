@@ -74,7 +74,8 @@ def test_checkpoint_contents_are_plain_and_complete(tmp_path, train_dataset):
     result = pretrain(config, train_dataset, tmp_path / "run")
     state = torch.load(result.checkpoint, weights_only=True)  # no arbitrary pickle needed
     assert set(state) >= {"student", "teacher", "optimizer", "scheduler", "scaler", "step",
-                          "config", "sampler", "rng", "format", "voco_version"}
+                          "config", "samples_seen", "world_size", "rng", "format",
+                          "voco_version"}
     assert state["step"] == 1 and state["config"]["model"]["feature_size"] == 12
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["step"] == 1 and meta["checkpoint"] == "checkpoints/last.pt"

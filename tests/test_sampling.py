@@ -97,19 +97,22 @@ def test_augmentation_changes_orientation_not_content_or_labels():
     assert not torch.equal(augmented.base_crops, plain.base_crops)
 
 
-def test_same_seed_same_batch_and_state_round_trip():
+def test_per_volume_generators_make_a_batch_independent_of_how_it_is_split():
     config = tiny_config()
-    volume = torch.rand(1, 80, 80, 40)
-    first = VoCoCropSampler(config, seed=9)
-    a = first([volume])
-    saved = first.state_dict()
-    b = first([volume])
-    second = VoCoCropSampler(config, seed=0)
-    second.load_state_dict(saved)
-    c = second([volume])
-    torch.testing.assert_close(b.random_crops, c.random_crops)
-    torch.testing.assert_close(b.labels, c.labels)
-    assert not torch.equal(a.random_crops, b.random_crops)
+    volumes = [torch.rand(1, 80, 80, 40) for _ in range(3)]
+
+    def rngs(indices):
+        return [np.random.default_rng([7, 0, i]) for i in indices]
+
+    whole = VoCoCropSampler(config)(volumes, rngs([0, 1, 2]))
+    first = VoCoCropSampler(config)(volumes[:1], rngs([0]))
+    rest = VoCoCropSampler(config)(volumes[1:], rngs([1, 2]))
+    torch.testing.assert_close(whole.base_crops, torch.cat([first.base_crops, rest.base_crops]))
+    torch.testing.assert_close(whole.random_crops,
+                               torch.cat([first.random_crops, rest.random_crops]))
+    torch.testing.assert_close(whole.labels, torch.cat([first.labels, rest.labels]))
+    other = VoCoCropSampler(config)(volumes, rngs([3, 4, 5]))
+    assert not torch.equal(other.random_crops, whole.random_crops)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
@@ -186,3 +189,24 @@ def test_memory_cache_refuses_a_bad_volume_naming_it(tmp_path, train_dataset):
     bad = save_nifti(tmp_path / "nan.nii.gz", np.full((48, 48, 48), np.nan, np.float32))
     with pytest.raises(VoCoDataError, match=r"nan\.nii\.gz.*NaN"):
         PretrainDataset([DatalistEntry(bad)], tiny_config({"data": {"cache": "memory"}}))
+
+
+def test_compact_cache_is_a_quarter_of_float32_and_within_1_over_510(tmp_path, train_dataset):
+    entries = load_datalist(train_dataset)[:2]
+    plain = PretrainDataset(entries, tiny_config())
+    config = tiny_config({"data": {"cache": "compact", "cache_dir": str(tmp_path / "c")}})
+    compact = PretrainDataset(entries, config)
+    first = [compact[i] for i in range(2)]  # writes the cache
+    files = sorted((tmp_path / "c").glob("*.npy"))
+    assert len(files) == 2
+    for index, file in enumerate(files):
+        reference = plain[index]
+        assert file.stat().st_size <= reference.numel() * 4 / 4 + 128  # + .npy header
+        assert (first[index] - reference).abs().max() <= 1 / 510 + 1e-7
+        again = compact[index]  # read back through the memory map
+        assert torch.equal(again, first[index])
+    # Other pre-processing settings or a changed source file make new entries.
+    other = tiny_config({"data": {"cache": "compact", "cache_dir": str(tmp_path / "c"),
+                                  "ct_window": [-200, 300]}})
+    PretrainDataset(entries[:1], other)[0]
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 3

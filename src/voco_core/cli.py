@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def _pretrain_config(args: argparse.Namespace):
         merge,
         parse_override,
     )
-    from voco_core.train.pretrain import resume_config
+    from voco_core.train.pretrain import resume_config, run_folder_of
 
     flags: dict = {}
     for text in args.set or []:
@@ -95,8 +96,11 @@ def _pretrain_config(args: argparse.Namespace):
         flags = merge(flags, {"optim": {"total_steps": args.steps}})
     if args.device is not None:
         flags = merge(flags, {"run": {"device": args.device}})
-    if args.out is not None:
-        flags = merge(flags, {"run": {"output_dir": str(args.out)}})
+    out = args.out
+    if out is None and args.resume is not None:
+        out = run_folder_of(args.resume)  # continue in the folder being resumed
+    if out is not None:
+        flags = merge(flags, {"run": {"output_dir": str(out)}})
     if args.resume is not None:
         return resume_config(args.resume, **flags)
     if args.config is not None:
@@ -129,6 +133,10 @@ def _run_pretraining(config, data, run_dir: Path, resume=None) -> int:
     events = iter_pretrain(config, data, run_dir, resume=resume, stop=stop)
     bar = None
     last = None
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports
+        for _ in events:
+            pass
+        return 0
     try:
         for event in events:
             last = event

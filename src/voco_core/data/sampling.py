@@ -21,8 +21,12 @@ checkpointed, so a resumed run draws the same crops as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,12 +123,67 @@ def _explain(err: BaseException, path: str) -> str:
     return f"{path}: pre-processing failed ({type(err).__name__}: {err})"
 
 
+class CompactVolumeCache(torch.utils.data.Dataset):
+    """Pre-processed volumes stored as uint8 ``.npy`` files, memory-mapped on read.
+
+    Pre-processed intensities lie in [0, 1] (window or percentiles, clipped), so
+    ``round(255 v)`` keeps them to within 1/510 (0.83 HU of the default CT window)
+    at 1 byte per voxel: 1/4 of a float32 cache. A volume is quantised *before* it
+    is first used, so every epoch sees the same values. Files are named by a hash of
+    the source file (path, size, modification time) and the pre-processing settings:
+    changing either makes a new entry; stale ones can be deleted at any time.
+    """
+
+    VERSION = 1
+
+    def __init__(self, items: Sequence[dict], transform, cache_dir: str | Path, data: DataConfig):
+        self.items, self.transform = list(items), transform
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = {k: v for k, v in asdict(data).items()
+                         if k not in ("cache", "cache_dir", "num_workers", "pin_memory")}
+
+    def cache_path(self, index: int) -> Path:
+        source = Path(self.items[index]["image"]).resolve()
+        stat = source.stat()
+        key = json.dumps([self.VERSION, str(source), stat.st_size, stat.st_mtime_ns,
+                          self.settings], sort_keys=True, default=list)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        return self.cache_dir / f"{source.name.split('.')[0]}-{digest}.npy"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.cache_path(index)
+        if path.is_file():
+            quantised = np.load(path, mmap_mode="r")
+        else:
+            volume = self.transform(self.items[index])["image"]
+            quantised = quantise_unit_range(np.asarray(volume))
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+            np.save(tmp, quantised)
+            os.replace(tmp, path)
+        return {"image": dequantise_unit_range(quantised)}
+
+
+def quantise_unit_range(volume: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8 ``round(255 v)`` (values outside are clipped)."""
+    return np.clip(np.rint(volume * 255.0), 0, 255).astype(np.uint8)
+
+
+def dequantise_unit_range(quantised: np.ndarray) -> torch.Tensor:
+    """uint8 -> float32 tensor ``q / 255``."""
+    return torch.from_numpy(np.asarray(quantised, dtype=np.float32) * np.float32(1 / 255))
+
+
 class PretrainDataset(torch.utils.data.Dataset):
-    """Pre-processed volumes ``(1, X, Y, Z)`` for pretraining, optionally cached by MONAI.
+    """Pre-processed volumes ``(1, X, Y, Z)`` for pretraining, optionally cached.
 
     ``cache``: ``none`` (plain ``monai.data.Dataset``), ``memory`` (``CacheDataset``:
-    float32 volumes held in RAM, 4 bytes per voxel of ``target_size``) or ``disk``
-    (``PersistentDataset`` in ``cache_dir``: the same bytes as ``.pt`` files).
+    float32 volumes held in RAM, 4 bytes per voxel of ``target_size``), ``disk``
+    (``PersistentDataset`` in ``cache_dir``: the same bytes as ``.pt`` files) or
+    ``compact`` (:class:`CompactVolumeCache`: uint8, 1 byte per voxel, memory-mapped).
     """
 
     def __init__(self, entries: Sequence[DatalistEntry], config: VoCoConfig):
@@ -141,6 +200,8 @@ class PretrainDataset(torch.utils.data.Dataset):
                                     _failing_path(err)) from err
         elif config.data.cache == "disk":
             self.inner = PersistentDataset(items, transform, cache_dir=config.data.cache_dir)
+        elif config.data.cache == "compact":
+            self.inner = CompactVolumeCache(items, transform, config.data.cache_dir, config.data)
         else:
             self.inner = Dataset(items, transform)
 
@@ -232,9 +293,15 @@ class VoCoBatch:
 class VoCoCropSampler:
     """Draws base crops, random sub-volumes and labels for a batch in one pass.
 
+    Each volume's random choices (region offset, crop centres, augmentation of its
+    ``K + m`` crops) come from its own generator when ``rngs`` are given; the
+    trainer seeds them from (seed, step, global volume index), so a batch is the same
+    whether its volumes are drawn in one process, over gradient-accumulation
+    micro-batches or over DDP ranks, and resuming needs no sampler state.
+
     Args:
         config: geometry, sizes and ``config.augment``.
-        seed: seeds the generator (state in :meth:`state_dict`).
+        seed: seeds the default generator (used when ``rngs`` is not given).
         augment: overrides ``config.augment.enabled`` when given (False: no augmentation).
     """
 
@@ -251,13 +318,8 @@ class VoCoCropSampler:
         self.augmentation = config.augment if enabled else None
         self.rng = np.random.default_rng(seed)
 
-    def state_dict(self) -> dict:
-        return {"bit_generator": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
-
-    def draw_boxes(self, volume_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def draw_boxes(self, volume_shape: Sequence[int], rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """Draw one volume's sample region and random crops.
 
         Returns the region's offset ``(3,)`` in the volume and the random crop boxes
@@ -266,18 +328,22 @@ class VoCoCropSampler:
         spare = np.array(volume_shape[:3]) - np.array(self.region_size)
         if np.any(spare < 0):
             raise ValueError(f"volume {tuple(volume_shape)} smaller than region {self.region_size}")
-        offset = np.array([self.rng.integers(0, s + 1) for s in spare])
-        centres = sample_crop_centres(self.rng, self.region_size, self.crop_size, self.m)
+        offset = np.array([rng.integers(0, s + 1) for s in spare])
+        centres = sample_crop_centres(rng, self.region_size, self.crop_size, self.m)
         return offset, crop_boxes_from_centres(centres, self.crop_size, self.region_size)
 
-    def __call__(self, volumes: Sequence[torch.Tensor] | torch.Tensor) -> VoCoBatch:
+    def __call__(self, volumes: Sequence[torch.Tensor] | torch.Tensor,
+                 rngs: Sequence[np.random.Generator] | None = None) -> VoCoBatch:
         """``volumes``: ``B`` tensors ``(1, X, Y, Z)`` (on any device) -> :class:`VoCoBatch`."""
         n, (rx, ry, rz), (bx, by, bz) = self.grid_size, self.region_size, self.base_size
-        offsets, region_boxes, bases, crops = [], [], [], []
-        for volume in volumes:
-            offset, boxes = self.draw_boxes(volume.shape[1:])
+        rngs = rngs if rngs is not None else [self.rng] * len(volumes)
+        offsets, region_boxes, bases, crops, draws = [], [], [], [], []
+        for volume, rng in zip(volumes, rngs, strict=True):
+            offset, boxes = self.draw_boxes(volume.shape[1:], rng)
             offsets.append(offset)
             region_boxes.append(boxes)
+            if self.augmentation is not None:
+                draws.append(_draw_augmentation(rng, n * n + self.m, self.augmentation))
             x0, y0, z0 = (int(o) for o in offset)
             region = volume[:, x0 : x0 + rx, y0 : y0 + ry, z0 : z0 + rz]
             # The n x n base crops are one reshape of the region (i-major order).
@@ -286,8 +352,11 @@ class VoCoCropSampler:
             crops.extend(region[:, a0:a1, b0:b1, c0:c1] for (a0, a1), (b0, b1), (c0, c1) in boxes)
         num_bases = n * n * len(bases)
         crops = self._to_input(torch.cat([torch.cat(bases), torch.stack(crops)]))
-        if self.augmentation is not None:
-            crops = self._augment(crops)
+        if draws:  # reorder per-volume draws to the stack: all base crops, then all sub-volumes
+            stacked = {key: np.concatenate([d[key][..., : n * n] for d in draws]
+                                           + [d[key][..., n * n :] for d in draws], axis=-1)
+                       for key in draws[0]}
+            crops = _apply_augmentation(crops, **stacked)
         region_boxes = np.stack(region_boxes)  # (B, m, 3, 2)
         shifts = np.stack(offsets)[:, None, :, None]  # (B, 1, 3, 1)
         s = self.input_size
@@ -308,25 +377,29 @@ class VoCoCropSampler:
             raise ValueError(f"crops of {tuple(crops.shape[2:])} need resizing to {target}")
         return F.interpolate(crops, size=target, mode="trilinear", align_corners=False)
 
-    def _augment(self, crops: torch.Tensor) -> torch.Tensor:
-        """Independent flips (each axis), in-plane rot90 (k in 1..3) and intensity shift
-        per crop, applied to the whole stack grouped by the drawn parameters."""
-        aug, n, device = self.augmentation, crops.shape[0], crops.device
-        crops = crops.clone()
-        for axis in (2, 3, 4):
-            chosen = np.flatnonzero(self.rng.random(n) < aug.flip_prob)
-            if chosen.size:
-                index = torch.as_tensor(chosen, device=device)
-                crops[index] = crops[index].flip(axis)
-        rotate = self.rng.random(n) < aug.rot90_prob
-        turns = self.rng.integers(1, 4, size=n)
-        for k in (1, 2, 3):
-            chosen = np.flatnonzero(rotate & (turns == k))
-            if chosen.size:
-                index = torch.as_tensor(chosen, device=device)
-                crops[index] = torch.rot90(crops[index], k, dims=(2, 3))
-        shift = (self.rng.random(n) < aug.shift_prob) * self.rng.uniform(
-            -aug.shift_max, aug.shift_max, size=n)
-        if shift.any():
-            crops += torch.as_tensor(shift, dtype=crops.dtype, device=device).view(n, 1, 1, 1, 1)
-        return crops
+
+def _draw_augmentation(rng: np.random.Generator, n: int, aug) -> dict[str, np.ndarray]:
+    """Per-crop parameters for ``n`` crops: ``flips (3, n)`` bool, ``turns (n,)`` in
+    0..3 (0: no rotation), ``shifts (n,)`` intensity offsets."""
+    flips = rng.random((3, n)) < aug.flip_prob
+    turns = np.where(rng.random(n) < aug.rot90_prob, rng.integers(1, 4, size=n), 0)
+    shifts = (rng.random(n) < aug.shift_prob) * rng.uniform(-aug.shift_max, aug.shift_max, n)
+    return {"flips": flips, "turns": turns, "shifts": shifts}
+
+
+def _apply_augmentation(crops: torch.Tensor, flips: np.ndarray, turns: np.ndarray,
+                        shifts: np.ndarray) -> torch.Tensor:
+    """Flip / rotate / shift a ``(N, 1, S, S, S)`` stack, one indexed op per parameter value."""
+    crops, device = crops.clone(), crops.device
+    for axis, chosen in zip((2, 3, 4), flips, strict=True):
+        if chosen.any():
+            index = torch.as_tensor(np.flatnonzero(chosen), device=device)
+            crops[index] = crops[index].flip(axis)
+    for k in (1, 2, 3):
+        if (turns == k).any():
+            index = torch.as_tensor(np.flatnonzero(turns == k), device=device)
+            crops[index] = torch.rot90(crops[index], k, dims=(2, 3))
+    if shifts.any():
+        offsets = torch.as_tensor(shifts, dtype=crops.dtype, device=device)
+        crops += offsets.view(-1, 1, 1, 1, 1)
+    return crops

@@ -25,12 +25,14 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from voco_core import __version__
 from voco_core.checkpoint import (
@@ -49,6 +51,14 @@ from voco_core.data.sampling import (
     VoCoCropSampler,
     collate_list,
     min_raw_shape,
+)
+from voco_core.distributed import (
+    any_rank,
+    gather_strings,
+    mean_over_ranks,
+    setup_distributed,
+    teardown_distributed,
+    weights_digest,
 )
 from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoError
 from voco_core.losses import VoCoLoss
@@ -131,8 +141,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def voco_loss_on_batch(model: VoCoModel, loss_fn: VoCoLoss, batch: VoCoBatch) -> dict:
-    """One forward of all ``B * (K + m)`` crops, split back into bases and sub-volumes."""
+def voco_loss_on_batch(model: Callable, loss_fn: VoCoLoss, batch: VoCoBatch) -> dict:
+    """One forward of all ``B * (K + m)`` crops, split back into bases and sub-volumes.
+
+    ``model`` is a :class:`VoCoModel` (or its DDP wrapper): crops -> (student, teacher).
+    """
     b, k, m = batch.base_crops.shape[0], batch.base_crops.shape[1], batch.random_crops.shape[1]
     crops = torch.cat([batch.base_crops.flatten(0, 1), batch.random_crops.flatten(0, 1)])
     student, teacher = model(crops)
@@ -175,28 +188,34 @@ def iter_pretrain(
 ) -> Iterator[PretrainEvent]:
     """Pretrain, yielding a :class:`PretrainEvent` per optimizer step.
 
+    Under ``torchrun`` (or with a process group already initialised) this is one
+    DDP rank: every rank yields events with the loss averaged over ranks; only
+    rank 0 writes checkpoints and logs.
+
     Args:
         config: the run's configuration (validated). When resuming, pass the
             checkpoint's config (see :func:`resume_config`); ``optim.total_steps``
-            may be raised to train longer.
+            may be raised to train longer, ``optim.batch_size``/``grad_accum`` and
+            the world size may change.
         data: a folder, a Decathlon JSON, or datalist entries.
         run_dir: output folder (default ``config.run.output_dir``).
         resume: a run folder or checkpoint to continue from (exactly: model,
-            teacher, optimizer, scheduler, scaler, step, sampler and RNG states).
-        stop: checked before every step; when set, a checkpoint is written and
-            the generator ends with a ``stopped`` event.
+            teacher, optimizer, scheduler, scaler, step, data position, RNG state).
+        stop: checked before every step; when set (on any rank), a checkpoint is
+            written and the generator ends with a ``stopped`` event.
     """
     config.validate()
-    device = resolve_device(config.run.device)
+    dist_ctx, device = setup_distributed(resolve_device(config.run.device))
     run_dir = Path(run_dir or config.run.output_dir)
     entries = list(data) if not isinstance(data, str | Path) else load_datalist(data)
     check_dataset(entries, config)
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
-    except OSError as err:
-        raise VoCoDataError(f"output folder is not writable ({err.strerror or err})",
-                            run_dir) from err
+    if dist_ctx.is_main:
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            config.save(run_dir / "config.yaml")
+        except OSError as err:
+            raise VoCoDataError(f"output folder is not writable ({err.strerror or err})",
+                                run_dir) from err
 
     o, seed = config.optim, config.run.seed
     torch.manual_seed(seed)
@@ -210,8 +229,7 @@ def iter_pretrain(
         optimizer, warmup_cosine(o.warmup_steps, o.total_steps, o.min_lr / o.lr))
     dtype = amp_dtype(o.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    sampler = VoCoCropSampler(config, seed=seed)
-    step = 0
+    step, samples_seen = 0, 0  # samples_seen: volumes drawn by all ranks together
     if resume is not None:
         state = load_checkpoint(resume, map_location=device)
         _check_resumable(state, config, resume)
@@ -223,47 +241,69 @@ def iter_pretrain(
         scheduler.lr_lambdas[0] = warmup_cosine(o.warmup_steps, o.total_steps, o.min_lr / o.lr)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
         _restore_rng(state["rng"], device)
-        step = int(state["step"])
+        step, samples_seen = int(state["step"]), int(state["samples_seen"])
+    # DDP over the whole model: only the student's parameters require gradients;
+    # the teacher follows from identical students, so it stays identical too.
+    forward = model
+    if dist_ctx.active:
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # the only buffers are constant index tables
 
-    per_step = o.batch_size * o.grad_accum
+    volumes_per_rank_step = o.batch_size * o.grad_accum
+    # Each rank takes every world_size-th index of one shuffled stream, from where
+    # all ranks together had got to (so resuming on another world size works).
+    data_order = ResumableRandomSampler(len(entries), seed,
+                                        start=samples_seen // dist_ctx.world_size,
+                                        rank=dist_ctx.rank, world_size=dist_ctx.world_size)
     loader = torch.utils.data.DataLoader(
         PretrainDataset(entries, config),
         batch_size=o.batch_size,
-        sampler=ResumableRandomSampler(len(entries), seed, start=step * per_step),
+        sampler=data_order,
         num_workers=config.data.num_workers,
         collate_fn=collate_list,
         pin_memory=config.data.pin_memory and device.type == "cuda",
         persistent_workers=config.data.num_workers > 0,
     )
     batches = iter(loader)
-    logger = _RunLogger(run_dir, config)
-    crops_per_step = per_step * (config.num_base_crops + config.geometry.num_random_crops)
-
+    sampler = VoCoCropSampler(config)
+    logger = _RunLogger(run_dir, config) if dist_ctx.is_main else None
+    crops_per_step = (volumes_per_rank_step * dist_ctx.world_size
+                      * (config.num_base_crops + config.geometry.num_random_crops))
     checkpoint_path = run_dir / "checkpoints" / CHECKPOINT_NAME
 
-    def save() -> Path:
-        path = atomic_torch_save({
+    def save(check_ranks: bool = True) -> Path:
+        digests = None
+        if dist_ctx.active and check_ranks:  # a collective: every rank saves at the same step
+            modules = [m for m in (model.student, model.teacher) if m is not None]
+            digests = gather_strings(weights_digest(*modules), dist_ctx)
+            if len(set(digests)) != 1:
+                raise VoCoTrainingError(f"DDP ranks hold different weights at step {step}")
+        if not dist_ctx.is_main:
+            return checkpoint_path
+        atomic_torch_save({
             "format": CHECKPOINT_FORMAT,
             "voco_version": __version__,
             "step": step,
+            "samples_seen": samples_seen,
+            "world_size": dist_ctx.world_size,
             "config": config.to_dict(),
             "student": model.student.state_dict(),
             "teacher": model.teacher.state_dict() if model.teacher is not None else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "sampler": sampler.state_dict(),
             "rng": _rng_state(device),
         }, checkpoint_path)
         write_json(run_dir / "meta.json", {
             "format": CHECKPOINT_FORMAT, "voco_version": __version__, "step": step,
             "total_steps": o.total_steps, "checkpoint": f"checkpoints/{CHECKPOINT_NAME}",
             "preset": config.preset, "teacher": config.model.teacher,
+            "world_size": dist_ctx.world_size, "rank_weight_digests": digests,
             "loss": last.loss, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-        return path
+        return checkpoint_path
 
     last = PretrainEvent("start", step, o.total_steps, run_dir=str(run_dir))
     saved_step = step if resume is not None else -1
@@ -271,7 +311,7 @@ def iter_pretrain(
     seconds_per_step = math.nan
     try:
         while step < o.total_steps:
-            if stop is not None and stop.is_set():
+            if any_rank(stop is not None and stop.is_set(), dist_ctx, device):
                 if saved_step != step:
                     save()
                     saved_step = step
@@ -281,23 +321,31 @@ def iter_pretrain(
             started = time.perf_counter()
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            totals = {"total": 0.0, "pos": 0.0, "neg": 0.0, "reg": 0.0}
-            for _ in range(o.grad_accum):
+            totals = [0.0, 0.0, 0.0, 0.0]  # total, pos, neg, reg
+            for micro in range(o.grad_accum):
                 volumes = next(batches)
                 for item in volumes:
                     if isinstance(item, LoadFailure):
                         raise VoCoDataError(item.message)
-                batch = sampler([v.to(device, non_blocking=True) for v in volumes])
-                with torch.autocast(device.type, dtype=dtype or torch.float32,
-                                    enabled=dtype is not None):
-                    terms = voco_loss_on_batch(model, loss_fn, batch)
-                if not torch.isfinite(terms["total"]):
-                    raise VoCoTrainingError(
-                        f"the loss became {terms['total'].item()} at step {step + 1}; the last "
-                        "checkpoint is kept (try a lower optim.lr or optim.amp=off)")
-                scaler.scale(terms["total"] / o.grad_accum).backward()
-                for key in totals:
-                    totals[key] += terms[key].item() / o.grad_accum
+                # One generator per volume, from (seed, step, global volume index): the
+                # same crops whichever rank or micro-batch draws the volume.
+                first = (micro * dist_ctx.world_size + dist_ctx.rank) * o.batch_size
+                rngs = [np.random.default_rng([seed, step, first + b]) for b in range(len(volumes))]
+                batch = sampler([v.to(device, non_blocking=True) for v in volumes], rngs)
+                # All-reduce gradients once per optimizer step, not per micro-batch.
+                sync = (nullcontext() if not dist_ctx.active or micro == o.grad_accum - 1
+                        else forward.no_sync())
+                with sync:
+                    with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                        enabled=dtype is not None):
+                        terms = voco_loss_on_batch(forward, loss_fn, batch)
+                    if not torch.isfinite(terms["total"]):
+                        raise VoCoTrainingError(
+                            f"the loss became {terms['total'].item()} at step {step + 1}; the "
+                            "last checkpoint is kept (try a lower optim.lr or optim.amp=off)")
+                    scaler.scale(terms["total"] / o.grad_accum).backward()
+                for i, key in enumerate(("total", "pos", "neg", "reg")):
+                    totals[i] += terms[key].item() / o.grad_accum
             if o.clip_norm > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, also under fp16
                 torch.nn.utils.clip_grad_norm_(params, o.clip_norm)
@@ -306,6 +354,8 @@ def iter_pretrain(
             scheduler.step()
             model.update_teacher()
             step += 1
+            samples_seen += volumes_per_rank_step * dist_ctx.world_size
+            loss, pos, neg, reg = mean_over_ranks(totals, dist_ctx, device)
 
             elapsed = time.perf_counter() - started
             seconds_per_step = elapsed if math.isnan(seconds_per_step) else (
@@ -315,27 +365,30 @@ def iter_pretrain(
                 checkpoint = str(save())
                 saved_step = step
             last = PretrainEvent(
-                "step", step, o.total_steps, loss=totals["total"], pos=totals["pos"],
-                neg=totals["neg"], reg=totals["reg"], lr=optimizer.param_groups[0]["lr"],
-                seconds_per_step=elapsed, crops_per_second=crops_per_step / elapsed,
+                "step", step, o.total_steps, loss=loss, pos=pos, neg=neg, reg=reg,
+                lr=optimizer.param_groups[0]["lr"], seconds_per_step=elapsed,
+                crops_per_second=crops_per_step / elapsed,
                 eta_seconds=seconds_per_step * (o.total_steps - step),
                 peak_memory_bytes=peak_memory_bytes(device), checkpoint=checkpoint,
                 run_dir=str(run_dir),
             )
-            logger.log(last)
+            if logger is not None:
+                logger.log(last)
             yield last
         last = replace(last, kind="done")
         yield last
     except BaseException:
-        if step > saved_step >= -1 and step > 0:
+        if step > saved_step and step > 0:
             try:  # keep the progress made so far (not after a NaN: weights are unchanged)
-                save()
+                save(check_ranks=False)  # other ranks may not be here: no collective
             except VoCoError:
                 pass
         raise
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         del batches, loader
+        teardown_distributed(dist_ctx)
 
 
 def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> None:
@@ -347,6 +400,17 @@ def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> Non
         raise VoCoConfigError(
             f"{source}: the checkpoint's model/geometry differ from the config; resume with "
             "the run's own config (resume_config)")
+
+
+def run_folder_of(resume: str | Path) -> Path | None:
+    """The run folder a resume target belongs to: the folder itself, or
+    ``RUN_DIR`` for ``RUN_DIR/checkpoints/*.pt``; None for a loose checkpoint file."""
+    resume = Path(resume)
+    if resume.is_dir():
+        return resume
+    if resume.parent.name == "checkpoints":
+        return resume.parent.parent
+    return None
 
 
 def resume_config(resume: str | Path, **overrides: Any) -> VoCoConfig:
