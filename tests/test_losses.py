@@ -1,4 +1,4 @@
-"""VoCoLoss against a loop-form oracle written from the spec's formulas (values and gradients)."""
+"""VoCoLoss against the loop-form oracle written from the spec's formulas (values and gradients)."""
 
 from __future__ import annotations
 
@@ -8,55 +8,7 @@ import pytest
 import torch
 
 from voco_core.losses import VoCoLoss
-
-
-def cos(a, b):
-    return float(torch.dot(a, b) / (a.norm() * b.norm()))
-
-
-def oracle(s_x, t_x, s_b, t_b, y, teacher: bool):
-    """The spec, one volume, crop and base crop at a time (plain Python loops)."""
-    batch, m, k = y.shape
-    pos_terms, neg_terms, reg_terms = [], [], []
-    for b in range(batch):
-        p = [[0.0] * k for _ in range(m)]
-        for i in range(m):
-            for j in range(k):
-                if teacher:
-                    cs = torch.nn.functional.cosine_similarity(s_x[b, i], t_b[b, j], dim=0)
-                    ct = torch.nn.functional.cosine_similarity(t_x[b, i], s_b[b, j], dim=0)
-                    p[i][j] = 0.5 * (torch.relu(cs) + torch.relu(ct))
-                else:
-                    p[i][j] = torch.relu(torch.nn.functional.cosine_similarity(
-                        s_x[b, i], s_b[b, j], dim=0))
-        if teacher:
-            num, den, neg, count = 0.0, 0.0, 0.0, 0
-            for i in range(m):
-                for j in range(k):
-                    yij = y[b, i, j]
-                    num = num + yij * torch.log(1 - torch.abs(yij - p[i][j]) + 1e-6)
-                    den = den + yij
-                    if yij == 0:
-                        neg = neg + p[i][j] ** 2
-                        count += 1
-            pos_terms.append(-num / (den + 1e-6))
-            neg_terms.append(neg / (count + 1e-6))
-        else:
-            total = 0.0
-            for i in range(m):
-                for j in range(k):
-                    total = total - torch.log(1 - torch.abs(y[b, i, j] - p[i][j]) + 1e-6)
-            pos_terms.append(total / (m * k))
-            neg_terms.append(torch.tensor(0.0))
-        pairs = []
-        for j in range(k):
-            for l in range(j + 1, k):
-                c = torch.nn.functional.cosine_similarity(s_b[b, j], s_b[b, l].detach(), dim=0)
-                pairs.append(torch.relu(c) ** 2)
-        reg_terms.append(sum(pairs) / len(pairs))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    pos, neg, reg = mean(pos_terms), mean(neg_terms), mean(reg_terms)
-    return {"total": pos + neg + reg, "pos": pos, "neg": neg, "reg": reg}
+from voco_core.reference import voco_loss_loop
 
 
 def make_inputs(batch=2, m=2, k=16, d=32, seed=0):
@@ -77,7 +29,7 @@ def test_values_and_gradients_equal_the_loop_oracle(teacher):
     (s_x, t_x, s_b, t_b), y = make_inputs()
     loss = VoCoLoss()
     fast = loss(s_x, t_x if teacher else None, s_b, t_b if teacher else None, y)
-    slow = oracle(s_x, t_x, s_b, t_b, y, teacher)
+    slow = voco_loss_loop(s_x, t_x, s_b, t_b, y, teacher)
     for key in ("total", "pos", "neg", "reg"):
         assert float(fast[key]) == pytest.approx(float(slow[key]), abs=1e-5), key
     assert fast["logits"].shape == (2, 2, 16)

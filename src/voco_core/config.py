@@ -150,6 +150,10 @@ class RunConfig:
     log_every: int = 10
     """Optimizer steps between JSON-lines/TensorBoard records (progress events: every step)."""
     tensorboard: bool = True
+    cpu_allocator: Literal["retain", "system"] = "retain"
+    """On CPU, ``retain``: glibc keeps freed memory for reuse during training
+    (about 2x faster steps, higher peak memory; see voco_core.memory). ``system``:
+    leave malloc as it is (e.g. when preloading jemalloc)."""
 
 
 @dataclass

@@ -335,48 +335,68 @@ class VoCoCropSampler:
     def __call__(self, volumes: Sequence[torch.Tensor] | torch.Tensor,
                  rngs: Sequence[np.random.Generator] | None = None) -> VoCoBatch:
         """``volumes``: ``B`` tensors ``(1, X, Y, Z)`` (on any device) -> :class:`VoCoBatch`."""
-        n, (rx, ry, rz), (bx, by, bz) = self.grid_size, self.region_size, self.base_size
-        rngs = rngs if rngs is not None else [self.rng] * len(volumes)
-        offsets, region_boxes, bases, crops, draws = [], [], [], [], []
-        for volume, rng in zip(volumes, rngs, strict=True):
+        n, m, s = self.grid_size, self.m, self.input_size
+        k, b = n * n, len(volumes)
+        rngs = rngs if rngs is not None else [self.rng] * b
+        # All crops of the batch in one stack: B * K base crops, then B * m sub-volumes.
+        crops = torch.empty((b * (k + m), 1, s, s, s), dtype=volumes[0].dtype,
+                            device=volumes[0].device)
+        offsets, region_boxes, draws = [], [], []
+        rx, ry, rz = self.region_size
+        for index, (volume, rng) in enumerate(zip(volumes, rngs, strict=True)):
             offset, boxes = self.draw_boxes(volume.shape[1:], rng)
             offsets.append(offset)
             region_boxes.append(boxes)
             if self.augmentation is not None:
-                draws.append(_draw_augmentation(rng, n * n + self.m, self.augmentation))
+                draws.append(_draw_augmentation(rng, k + m, self.augmentation))
             x0, y0, z0 = (int(o) for o in offset)
             region = volume[:, x0 : x0 + rx, y0 : y0 + ry, z0 : z0 + rz]
-            # The n x n base crops are one reshape of the region (i-major order).
-            tiles = region.reshape(1, n, bx, n, by, bz).permute(1, 3, 0, 2, 4, 5)
-            bases.append(tiles.reshape(n * n, 1, bx, by, bz))
-            crops.extend(region[:, a0:a1, b0:b1, c0:c1] for (a0, a1), (b0, b1), (c0, c1) in boxes)
-        num_bases = n * n * len(bases)
-        crops = self._to_input(torch.cat([torch.cat(bases), torch.stack(crops)]))
+            crops[index * k : (index + 1) * k] = self._base_crops(region)
+            sub_volumes = torch.stack([region[:, a0:a1, b0:b1, c0:c1]
+                                       for (a0, a1), (b0, b1), (c0, c1) in boxes])
+            start = b * k + index * m
+            crops[start : start + m] = self._to_input(sub_volumes)
         if draws:  # reorder per-volume draws to the stack: all base crops, then all sub-volumes
-            stacked = {key: np.concatenate([d[key][..., : n * n] for d in draws]
-                                           + [d[key][..., n * n :] for d in draws], axis=-1)
+            stacked = {key: np.concatenate([d[key][..., :k] for d in draws]
+                                           + [d[key][..., k:] for d in draws], axis=-1)
                        for key in draws[0]}
             crops = _apply_augmentation(crops, **stacked)
         region_boxes = np.stack(region_boxes)  # (B, m, 3, 2)
         shifts = np.stack(offsets)[:, None, :, None]  # (B, 1, 3, 1)
-        s = self.input_size
         return VoCoBatch(
-            base_crops=crops[:num_bases].reshape(len(offsets), n * n, 1, s, s, s),
-            random_crops=crops[num_bases:].reshape(len(offsets), self.m, 1, s, s, s),
+            base_crops=crops[: b * k].view(b, k, 1, s, s, s),
+            random_crops=crops[b * k :].view(b, m, 1, s, s, s),
             labels=torch.as_tensor(overlap_labels(region_boxes, self.grid), device=crops.device),
             base_boxes=self.grid[None] + shifts,
             crop_boxes=region_boxes + shifts,
         )
 
+    def _base_crops(self, region: torch.Tensor) -> torch.Tensor:
+        """The ``n x n`` base crops of a ``(1, X, Y, Z)`` region as ``(K, 1, S, S, S)``.
+
+        When every crop is shrunk (or kept) along every axis, resizing the whole region
+        once to ``(n S, n S, S)`` and cutting it into tiles gives the same voxels as
+        resizing each tile: with ``align_corners=False`` a shrinking trilinear resize
+        samples each output voxel from inside its own tile. (Growing crops would sample
+        across tile borders, so they are resized tile by tile.)
+        """
+        n, s = self.grid_size, self.input_size
+        bx, by, bz = self.base_size
+        if self.resize and min(self.base_size) >= s and self.base_size != (s, s, s):
+            region = F.interpolate(region[None], size=(n * s, n * s, s), mode="trilinear",
+                                   align_corners=False)[0]
+            bx = by = bz = s
+        tiles = region.reshape(1, n, bx, n, by, bz).permute(1, 3, 0, 2, 4, 5)
+        return self._to_input(tiles.reshape(n * n, 1, bx, by, bz))
+
     def _to_input(self, crops: torch.Tensor) -> torch.Tensor:
         """``(N, 1, a, b, c)`` -> ``(N, 1, S, S, S)``: one batched trilinear resize."""
         target = (self.input_size,) * 3
         if tuple(crops.shape[2:]) == target:
-            return crops.contiguous()
+            return crops
         if not self.resize:
             raise ValueError(f"crops of {tuple(crops.shape[2:])} need resizing to {target}")
         return F.interpolate(crops, size=target, mode="trilinear", align_corners=False)
-
 
 def _draw_augmentation(rng: np.random.Generator, n: int, aug) -> dict[str, np.ndarray]:
     """Per-crop parameters for ``n`` crops: ``flips (3, n)`` bool, ``turns (n,)`` in
@@ -389,8 +409,9 @@ def _draw_augmentation(rng: np.random.Generator, n: int, aug) -> dict[str, np.nd
 
 def _apply_augmentation(crops: torch.Tensor, flips: np.ndarray, turns: np.ndarray,
                         shifts: np.ndarray) -> torch.Tensor:
-    """Flip / rotate / shift a ``(N, 1, S, S, S)`` stack, one indexed op per parameter value."""
-    crops, device = crops.clone(), crops.device
+    """Flip / rotate / shift a ``(N, 1, S, S, S)`` stack in place, one indexed op per
+    parameter value (the sampler's own fresh stack, so nothing else sees the change)."""
+    device = crops.device
     for axis, chosen in zip((2, 3, 4), flips, strict=True):
         if chosen.any():
             index = torch.as_tensor(np.flatnonzero(chosen), device=device)

@@ -62,6 +62,7 @@ from voco_core.distributed import (
 )
 from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoError
 from voco_core.losses import VoCoLoss
+from voco_core.memory import release_freed_memory, retain_freed_memory
 from voco_core.models import VoCoModel
 
 CHECKPOINT_FORMAT = "napari-voco/pretrain"
@@ -218,6 +219,8 @@ def iter_pretrain(
                                 run_dir) from err
 
     o, seed = config.optim, config.run.seed
+    retained = device.type == "cpu" and config.run.cpu_allocator == "retain" and (
+        retain_freed_memory())
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -389,6 +392,8 @@ def iter_pretrain(
             logger.close()
         del batches, loader
         teardown_distributed(dist_ctx)
+        if retained:
+            release_freed_memory()
 
 
 def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> None:

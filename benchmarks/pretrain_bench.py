@@ -1,0 +1,348 @@
+"""Pretraining speed and memory: fast paths vs their per-crop / loop oracles, steps per
+teacher variant and allocator, the compact cache, and (with a GPU) the base preset.
+
+Usage:
+    python benchmarks/pretrain_bench.py                       # CPU sections
+    python benchmarks/pretrain_bench.py --device cuda         # + the CUDA section
+    python benchmarks/pretrain_bench.py --sections sampler,loss
+
+Every figure is the median of ``--repeats`` repeats in this one run. Writes
+``benchmarks/results/pretrain_bench_<device>.json`` and prints one summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def bench_sampler(repeats: int, device: str) -> dict:
+    """16 + 2 crops of 96^3 -> 64^3 from a 384 x 384 x 96 volume (the authors' geometry)."""
+    import numpy as np
+    import torch
+
+    from voco_core.config import make_config
+    from voco_core.data.sampling import VoCoCropSampler
+    from voco_core.reference import per_crop_labels, per_crop_monai_crops
+
+    config = make_config("base", {"run": {"device": "cpu"}}, check_device=False)
+    volume = torch.rand(1, 384, 384, 96, generator=torch.Generator().manual_seed(0))
+    result = {"geometry": "384x384x96 volume, 16 base + 2 random crops of 96^3 -> 64^3"}
+    for augment in (False, True):
+        sampler = VoCoCropSampler(config, augment=augment)
+        batch = sampler([volume.to(device)])
+        boxes = np.concatenate([batch.base_boxes[0], batch.crop_boxes[0]])
+        oracle_augment = config.augment if augment else None
+
+        def fast(sampler=sampler):
+            out = sampler([volume.to(device)], [np.random.default_rng(1)])
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        def oracle(boxes=boxes, batch=batch, oracle_augment=oracle_augment):
+            per_crop_monai_crops(volume, boxes, 64, oracle_augment)
+            per_crop_labels(batch.crop_boxes[0], batch.base_boxes[0])
+
+        # Many repeats: single calls vary with first-touch page faults of fresh buffers.
+        t_fast, t_oracle = median_time(fast, 4 * repeats), median_time(oracle, 2 * repeats)
+        key = "augmented" if augment else "plain"
+        result[key] = {
+            "one_pass_s_per_volume": round(t_fast, 4),
+            "per_crop_monai_s_per_volume": round(t_oracle, 4),
+            "one_pass_crops_per_s": round(18 / t_fast, 1),
+            "per_crop_monai_crops_per_s": round(18 / t_oracle, 1),
+            "speedup": round(t_oracle / t_fast, 2),
+        }
+    return result
+
+
+def bench_loss(repeats: int) -> dict:
+    """Forward + backward at B = 2, m = 2, K = 16, D = 2048."""
+    import torch
+
+    from voco_core.losses import VoCoLoss
+    from voco_core.reference import voco_loss_loop
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 2, 2048), (2, 2, 2048), (2, 16, 2048), (2, 16, 2048)]
+    inputs = [torch.randn(*s, generator=g, requires_grad=True) for s in shapes]
+    labels = torch.zeros(2, 2, 16)
+    labels[:, :, [0, 1, 4, 5]] = 0.25
+    loss = VoCoLoss()
+
+    def fast():
+        loss(*inputs[:2], *inputs[2:], labels)["total"].backward()
+
+    def oracle():
+        voco_loss_loop(inputs[0], inputs[1], inputs[2], inputs[3], labels)["total"].backward()
+
+    t_fast, t_oracle = median_time(fast, repeats), median_time(oracle, max(3, repeats // 2))
+    return {"shape": "B=2, m=2, K=16, D=2048, forward + backward",
+            "vectorised_ms": round(1000 * t_fast, 3), "loop_ms": round(1000 * t_oracle, 2),
+            "speedup": round(t_oracle / t_fast, 1)}
+
+
+def child_step(variant: str, steps: int, data: str) -> dict:
+    """Run in a fresh process: ``steps`` tiny pretraining steps; per-step wall/user/sys."""
+    from voco_core.config import make_config
+    from voco_core.train.pretrain import iter_pretrain
+
+    allocator = os.environ.get("VOCO_BENCH_ALLOCATOR", "retain")
+    config = make_config("tiny", {"model": {"teacher": variant},
+                                  "optim": {"total_steps": steps + 1},
+                                  "run": {"device": "cpu", "tensorboard": False,
+                                          "checkpoint_every": 10_000,
+                                          "cpu_allocator": allocator}})
+    walls, users, systems, last = [], [], [], None
+    with tempfile.TemporaryDirectory() as run_dir:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        for event in iter_pretrain(config, data, run_dir):
+            now = resource.getrusage(resource.RUSAGE_SELF)
+            if event.kind == "step" and event.step > 1:  # step 1 warms up
+                walls.append(event.seconds_per_step)
+                users.append(now.ru_utime - usage.ru_utime)
+                systems.append(now.ru_stime - usage.ru_stime)
+            usage, last = now, event
+    return {"seconds_per_step": round(statistics.median(walls), 3),
+            "user_s_per_step": round(statistics.median(users), 3),
+            "system_s_per_step": round(statistics.median(systems), 3),
+            "crops_per_s": round(13 / statistics.median(walls), 2),
+            "peak_rss_gib": round(last.peak_memory_bytes / 2**30, 2)}
+
+
+def bench_steps(steps: int, data: str) -> dict:
+    """Each teacher variant x allocator set-up, each in a fresh process."""
+    setups = {  # the default first: THP on, glibc told to keep freed memory (run.cpu_allocator)
+        "thp+retain": {"THP_MEM_ALLOC_ENABLE": "1", "VOCO_BENCH_ALLOCATOR": "retain"},
+        "thp": {"THP_MEM_ALLOC_ENABLE": "1", "VOCO_BENCH_ALLOCATOR": "system"},
+        "no_thp": {"THP_MEM_ALLOC_ENABLE": "0", "VOCO_BENCH_ALLOCATOR": "system"},
+    }
+    if JEMALLOC.is_file():  # jemalloc that never returns freed pages
+        setups["thp+jemalloc"] = {"THP_MEM_ALLOC_ENABLE": "1", "LD_PRELOAD": str(JEMALLOC),
+                                  "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
+                                  "VOCO_BENCH_ALLOCATOR": "system"}
+    result: dict = {"preset": "tiny (13 crops of 40^3 per step, feature size 12), CPU",
+                    "measured_steps": steps}
+    for setup, extra_env in setups.items():
+        for variant in ("full", "head", "none"):
+            env = {**os.environ, **extra_env}
+            command = [sys.executable, __file__, "--child-step", variant, "--steps", str(steps),
+                       "--data", data]
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            result[f"{variant}/{setup}"] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  step {variant}/{setup}: {result[f'{variant}/{setup}']}", file=sys.stderr)
+    full = result["full/thp+retain"]["seconds_per_step"]
+    head = result["head/thp+retain"]["seconds_per_step"]
+    result["head_faster_than_full_percent"] = round(100 * (full / head - 1), 1)
+    return result
+
+
+def bench_cache(repeats: int, data: str) -> dict:
+    """Bytes per volume and load time: float32 (.pt, PersistentDataset) vs compact uint8."""
+    import numpy as np
+    import torch
+
+    from voco_core.config import make_config
+    from voco_core.data.io import load_datalist
+    from voco_core.data.sampling import PretrainDataset, VoCoCropSampler
+    from voco_core.losses import VoCoLoss
+    from voco_core.models import VoCoModel
+    from voco_core.train.pretrain import voco_loss_on_batch
+
+    entries = load_datalist(data)
+    result = {}
+    for preset in ("tiny", "base"):
+        with tempfile.TemporaryDirectory() as tmp:
+            datasets = {}
+            for cache in ("disk", "compact"):
+                config = make_config(preset, {"data": {"cache": cache,
+                                                       "cache_dir": f"{tmp}/{cache}"},
+                                              "run": {"device": "cpu"}}, check_device=False)
+                datasets[cache] = PretrainDataset(entries, config)
+                for index in range(len(entries)):
+                    datasets[cache][index]  # fill the cache
+            sizes = {c: sum(p.stat().st_size for p in Path(f"{tmp}/{c}").iterdir()) / len(entries)
+                     for c in datasets}
+            loads = {c: median_time(lambda d=datasets[c]: [d[i] for i in range(len(d))],
+                                    repeats) / len(entries) for c in datasets}
+            errors = [float((datasets["compact"][i] - datasets["disk"][i]).abs().max())
+                      for i in range(len(entries))]
+            mean_errors = [float((datasets["compact"][i] - datasets["disk"][i]).abs().mean())
+                           for i in range(len(entries))]
+            row = {
+                "target_size": list(config.data.target_size),
+                "float32_bytes_per_volume": int(sizes["disk"]),
+                "compact_bytes_per_volume": int(sizes["compact"]),
+                "compact_fraction_of_float32": round(sizes["compact"] / sizes["disk"], 4),
+                "float32_load_ms": round(1000 * loads["disk"], 2),
+                "compact_load_ms": round(1000 * loads["compact"], 2),
+                "max_abs_error": round(max(errors), 6),
+                "mean_abs_error": round(statistics.mean(mean_errors), 6),
+                "max_abs_error_hu_ct_window": round(max(errors) * 425.0, 3),
+            }
+            if preset == "tiny":  # what the error does to the loss: same crops, same model
+                torch.manual_seed(0)
+                tiny = make_config("tiny", {"run": {"device": "cpu"}})
+                model = VoCoModel(tiny.model).eval()
+                losses = {}
+                for cache, dataset in datasets.items():
+                    batch = VoCoCropSampler(tiny, augment=False)(
+                        [dataset[0]], [np.random.default_rng(0)])
+                    with torch.no_grad():
+                        losses[cache] = float(voco_loss_on_batch(model, VoCoLoss(), batch)["total"])
+                row["loss_float32"] = round(losses["disk"], 6)
+                row["loss_compact"] = round(losses["compact"], 6)
+                row["loss_abs_difference"] = round(abs(losses["disk"] - losses["compact"]), 7)
+            result[preset] = row
+    return result
+
+
+def bench_cuda(steps: int, data: str) -> dict:
+    """base preset, bf16 autocast: s/step, crops/s, peak GPU memory, TFLOP/s, sampling share."""
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from voco_core.config import make_config
+    from voco_core.data.sampling import VoCoCropSampler
+    from voco_core.losses import VoCoLoss
+    from voco_core.models import VoCoModel
+    from voco_core.train.pretrain import iter_pretrain, voco_loss_on_batch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    result = {"device": torch.cuda.get_device_name(0)}
+    for variant in ("full", "head"):
+        config = make_config("base", {"model": {"teacher": variant},
+                                      "optim": {"total_steps": steps + 2},
+                                      "run": {"device": "cuda", "tensorboard": False,
+                                              "checkpoint_every": 10_000}})
+        torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as run_dir:
+            walls = [e.seconds_per_step for e in iter_pretrain(config, data, run_dir)
+                     if e.kind == "step" and e.step > 2]
+        result[variant] = {"seconds_per_step": round(statistics.median(walls), 3),
+                           "crops_per_s": round(36 / statistics.median(walls), 1),
+                           "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30,
+                                                        2)}
+    # FLOPs of one step's forward + backward (full teacher), and sampling on the device.
+    config = make_config("base", {"run": {"device": "cuda"}})
+    model = VoCoModel(config.model).cuda()
+    sampler = VoCoCropSampler(config)
+    volumes = [torch.rand(1, 384, 384, 96, device="cuda") for _ in range(2)]
+    rngs = [np.random.default_rng(i) for i in range(2)]
+
+    def sample():
+        batch = sampler(volumes, rngs)
+        torch.cuda.synchronize()
+        return batch
+
+    batch = sample()
+    with torch.autocast("cuda", dtype=torch.bfloat16), FlopCounterMode(display=False) as counter:
+        voco_loss_on_batch(model, VoCoLoss(), batch)["total"].backward()
+    flops = counter.get_total_flops()
+    seconds = result["full"]["seconds_per_step"]
+    result["flops_per_step"] = flops
+    result["achieved_tflops"] = round(flops / seconds / 1e12, 1)
+    result["sampling_ms"] = round(1000 * median_time(sample, 5), 2)
+    result["sampling_percent_of_step"] = round(100 * result["sampling_ms"] / 1000 / seconds, 2)
+    return result
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sections", default="sampler,loss,steps,cache,cuda")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=4, help="measured training steps")
+    parser.add_argument("--data", help="phantom folder (default: made in a temp folder)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child-step", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child_step:
+        print(json.dumps(child_step(args.child_step, args.steps, args.data)))
+        return
+
+    import torch
+
+    from voco_core.data.phantoms import make_phantom_dataset
+
+    sections = set(args.sections.split(","))
+    tmp = tempfile.TemporaryDirectory()
+    data = args.data or str(make_phantom_dataset(Path(tmp.name) / "ph", n=4, seed=0).parent)
+    report: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "repeats": args.repeats,
+        "statistic": "median",
+    }
+    if "sampler" in sections:
+        report["sampler"] = bench_sampler(args.repeats, args.device)
+    if "loss" in sections:
+        report["loss"] = bench_loss(args.repeats)
+    if "steps" in sections and args.device == "cpu":
+        report["steps"] = bench_steps(args.steps, data)
+    if "cache" in sections:
+        report["cache"] = bench_cache(args.repeats, data)
+    if "cuda" in sections and args.device == "cuda":
+        report["cuda"] = bench_cuda(args.steps, data)
+
+    out = args.out or Path(__file__).parent / "results" / f"pretrain_bench_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    parts = []
+    if "sampler" in report:
+        s = report["sampler"]["augmented"]
+        parts.append(f"sampler {s['speedup']}x per-crop MONAI ({s['one_pass_crops_per_s']} vs "
+                     f"{s['per_crop_monai_crops_per_s']} crops/s)")
+    if "loss" in report:
+        parts.append(f"loss {report['loss']['speedup']}x loop")
+    if "steps" in report:
+        st = report["steps"]
+        parts.append(f"tiny step full {st['full/thp+retain']['seconds_per_step']} s, head "
+                     f"{st['head/thp+retain']['seconds_per_step']} s "
+                     f"(+{st['head_faster_than_full_percent']}%)")
+    if "cache" in report:
+        c = report["cache"]["base"]
+        parts.append(f"cache {c['compact_fraction_of_float32']} of float32, max err "
+                     f"{c['max_abs_error']}")
+    if "cuda" in report and "skipped" not in report["cuda"]:
+        parts.append(f"cuda base {report['cuda']['full']['seconds_per_step']} s/step, "
+                     f"{report['cuda']['achieved_tflops']} TFLOP/s")
+    print("pretrain_bench: " + "; ".join(parts) + f" -> {out}")
+
+
+if __name__ == "__main__":
+    main()

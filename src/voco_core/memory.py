@@ -1,0 +1,50 @@
+"""CPU memory behaviour of training.
+
+A training step allocates and frees the same large activation buffers every step.
+glibc's malloc serves blocks above its mmap threshold (at most 32 MB) with fresh
+``mmap`` calls and returns them on free, so every step page-faults (the kernel
+zeroes) all of that memory again: on 2 cores, a tiny full-teacher step spent 2.7 s
+of system time beside 5.0 s of user time. :func:`retain_freed_memory` tells glibc to
+serve large blocks from its heap and never trim it, so freed blocks are reused:
+the same step then took 2.4 s instead of 4.5 s, with 0.08 s of system time, at the
+price of a higher peak resident set (6.5 GB instead of 3.8 GB; see
+docs/benchmarks.md). :func:`release_freed_memory` undoes it after training.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameter numbers from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed heap memory for reuse (glibc only). Returns True when applied."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) == 1
+                and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)
+
+
+def release_freed_memory() -> None:
+    """Restore glibc's defaults and give unused heap memory back to the system."""
+    libc = _glibc()
+    if libc is None:
+        return
+    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
