@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="headless demo: phantoms (if absent) + a few minutes of tiny pretraining")
     demo.add_argument("--data", type=Path, default=Path("data/phantoms"))
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--steps", type=_positive_int, default=50)
+    demo.add_argument("--steps", type=_positive_int, default=60)
     demo.add_argument("--phantoms", type=_positive_int, default=8)
     demo.set_defaults(func=_cmd_demo)
     return parser
