@@ -53,7 +53,9 @@ def tiny_config(overrides: dict | None = None):
                      "resize_crops": False},
         "model": {"feature_size": 12, "head_hidden_dim": 64, "head_out_dim": 64},
         "optim": {"total_steps": 4, "warmup_steps": 1, "batch_size": 1, "lr": 3e-4},
-        "run": {"device": "cpu", "checkpoint_every": 100, "log_every": 1, "tensorboard": False},
+        # deterministic: repeated runs must agree bit for bit in the exact-resume tests
+        "run": {"device": "cpu", "checkpoint_every": 100, "log_every": 1, "tensorboard": False,
+                "deterministic": True},
     }
     return make_config("tiny", merge(base, overrides or {}))
 

@@ -179,6 +179,26 @@ def _restore_rng(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _set_backend_flags(device: torch.device, deterministic: bool) -> dict:
+    """cuDNN autotuning on CUDA; or, for bit-reproducible runs, no oneDNN on CPU and
+    deterministic cuDNN. Returns the previous values for :func:`_restore_backend_flags`."""
+    previous = {"mkldnn": torch.backends.mkldnn.enabled,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "cudnn_deterministic": torch.backends.cudnn.deterministic}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+    elif deterministic:
+        torch.backends.mkldnn.enabled = False
+    return previous
+
+
+def _restore_backend_flags(previous: dict) -> None:
+    torch.backends.mkldnn.enabled = previous["mkldnn"]
+    torch.backends.cudnn.benchmark = previous["cudnn_benchmark"]
+    torch.backends.cudnn.deterministic = previous["cudnn_deterministic"]
+
+
 def iter_pretrain(
     config: VoCoConfig,
     data: str | Path | Sequence[DatalistEntry],
@@ -222,8 +242,7 @@ def iter_pretrain(
     retained = device.type == "cpu" and config.run.cpu_allocator == "retain" and (
         retain_freed_memory())
     torch.manual_seed(seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    backend_flags = _set_backend_flags(device, config.run.deterministic)
     model = VoCoModel(config.model).to(device)
     loss_fn = VoCoLoss(config.loss.pos_weight, config.loss.neg_weight, config.loss.reg_weight)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -392,6 +411,7 @@ def iter_pretrain(
             logger.close()
         del batches, loader
         teardown_distributed(dist_ctx)
+        _restore_backend_flags(backend_flags)
         if retained:
             release_freed_memory()
 
