@@ -119,5 +119,7 @@ def test_dataloader_workers_give_the_same_losses(tmp_path, train_dataset):
 
 def test_deterministic_mode_restores_the_backend_flags(tmp_path, train_dataset):
     assert torch.backends.mkldnn.enabled
+    threads_before = torch.get_num_threads()
     pretrain(tiny_config({"optim": {"total_steps": 1}}), train_dataset, tmp_path / "run")
     assert torch.backends.mkldnn.enabled  # switched off only while training
+    assert torch.get_num_threads() == threads_before

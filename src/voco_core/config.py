@@ -151,10 +151,12 @@ class RunConfig:
     """Optimizer steps between JSON-lines/TensorBoard records (progress events: every step)."""
     tensorboard: bool = True
     deterministic: bool = False
-    """Bit-reproducible runs: disables oneDNN on CPU (its multi-threaded convolution
-    backward sums in varying order; ~30% slower steps) and cuDNN autotuning on CUDA.
-    Without it, repeated runs agree to float rounding (~1e-5 in the loss after a few
-    steps), and so does a resumed run with the uninterrupted one."""
+    """Bit-reproducible runs. On CPU: no oneDNN (its multi-threaded convolution backward
+    sums in a varying order) and one intra-op thread (other threaded reductions vary
+    when the machine is busy), so steps are about 2x slower on 2 cores. On CUDA:
+    deterministic cuDNN, no autotuning. Without it, repeated runs agree to float
+    rounding (~1e-4 in the loss after a few steps), and so does a resumed run with
+    the uninterrupted one."""
     cpu_allocator: Literal["retain", "system"] = "retain"
     """On CPU, ``retain``: glibc keeps freed memory for reuse during training
     (about 2x faster steps, higher peak memory; see voco_core.memory). ``system``:

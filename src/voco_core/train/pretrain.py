@@ -180,20 +180,25 @@ def _restore_rng(state: dict, device: torch.device) -> None:
 
 
 def _set_backend_flags(device: torch.device, deterministic: bool) -> dict:
-    """cuDNN autotuning on CUDA; or, for bit-reproducible runs, no oneDNN on CPU and
-    deterministic cuDNN. Returns the previous values for :func:`_restore_backend_flags`."""
+    """cuDNN autotuning on CUDA; or, for bit-reproducible runs, deterministic cuDNN, and
+    on CPU no oneDNN and one intra-op thread (measured: with 2 threads, multi-threaded
+    reductions still differed run to run by ~1e-6 when the machine was busy). Returns
+    the previous values for :func:`_restore_backend_flags`."""
     previous = {"mkldnn": torch.backends.mkldnn.enabled,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark,
-                "cudnn_deterministic": torch.backends.cudnn.deterministic}
+                "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                "threads": torch.get_num_threads()}
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
     elif deterministic:
         torch.backends.mkldnn.enabled = False
+        torch.set_num_threads(1)
     return previous
 
 
 def _restore_backend_flags(previous: dict) -> None:
+    torch.set_num_threads(previous["threads"])
     torch.backends.mkldnn.enabled = previous["mkldnn"]
     torch.backends.cudnn.benchmark = previous["cudnn_benchmark"]
     torch.backends.cudnn.deterministic = previous["cudnn_deterministic"]
