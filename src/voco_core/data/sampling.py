@@ -113,13 +113,21 @@ class LoadFailure:
     message: str
 
 
-def _explain(err: BaseException, path: str) -> str:
-    """The typed error's message if one is in the chain (MONAI wraps errors), else a summary."""
+def _typed_error_in(err: BaseException) -> VoCoDataError | None:
+    """The :class:`VoCoDataError` in ``err``'s cause chain (MONAI wraps errors), if any."""
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, VoCoDataError):
-            return str(cause)
+            return cause
         cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _explain(err: BaseException, path: str) -> str:
+    """The typed error's message if one is in the chain, else a summary naming ``path``."""
+    typed = _typed_error_in(err)
+    if typed is not None:
+        return str(typed)
     return f"{path}: pre-processing failed ({type(err).__name__}: {err})"
 
 
@@ -196,8 +204,11 @@ class PretrainDataset(torch.utils.data.Dataset):
             try:
                 self.inner = CacheDataset(items, transform, num_workers=0, progress=False)
             except Exception as err:  # MONAI wraps the typed error: unwrap it
-                raise VoCoDataError(_explain(err, "a volume").split(": ", 1)[-1],
-                                    _failing_path(err)) from err
+                typed = _typed_error_in(err)
+                if typed is not None:
+                    raise typed from err
+                raise VoCoDataError(f"pre-processing failed ({type(err).__name__}: {err})"
+                                    ) from err
         elif config.data.cache == "disk":
             self.inner = PersistentDataset(items, transform, cache_dir=config.data.cache_dir)
         elif config.data.cache == "compact":
@@ -213,15 +224,6 @@ class PretrainDataset(torch.utils.data.Dataset):
             return self.inner[index]["image"]
         except Exception as err:
             return LoadFailure(_explain(err, self.paths[index]))
-
-
-def _failing_path(err: BaseException) -> str | None:
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, VoCoDataError) and cause.path is not None:
-            return str(cause.path)
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 def min_raw_shape(config: VoCoConfig) -> tuple[int, int, int]:
@@ -284,10 +286,6 @@ class VoCoBatch:
     labels: torch.Tensor
     base_boxes: np.ndarray
     crop_boxes: np.ndarray
-
-    @property
-    def num_crops(self) -> int:
-        return self.base_crops.shape[0] * (self.base_crops.shape[1] + self.random_crops.shape[1])
 
 
 class VoCoCropSampler:

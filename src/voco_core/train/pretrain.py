@@ -258,7 +258,7 @@ def iter_pretrain(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, samples_seen = 0, 0  # samples_seen: volumes drawn by all ranks together
     if resume is not None:
-        state = load_checkpoint(resume, map_location=device)
+        state = load_pretrain_checkpoint(resume, map_location=device)
         _check_resumable(state, config, resume)
         model.student.load_state_dict(state["student"])
         if model.teacher is not None:
@@ -421,10 +421,16 @@ def iter_pretrain(
             release_freed_memory()
 
 
-def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> None:
+def load_pretrain_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """:func:`load_checkpoint`, refusing files that are not this project's pretraining runs."""
+    state = load_checkpoint(path, map_location=map_location)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise VoCoDataError(f"not a napari-voco pretraining checkpoint (format "
-                            f"{state.get('format')!r})", source)
+                            f"{state.get('format')!r})", path)
+    return state
+
+
+def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> None:
     saved = config_from_dict(state["config"], check_device=False)
     if saved.model != config.model or saved.geometry != config.geometry:
         raise VoCoConfigError(
@@ -448,9 +454,7 @@ def resume_config(resume: str | Path, **overrides: Any) -> VoCoConfig:
     (e.g. ``{"optim": {"total_steps": 200}, "run": {"device": "cpu"}}``)."""
     from voco_core.config import merge
 
-    state = load_checkpoint(resume)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise VoCoDataError("not a napari-voco pretraining checkpoint", resume)
+    state = load_pretrain_checkpoint(resume)
     return config_from_dict(merge(state["config"], overrides))
 
 
