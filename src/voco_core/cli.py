@@ -167,6 +167,157 @@ def _run_pretraining(config, data, run_dir: Path, resume=None) -> int:
     return 0
 
 
+def _finetune_config(args: argparse.Namespace):
+    """Config for ``voco finetune``: the run's own when resuming, else file/preset; then flags."""
+    from voco_core.config import (
+        FinetuneConfig,
+        finetune_config_from_dict,
+        make_finetune_config,
+        merge,
+        parse_override,
+    )
+    from voco_core.train.finetune import finetune_resume_config
+
+    flags: dict = {}
+    for text in args.set or []:
+        flags = merge(flags, parse_override(text))
+    if args.steps is not None:
+        flags = merge(flags, {"train": {"total_steps": args.steps}})
+    if args.device is not None:
+        flags = merge(flags, {"run": {"device": args.device}})
+    out = args.out if args.out is not None else args.resume
+    if out is not None:
+        flags = merge(flags, {"run": {"output_dir": str(out)}})
+    if args.resume is not None:
+        return finetune_resume_config(args.resume, **flags)
+    if args.config is not None:
+        import yaml
+
+        try:
+            values = yaml.safe_load(args.config.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise VoCoConfigError(f"{args.config}: not a readable YAML/JSON config ({err})"
+                                  ) from err
+        if not isinstance(values, dict):
+            raise VoCoConfigError(f"{args.config}: expected a mapping of config sections")
+        return finetune_config_from_dict(merge(values, flags))
+    preset = args.preset
+    if preset is None:
+        import torch
+
+        preset = "base" if torch.cuda.is_available() else "tiny"
+        print(f"preset: {preset} (no --preset given; {'CUDA' if preset == 'base' else 'CPU'})")
+    config: FinetuneConfig = make_finetune_config(preset, flags)
+    return config
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import threading
+
+    from tqdm import tqdm
+
+    from voco_core.train.finetune import iter_finetune
+
+    config = _finetune_config(args)
+    run_dir = Path(config.run.output_dir)
+    stop = threading.Event()
+    events = iter_finetune(config, args.data, run_dir, pretrained=args.pretrained,
+                           resume=args.resume, stop=stop)
+    bar, last = None, None
+    try:
+        for event in events:
+            last = event
+            if event.kind == "start":
+                print(f"finetuning ({config.preset} preset) from step {event.step} to "
+                      f"{event.total_steps}; run folder {run_dir}")
+                if event.message:
+                    print(event.message)
+            elif event.kind == "step":
+                if bar is None:
+                    bar = tqdm(total=event.total_steps, initial=event.step - 1, unit="step",
+                               desc="finetune", dynamic_ncols=True)
+                bar.update(1)
+                bar.set_postfix(loss=f"{event.loss:.4f}", best_dice=f"{event.best_dice or 0:.3f}")
+            elif event.kind == "validation":
+                worst = sorted(event.class_dice.items(), key=lambda kv: kv[1] or 0)[:3]
+                text = ", ".join(f"{k} {v:.3f}" for k, v in worst if v is not None)
+                (bar.write if bar else print)(
+                    f"step {event.step}: validation mean Dice {event.mean_dice:.4f} "
+                    f"(best {event.best_dice:.4f} at step {event.best_step}; lowest: {text})")
+    except KeyboardInterrupt:
+        stop.set()
+        for event in events:
+            last = event
+    finally:
+        if bar is not None:
+            bar.close()
+    if last is None:
+        return 1
+    state = "stopped" if last.kind == "stopped" else "finished"
+    print(f"{state} at step {last.step}/{last.total_steps}; best mean Dice "
+          f"{last.best_dice if last.best_dice is not None else float('nan'):.4f} (step "
+          f"{last.best_step}); checkpoints in {run_dir / 'checkpoints'}")
+    return 0
+
+
+def _inputs(path: Path) -> list[Path]:
+    from voco_core.data.io import is_nifti_path
+    from voco_core.errors import VoCoDataError
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
+        if not files:
+            raise VoCoDataError("no NIfTI files (*.nii, *.nii.gz) found in this folder", path)
+        return files
+    if not path.is_file():
+        raise VoCoDataError("input file or folder not found", path)
+    return [path]
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from voco_core.data.io import read_volume, write_volume
+    from voco_core.inference import load_segmenter, segment
+
+    files = _inputs(args.input)
+    segmenter = load_segmenter(args.checkpoint, args.device)
+    print(f"model {segmenter.source}: {segmenter.config.data.num_classes} classes "
+          f"({', '.join(segmenter.class_names[1:])})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        start = time.perf_counter()
+        record = read_volume(file)
+        result = segment(record, segmenter, overlap=args.overlap,
+                         probabilities=args.probabilities)
+        out = args.out / f"{record.name}_seg.nii.gz"
+        write_volume(out, result.labels, record)
+        if result.probabilities is not None:
+            import numpy as np
+
+            for c, name in enumerate(result.class_names):
+                write_volume(args.out / f"{record.name}_prob_{name}.nii.gz",
+                             result.probabilities[c].astype(np.float32), record)
+        print(f"{file.name} -> {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _cmd_positions(args: argparse.Namespace) -> int:
+    from voco_core.checkpoint import write_json
+    from voco_core.data.io import read_volume
+    from voco_core.inference import plot_positions, position_report, positions
+
+    record = read_volume(args.input)
+    result = positions(record, args.checkpoint, n=args.n, seed=args.seed, device=args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"input": str(args.input), "checkpoint": str(args.checkpoint),
+              **position_report(result)}
+    json_path = write_json(args.out / f"{record.name}_positions.json", report)
+    png = plot_positions(result, args.out / f"{record.name}_positions.png")
+    print(f"{len(result.predicted)} sub-volumes: top-1 accuracy {report['top1_accuracy']:.3f} "
+          f"(chance {report['chance_top1']:.3f}), mean |error| {report['mean_abs_error']:.3f}; "
+          f"{json_path}, {png}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from voco_core.config import make_config
     from voco_core.data.phantoms import make_phantom_dataset
@@ -239,6 +390,44 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                      help="override any config field, e.g. --set optim.lr=3e-4 (repeatable)")
     pre.set_defaults(func=_cmd_pretrain)
+
+    fine = commands.add_parser("finetune", help="finetune SwinUNETR for segmentation")
+    fine.add_argument("--data", type=Path, required=True,
+                      help="Decathlon folder (imagesTr/labelsTr) or dataset.json with labels")
+    fine.add_argument("--out", type=Path, help="run folder (default: the config's run.output_dir)")
+    fine.add_argument("--pretrained", type=Path,
+                      help="VoCo checkpoint for the encoder (own run folder/file or released)")
+    fine.add_argument("--preset", choices=["tiny", "base", "large", "huge"],
+                      help="model preset (default: base with CUDA, tiny on CPU)")
+    fine.add_argument("--config", type=Path, help="YAML/JSON finetuning config file")
+    fine.add_argument("--steps", type=_positive_int, help="total optimizer steps")
+    fine.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    fine.add_argument("--resume", type=Path, help="finetuning run folder or last.pt to continue")
+    fine.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                      help="override a field, e.g. --set train.lr=1e-4 (repeatable)")
+    fine.set_defaults(func=_cmd_finetune)
+
+    predict = commands.add_parser("predict", help="segment NIfTI files with a finetuned model")
+    predict.add_argument("--checkpoint", type=Path, required=True,
+                         help="finetuning run folder or checkpoint (best.pt / last.pt)")
+    predict.add_argument("--input", type=Path, required=True, help="a NIfTI file or a folder")
+    predict.add_argument("--out", type=Path, required=True, help="output folder")
+    predict.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1)")
+    predict.add_argument("--probabilities", action="store_true",
+                         help="also write one probability map per class")
+    predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    predict.set_defaults(func=_cmd_predict)
+
+    pos = commands.add_parser("positions",
+                              help="VoCo position predictions for random sub-volumes of a file")
+    pos.add_argument("--checkpoint", type=Path, required=True,
+                     help="pretraining run folder or checkpoint")
+    pos.add_argument("--input", type=Path, required=True, help="a .nii or .nii.gz file")
+    pos.add_argument("--n", type=_positive_int, default=32, help="sub-volumes to sample")
+    pos.add_argument("--seed", type=int, default=0)
+    pos.add_argument("--out", type=Path, required=True, help="output folder (JSON + PNG)")
+    pos.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    pos.set_defaults(func=_cmd_positions)
 
     demo = commands.add_parser(
         "demo", help="headless demo: phantoms (if absent) + a few minutes of tiny pretraining")

@@ -171,3 +171,20 @@ def backbone_state_dict(model: VoCoModel | VoCoNet | VoCoBackbone) -> dict[str, 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def build_swin_unetr(config, num_classes: int, in_channels: int = 1) -> nn.Module:
+    """MONAI's SwinUNETR for ``num_classes`` output channels (background included).
+
+    ``config`` is a :class:`~voco_core.config.SegModelConfig`. Its encoder tensors
+    (``swinViT.*``, ``encoder1..4``, ``encoder10``) are what VoCo pretrains.
+    Input sizes must be multiples of 32.
+    """
+    from monai.networks.nets import SwinUNETR
+
+    return SwinUNETR(
+        in_channels=in_channels, out_channels=num_classes, feature_size=config.feature_size,
+        depths=tuple(config.depths), num_heads=tuple(config.num_heads),
+        dropout_path_rate=config.dropout_path_rate, use_checkpoint=config.gradient_checkpointing,
+        spatial_dims=3, use_v2=config.use_v2,
+    )

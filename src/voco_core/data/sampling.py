@@ -78,13 +78,18 @@ class LoadVolumed(mt.MapTransform):
         return out
 
 
-def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = None) -> mt.Compose:
-    """MONAI pipeline: file path under ``"image"`` -> ``(1, X, Y, Z)`` float32 tensor in [0, 1]."""
+def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = None,
+                          *, load: bool = True, track_meta: bool = False) -> mt.Compose:
+    """MONAI pipeline: file path under ``"image"`` -> ``(1, X, Y, Z)`` float32 tensor in [0, 1].
+
+    ``load=False``: the input is already a channel-first MetaTensor (see
+    :func:`voco_core.data.segmentation.to_meta_tensor`). ``track_meta=True`` keeps the
+    output a MetaTensor whose ``affine`` maps its voxels to world mm (the inspector's
+    way back to image coordinates).
+    """
     key = "image"
-    steps: list = [
-        LoadVolumed(key, min_shape),
-        mt.Orientationd(key, axcodes="RAS", labels=_RAS_LABELS),
-    ]
+    steps: list = [LoadVolumed(key, min_shape)] if load else []
+    steps.append(mt.Orientationd(key, axcodes="RAS", labels=_RAS_LABELS))
     if data.intensity == "ct":
         low, high = data.ct_window
         steps.append(mt.ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=0.0, b_max=1.0,
@@ -101,7 +106,7 @@ def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = No
     else:
         steps.append(mt.Spacingd(key, pixdim=tuple(data.target_spacing), mode="bilinear"))
         steps.append(mt.SpatialPadd(key, spatial_size=tuple(data.target_size)))
-    steps.append(mt.EnsureTyped(key, dtype=torch.float32, track_meta=False))
+    steps.append(mt.EnsureTyped(key, dtype=torch.float32, track_meta=track_meta))
     return mt.Compose(steps)
 
 

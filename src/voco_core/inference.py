@@ -1,0 +1,449 @@
+"""Inference: segmentation on the source grid, and VoCo position predictions.
+
+Coordinates
+-----------
+*Image voxel coordinates* are the file's storage order (``VolumeRecord.array``).
+A *box* ``(..., 3, 2)`` in image coordinates holds, per voxel axis, a continuous
+interval ``[low, high)`` in which voxel ``i`` occupies ``[i, i + 1)`` (floats;
+``[0, I)`` is the whole axis, ``[2, 5)`` voxels 2, 3, 4). napari puts voxel
+``i``'s centre at data coordinate ``i``, so the box's rectangle in a layer's data
+coordinates runs from ``low - 0.5`` to ``high - 0.5`` (then the layer's
+scale/affine place it in the world, as for the image).
+
+*Sample coordinates* are integer voxel indices in the pre-processed training
+sample that the base-crop grid tiles (see :mod:`voco_core.geometry`);
+:class:`PreparedVolume` maps between the two with the MetaTensor affines MONAI
+tracks through orientation, crop and resize.
+
+Checkpoints
+-----------
+:func:`segment` takes a finetuning checkpoint (``napari-voco/segmentation``);
+:func:`positions` a pretraining one (``napari-voco/pretrain``: the student
+backbone + head). Both load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai import transforms as mt
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+
+from voco_core.config import FinetuneConfig, VoCoConfig, config_from_dict, resolve_device
+from voco_core.data.io import VolumeRecord, read_volume
+from voco_core.data.sampling import preprocess_transforms
+from voco_core.data.segmentation import seg_transforms, to_meta_tensor
+from voco_core.errors import VoCoDataError, VoCoError
+from voco_core.geometry import (
+    base_crop_grid,
+    crop_boxes_from_centres,
+    overlap_labels,
+    sample_crop_centres,
+)
+from voco_core.models import VoCoNet, build_swin_unetr
+
+
+class InferenceCancelled(VoCoError):
+    """The caller's stop flag was set during inference (nothing was returned)."""
+
+
+def _as_record(volume: VolumeRecord | str | Path) -> VolumeRecord:
+    return volume if isinstance(volume, VolumeRecord) else read_volume(volume)
+
+
+def _check_3d(record: VolumeRecord) -> None:
+    if record.array.ndim != 3:
+        raise VoCoDataError(f"expected a 3-D volume, got shape {record.array.shape}",
+                            record.path)
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+@dataclass
+class Segmenter:
+    """A finetuned SwinUNETR ready for :func:`segment` (load once, segment many)."""
+
+    model: torch.nn.Module
+    config: FinetuneConfig
+    device: torch.device
+    source: str
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.config.data.class_names)
+
+    def release(self) -> None:
+        """Drop the weights (and empty the CUDA cache): the GUI calls this when done."""
+        self.model = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def load_segmenter(checkpoint: str | Path, device: str = "auto") -> Segmenter:
+    """Load a finetuning checkpoint (file or run folder: ``best.pt``, else ``last.pt``)."""
+    from voco_core.config import finetune_config_from_dict
+    from voco_core.train.finetune import load_finetune_checkpoint
+
+    state = load_finetune_checkpoint(checkpoint)
+    config = finetune_config_from_dict(state["config"], check_device=False)
+    torch_device = resolve_device(device)
+    model = build_swin_unetr(config.model, config.data.num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as err:
+        raise VoCoDataError(f"weights do not fit the SwinUNETR its config describes ({err})"
+                            [:400], checkpoint) from err
+    model.to(torch_device).eval()
+    return Segmenter(model, config, torch_device, str(checkpoint))
+
+
+@dataclass
+class SegmentationResult:
+    """``labels``: ``(I, J, K)`` class indices on the *source* voxel grid (uint8 when
+    fewer than 256 classes); ``probabilities``: ``(C, I, J, K)`` float32 or None."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    class_names: tuple[str, ...]
+
+
+def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Sliding windows MONAI will run over ``shape`` (for progress fractions)."""
+    count = 1
+    for size, window in zip(shape, roi, strict=True):
+        size = max(size, window)
+        interval = max(int(window * (1 - overlap)), 1)
+        count *= 1 if size <= window else -(-(size - window) // interval) + 1
+    return count
+
+
+def segment(
+    volume: VolumeRecord | str | Path,
+    checkpoint: str | Path | Segmenter,
+    *,
+    device: str = "auto",
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    probabilities: bool = False,
+    progress: Callable[[float], None] | None = None,
+    stop=None,
+) -> SegmentationResult:
+    """Segment one volume with sliding windows; the label map comes back on the
+    volume's own voxel grid (orientation, resampling and foreground crop undone with
+    MONAI's inverse transforms, nearest-neighbour for labels), so writing it with the
+    source affine overlays exactly.
+
+    ``progress`` receives the fraction of windows done (0..1); ``stop`` (anything with
+    ``is_set()``) is checked before every window batch and raises
+    :class:`InferenceCancelled`.
+    """
+    record = _as_record(volume)
+    _check_3d(record)
+    segmenter = checkpoint if isinstance(checkpoint, Segmenter) else load_segmenter(
+        checkpoint, device)
+    config, model, torch_device = segmenter.config, segmenter.model, segmenter.device
+    t = config.train
+    overlap = t.sw_overlap if overlap is None else float(overlap)
+    if not 0 <= overlap < 1:
+        raise VoCoDataError(f"overlap = {overlap} is invalid: expected a fraction in [0, 1)")
+    pre = seg_transforms(config.data, keys=("image",))
+    image = pre({"image": to_meta_tensor(record)})["image"]
+    total = _window_count(image.shape[1:], t.roi_size, overlap)
+    done = 0
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        if stop is not None and stop.is_set():
+            raise InferenceCancelled("segmentation cancelled")
+        out = model(windows)
+        done += windows.shape[0]
+        if progress is not None:
+            progress(min(done / total, 1.0))
+        return out
+
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            image.as_tensor()[None].to(torch_device), tuple(t.roi_size),
+            sw_batch_size or t.sw_batch_size, predictor, overlap=overlap, mode="gaussian")[0]
+    logits = logits.float().cpu()
+    invert = mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)
+
+    def to_source_grid(values: torch.Tensor) -> np.ndarray:
+        pred = MetaTensor(values, meta=copy.deepcopy(image.meta))
+        pred.applied_operations = copy.deepcopy(image.applied_operations)
+        return np.asarray(invert({"image": image, "pred": pred})["pred"].as_tensor())
+
+    labels = to_source_grid(logits.argmax(dim=0, keepdim=True).float())[0]
+    num_classes = config.data.num_classes
+    labels = np.rint(labels).astype(np.uint8 if num_classes < 256 else np.int32)
+    probs = None
+    if probabilities:
+        invert = mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
+        probs = to_source_grid(torch.softmax(logits, dim=0)).astype(np.float32)
+    if labels.shape != record.shape:  # MONAI's inverse must land on the source grid exactly
+        raise VoCoError(f"internal error: inverted label map {labels.shape} != {record.shape}")
+    if progress is not None:
+        progress(1.0)
+    return SegmentationResult(labels, probs, segmenter.class_names)
+
+
+# ---------------------------------------------------------------- positions
+
+
+@dataclass
+class PositionModel:
+    """A pretrained VoCo student (backbone + head) and its run's config."""
+
+    net: VoCoNet
+    config: VoCoConfig
+    device: torch.device
+    source: str
+    step: int
+
+
+def load_position_model(checkpoint: str | Path, device: str = "auto") -> PositionModel:
+    """Load a pretraining checkpoint (file or run folder) for :func:`positions`."""
+    from voco_core.train.pretrain import load_pretrain_checkpoint
+
+    state = load_pretrain_checkpoint(checkpoint)
+    config = config_from_dict(state["config"], check_device=False)
+    net = VoCoNet(config.model)
+    try:
+        net.load_state_dict(state["student"])
+    except (RuntimeError, KeyError) as err:
+        raise VoCoDataError(f"student weights do not fit the network its config describes "
+                            f"({err})"[:400], checkpoint) from err
+    torch_device = resolve_device(device)
+    return PositionModel(net.to(torch_device).eval(), config, torch_device, str(checkpoint),
+                         int(state.get("step", 0)))
+
+
+def _config_of(source: VoCoConfig | PositionModel | str | Path) -> VoCoConfig:
+    if isinstance(source, VoCoConfig):
+        return source
+    if isinstance(source, PositionModel):
+        return source.config
+    from voco_core.train.pretrain import load_pretrain_checkpoint
+
+    return config_from_dict(load_pretrain_checkpoint(source)["config"], check_device=False)
+
+
+@dataclass
+class PreparedVolume:
+    """A volume pre-processed as in pretraining, and the way back to its voxels.
+
+    ``sample``: ``(1, X, Y, Z)`` float32 in [0, 1], the region the base-crop grid
+    tiles (v2 geometry: the central ``target_size`` window). ``sample_to_image``:
+    ``(4, 4)``, continuous sample voxel coordinates -> image voxel coordinates.
+    """
+
+    sample: torch.Tensor
+    sample_to_image: np.ndarray
+    image_shape: tuple[int, int, int]
+
+    def boxes_to_image(self, boxes: np.ndarray) -> np.ndarray:
+        """Integer sample boxes ``(..., 3, 2)`` -> float image boxes (see module doc)."""
+        boxes = np.asarray(boxes, dtype=np.float64)
+        low, high = boxes[..., 0] - 0.5, boxes[..., 1] - 0.5  # voxel edges
+        a, b = _apply(self.sample_to_image, low), _apply(self.sample_to_image, high)
+        return np.stack([np.minimum(a, b) + 0.5, np.maximum(a, b) + 0.5], axis=-1)
+
+    def boxes_to_sample(self, boxes: np.ndarray) -> np.ndarray:
+        """Float image boxes -> integer sample boxes (rounded), clipped to the sample."""
+        boxes = np.asarray(boxes, dtype=np.float64)
+        inverse = np.linalg.inv(self.sample_to_image)
+        a, b = _apply(inverse, boxes[..., 0] - 0.5), _apply(inverse, boxes[..., 1] - 0.5)
+        low, high = np.rint(np.minimum(a, b) + 0.5), np.rint(np.maximum(a, b) + 0.5)
+        size = np.array(self.sample.shape[1:])
+        low = np.clip(low, 0, size - 1)
+        high = np.clip(np.maximum(high, low + 1), 1, size)
+        return np.stack([low, high], axis=-1).astype(np.int64)
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def prepare_volume(volume: VolumeRecord | str | Path,
+                   config: VoCoConfig | PositionModel | str | Path) -> PreparedVolume:
+    """Pre-process ``volume`` exactly as pretraining does (without augmentation)."""
+    record = _as_record(volume)
+    _check_3d(record)
+    config = _config_of(config)
+    pre = preprocess_transforms(config.data, load=False, track_meta=True)
+    out = pre({"image": to_meta_tensor(record)})["image"]
+    sample_affine = np.asarray(out.affine, dtype=np.float64)
+    sample = out.as_tensor()
+    target = np.array(config.data.target_size)
+    offset = (np.array(sample.shape[1:]) - target) // 2  # v2: central window; v1: 0
+    if np.any(offset < 0):
+        raise VoCoDataError(f"pre-processed volume {tuple(sample.shape[1:])} is smaller than "
+                            f"the sample size {tuple(target)}", record.path)
+    x0, y0, z0 = (int(o) for o in offset)
+    sample = sample[:, x0:x0 + target[0], y0:y0 + target[1], z0:z0 + target[2]].contiguous()
+    shift = np.eye(4)
+    shift[:3, 3] = offset
+    to_image = np.linalg.inv(record.affine) @ sample_affine @ shift
+    return PreparedVolume(sample, to_image, record.shape)
+
+
+def base_crop_boxes(volume: VolumeRecord | str | Path | PreparedVolume,
+                    config: VoCoConfig | PositionModel | str | Path) -> np.ndarray:
+    """The ``K = n^2`` base crops as image boxes ``(K, 3, 2)`` (i-major order, the
+    order of the overlap vectors). ``config``: a config, model or pretraining checkpoint."""
+    config = _config_of(config)
+    prepared = volume if isinstance(volume, PreparedVolume) else prepare_volume(volume, config)
+    grid = base_crop_grid(prepared.sample.shape[1:], config.geometry.grid_size)
+    return prepared.boxes_to_image(grid)
+
+
+@dataclass
+class PositionResult:
+    """Position predictions for ``m`` sub-volumes against ``K`` base crops.
+
+    ``predicted`` ``(m, K)``: relu(cos) of the student's features (what the position
+    loss trains towards the overlap); ``true`` ``(m, K)``: x-y overlap fractions from
+    the geometry. Boxes: image coordinates (see module doc) and sample voxels.
+    """
+
+    predicted: np.ndarray
+    true: np.ndarray
+    boxes: np.ndarray
+    sample_boxes: np.ndarray
+    base_boxes: np.ndarray
+    grid_size: int
+
+    @property
+    def top1_correct(self) -> np.ndarray:
+        """``(m,)`` bool: the predicted argmax is the true argmax."""
+        return self.predicted.argmax(axis=1) == self.true.argmax(axis=1)
+
+    @property
+    def abs_error(self) -> np.ndarray:
+        """``(m,)`` mean absolute error of each overlap vector."""
+        return np.abs(self.predicted - self.true).mean(axis=1)
+
+
+def crops_for_network(sample: torch.Tensor, boxes: np.ndarray, input_size: int) -> torch.Tensor:
+    """Cut integer sample boxes ``(N, 3, 2)`` from ``(1, X, Y, Z)`` and resize each to
+    ``(N, 1, S, S, S)`` (trilinear, as the training sampler does)."""
+    crops = []
+    for (a0, a1), (b0, b1), (c0, c1) in np.asarray(boxes, dtype=np.int64):
+        crop = sample[None, :, a0:a1, b0:b1, c0:c1]
+        if crop.shape[2:] != (input_size,) * 3:
+            crop = F.interpolate(crop, size=(input_size,) * 3, mode="trilinear",
+                                 align_corners=False)
+        crops.append(crop)
+    return torch.cat(crops)
+
+
+def positions(
+    volume: VolumeRecord | str | Path | PreparedVolume,
+    checkpoint: str | Path | PositionModel,
+    boxes: np.ndarray | None = None,
+    *,
+    n: int = 16,
+    seed: int = 0,
+    full_depth: bool = True,
+    base_volume: VolumeRecord | str | Path | PreparedVolume | None = None,
+    device: str = "auto",
+) -> PositionResult:
+    """Predicted vs true overlap of sub-volumes with the base crops (VoCo's pretext task).
+
+    Args:
+        volume: the image the sub-volumes come from.
+        checkpoint: a pretraining checkpoint/run folder or a loaded :class:`PositionModel`.
+        boxes: ``(m, 3, 2)`` image boxes (see module doc); default: ``n``
+            random sub-volumes drawn as in training (``seed``).
+        full_depth: use the sample's whole depth for given boxes (as VoCo's crops do);
+            the overlap is measured in the x-y plane either way.
+        base_volume: take the base crops from another volume (the cross-volume
+            protocol: the true overlap comes from grid coordinates alone).
+    """
+    model = checkpoint if isinstance(checkpoint, PositionModel) else load_position_model(
+        checkpoint, device)
+    config = model.config
+    prepared = volume if isinstance(volume, PreparedVolume) else prepare_volume(volume, config)
+    base = prepared if base_volume is None else (
+        base_volume if isinstance(base_volume, PreparedVolume)
+        else prepare_volume(base_volume, config))
+    size = tuple(prepared.sample.shape[1:])
+    grid = base_crop_grid(size, config.geometry.grid_size)
+    if boxes is None:
+        rng = np.random.default_rng(seed)
+        centres = sample_crop_centres(rng, size, config.random_crop_size, n)
+        sample_boxes = crop_boxes_from_centres(centres, config.random_crop_size, size)
+    else:
+        boxes = np.asarray(boxes, dtype=np.float64)
+        if boxes.ndim != 3 or boxes.shape[1:] != (3, 2):
+            raise VoCoDataError(f"boxes have shape {boxes.shape}, expected (m, 3, 2)")
+        sample_boxes = prepared.boxes_to_sample(boxes)
+        if full_depth:
+            sample_boxes[:, 2] = (0, size[2])
+    s = config.geometry.input_size
+    crops = torch.cat([crops_for_network(base.sample, grid, s),
+                       crops_for_network(prepared.sample, sample_boxes, s)])
+    k = grid.shape[0]
+    with torch.no_grad():
+        features = F.normalize(model.net(crops.to(model.device)).float(), dim=1)
+    predicted = F.relu(features[k:] @ features[:k].T).cpu().numpy()
+    return PositionResult(
+        predicted=predicted,
+        true=overlap_labels(sample_boxes, grid),
+        boxes=prepared.boxes_to_image(sample_boxes),
+        sample_boxes=sample_boxes,
+        base_boxes=prepared.boxes_to_image(grid),
+        grid_size=config.geometry.grid_size,
+    )
+
+
+def position_report(result: PositionResult) -> dict:
+    """Plain-JSON summary of a :class:`PositionResult` (what ``voco positions`` writes)."""
+    return {
+        "grid_size": result.grid_size,
+        "top1_accuracy": float(result.top1_correct.mean()),
+        "mean_abs_error": float(result.abs_error.mean()),
+        "chance_top1": 1.0 / result.grid_size**2,
+        "base_boxes": result.base_boxes.round(3).tolist(),
+        "sub_volumes": [
+            {"box": box.round(3).tolist(), "sample_box": sample_box.tolist(),
+             "predicted": predicted.round(4).tolist(), "true": true.round(4).tolist()}
+            for box, sample_box, predicted, true in zip(
+                result.boxes, result.sample_boxes, result.predicted, result.true, strict=True)
+        ],
+    }
+
+
+def plot_positions(result: PositionResult, out_png: str | Path, max_rows: int = 8) -> Path:
+    """For each sub-volume (up to ``max_rows``): predicted and true overlap as two
+    ``n x n`` heat maps over the base-crop grid (row i = x, column j = y), with numbers."""
+    from matplotlib.figure import Figure
+
+    n, rows = result.grid_size, min(max_rows, len(result.predicted))
+    fig = Figure(figsize=(4.2, 2.0 * rows + 0.4), constrained_layout=True)
+    axes = fig.subplots(rows, 2, squeeze=False)
+    for r in range(rows):
+        for c, (title, values) in enumerate((("predicted", result.predicted[r]),
+                                             ("true overlap", result.true[r]))):
+            ax = axes[r, c]
+            grid = values.reshape(n, n)
+            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+            for (i, j), v in np.ndenumerate(grid):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="w" if v < 0.6 else "k")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+        mark = "ok" if result.top1_correct[r] else "miss"
+        axes[r, 0].set_ylabel(f"#{r} ({mark})", fontsize=8)
+    fig.savefig(out_png, dpi=90)
+    return Path(out_png)
