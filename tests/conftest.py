@@ -68,3 +68,35 @@ def train_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train_phantoms")
     make_phantom_dataset(out, n=3, seed=1, shape=(64, 64, 48))
     return out
+
+
+def tiny_finetune_config(overrides: dict | None = None):
+    """The smallest finetuning config: SwinUNETR feature size 12, 64^3 crops, 2 steps."""
+    from voco_core.config import make_finetune_config, merge
+
+    base = {"train": {"total_steps": 2, "val_every": 2, "warmup_steps": 1,
+                      "samples_per_volume": 1},
+            "run": {"device": "cpu", "checkpoint_every": 100, "deterministic": True,
+                    "tensorboard": False}}
+    return make_finetune_config("tiny", merge(base, overrides or {}))
+
+
+@pytest.fixture(scope="session")
+def finetune_run(train_dataset, tmp_path_factory) -> Path:
+    """A 2-step tiny finetuning run folder on ``train_dataset`` (best.pt and last.pt)."""
+    from voco_core.train.finetune import finetune
+
+    run_dir = tmp_path_factory.mktemp("finetune") / "run"
+    result = finetune(tiny_finetune_config(), train_dataset, run_dir)
+    assert result.step == 2 and not result.stopped
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(train_dataset, tmp_path_factory) -> Path:
+    """A 1-step tiny pretraining run folder on ``train_dataset``."""
+    from voco_core.train.pretrain import pretrain
+
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    pretrain(tiny_config({"optim": {"total_steps": 1}}), train_dataset, run_dir)
+    return run_dir

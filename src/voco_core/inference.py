@@ -188,6 +188,9 @@ def segment(
     if probabilities:
         invert = mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
         probs = to_source_grid(torch.softmax(logits, dim=0)).astype(np.float32)
+        # Voxels outside the foreground crop come back as zeros in every channel: they
+        # are background (as in the label map), so background takes what is missing.
+        probs[0] += np.clip(1.0 - probs.sum(axis=0), 0.0, 1.0)
     if labels.shape != record.shape:  # MONAI's inverse must land on the source grid exactly
         raise VoCoError(f"internal error: inverted label map {labels.shape} != {record.shape}")
     if progress is not None:

@@ -47,7 +47,7 @@ def label_values(label: VolumeRecord) -> np.ndarray:
     else:
         bad = values[values < 0]
     if bad.size:
-        raise VoCoDataError(f"label value {bad[0]!r} is not a class index (expected whole "
+        raise VoCoDataError(f"label value {bad[0].item()!r} is not a class index (expected whole "
                             "numbers 0, 1, 2, ...)", label.path)
     return values.astype(np.int64)
 
