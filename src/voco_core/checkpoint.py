@@ -20,6 +20,9 @@ import torch
 from voco_core.errors import VoCoDataError
 
 CHECKPOINT_NAME = "last.pt"
+PRETRAIN_FORMAT = "napari-voco/pretrain"
+SEGMENTATION_FORMAT = "napari-voco/segmentation"
+BEST_NAME = "best.pt"
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -88,4 +91,34 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from err
     if not isinstance(state, dict):
         raise VoCoDataError(f"checkpoint holds a {type(state).__name__}, expected a dict", path)
+    return state
+
+
+def load_pretrain_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """:func:`load_checkpoint`, refusing files that are not this project's pretraining runs."""
+    state = load_checkpoint(path, map_location=map_location)
+    if state.get("format") != PRETRAIN_FORMAT:
+        hint = (" (a finetuned segmentation model: use it with 'voco predict')"
+                if state.get("format") == SEGMENTATION_FORMAT else "")
+        raise VoCoDataError(f"not a napari-voco pretraining checkpoint (format "
+                            f"{state.get('format')!r}){hint}", path)
+    return state
+
+
+def load_segmentation_checkpoint(path: str | Path,
+                                 map_location: str | torch.device = "cpu") -> dict:
+    """A finetuning checkpoint: a run folder (its ``best.pt``, else ``last.pt``) or a file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (BEST_NAME, CHECKPOINT_NAME):
+            if (path / "checkpoints" / name).is_file():
+                path = path / "checkpoints" / name
+                break
+    state = load_checkpoint(path, map_location=map_location)
+    if state.get("format") != SEGMENTATION_FORMAT:
+        hint = (" (a pretraining checkpoint: pass it as the pretrained backbone to "
+                "'voco finetune --pretrained')"
+                if state.get("format") == PRETRAIN_FORMAT else "")
+        raise VoCoDataError(f"not a napari-voco segmentation checkpoint (format "
+                            f"{state.get('format')!r}){hint}", path)
     return state

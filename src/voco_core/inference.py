@@ -36,7 +36,14 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
-from voco_core.config import FinetuneConfig, VoCoConfig, config_from_dict, resolve_device
+from voco_core.checkpoint import load_pretrain_checkpoint, load_segmentation_checkpoint
+from voco_core.config import (
+    FinetuneConfig,
+    VoCoConfig,
+    config_from_dict,
+    finetune_config_from_dict,
+    resolve_device,
+)
 from voco_core.data.io import VolumeRecord, read_volume
 from voco_core.data.sampling import preprocess_transforms
 from voco_core.data.segmentation import seg_transforms, to_meta_tensor
@@ -89,10 +96,7 @@ class Segmenter:
 
 def load_segmenter(checkpoint: str | Path, device: str = "auto") -> Segmenter:
     """Load a finetuning checkpoint (file or run folder: ``best.pt``, else ``last.pt``)."""
-    from voco_core.config import finetune_config_from_dict
-    from voco_core.train.finetune import load_finetune_checkpoint
-
-    state = load_finetune_checkpoint(checkpoint)
+    state = load_segmentation_checkpoint(checkpoint)
     config = finetune_config_from_dict(state["config"], check_device=False)
     torch_device = resolve_device(device)
     model = build_swin_unetr(config.model, config.data.num_classes)
@@ -214,8 +218,6 @@ class PositionModel:
 
 def load_position_model(checkpoint: str | Path, device: str = "auto") -> PositionModel:
     """Load a pretraining checkpoint (file or run folder) for :func:`positions`."""
-    from voco_core.train.pretrain import load_pretrain_checkpoint
-
     state = load_pretrain_checkpoint(checkpoint)
     config = config_from_dict(state["config"], check_device=False)
     net = VoCoNet(config.model)
@@ -234,8 +236,6 @@ def _config_of(source: VoCoConfig | PositionModel | str | Path) -> VoCoConfig:
         return source
     if isinstance(source, PositionModel):
         return source.config
-    from voco_core.train.pretrain import load_pretrain_checkpoint
-
     return config_from_dict(load_pretrain_checkpoint(source)["config"], check_device=False)
 
 

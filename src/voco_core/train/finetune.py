@@ -37,7 +37,14 @@ from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
 from voco_core import __version__
-from voco_core.checkpoint import atomic_torch_save, load_checkpoint, write_json
+from voco_core.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    SEGMENTATION_FORMAT,
+    atomic_torch_save,
+    write_json,
+)
+from voco_core.checkpoint import load_segmentation_checkpoint as load_finetune_checkpoint
 from voco_core.config import FinetuneConfig, finetune_config_from_dict, merge, resolve_device
 from voco_core.data.io import DatalistEntry, load_datalist
 from voco_core.data.sampling import ResumableRandomSampler
@@ -64,8 +71,8 @@ from voco_core.train.pretrain import (
 )
 from voco_core.weights import load_backbone
 
-SEG_FORMAT = "napari-voco/segmentation"
-LAST, BEST = "last.pt", "best.pt"
+SEG_FORMAT = SEGMENTATION_FORMAT
+LAST, BEST = CHECKPOINT_NAME, BEST_NAME
 
 
 @dataclass
@@ -410,25 +417,6 @@ def _finite(value: float) -> float | None:
     """JSON-safe: NaN/inf -> None."""
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def load_finetune_checkpoint(path: str | Path,
-                             map_location: str | torch.device = "cpu") -> dict:
-    """A finetuning checkpoint: a run folder (its ``best.pt``, else ``last.pt``) or file."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (BEST, LAST):
-            if (path / "checkpoints" / name).is_file():
-                path = path / "checkpoints" / name
-                break
-    state = load_checkpoint(path, map_location=map_location)
-    if state.get("format") != SEG_FORMAT:
-        hint = (" (a pretraining checkpoint: pass it as the pretrained backbone to "
-                "'voco finetune --pretrained')"
-                if state.get("format") == "napari-voco/pretrain" else "")
-        raise VoCoDataError(f"not a napari-voco segmentation checkpoint (format "
-                            f"{state.get('format')!r}){hint}", path)
-    return state
 
 
 def finetune_resume_config(resume: str | Path, **overrides: Any) -> FinetuneConfig:

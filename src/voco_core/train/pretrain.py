@@ -37,8 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 from voco_core import __version__
 from voco_core.checkpoint import (
     CHECKPOINT_NAME,
+    PRETRAIN_FORMAT,
     atomic_torch_save,
-    load_checkpoint,
+    load_pretrain_checkpoint,
     write_json,
 )
 from voco_core.config import VoCoConfig, config_from_dict, resolve_device
@@ -65,7 +66,7 @@ from voco_core.losses import VoCoLoss
 from voco_core.memory import release_freed_memory, retain_freed_memory
 from voco_core.models import VoCoModel
 
-CHECKPOINT_FORMAT = "napari-voco/pretrain"
+CHECKPOINT_FORMAT = PRETRAIN_FORMAT
 
 
 class StopFlag(Protocol):
@@ -419,15 +420,6 @@ def iter_pretrain(
         _restore_backend_flags(backend_flags)
         if retained:
             release_freed_memory()
-
-
-def load_pretrain_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """:func:`load_checkpoint`, refusing files that are not this project's pretraining runs."""
-    state = load_checkpoint(path, map_location=map_location)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise VoCoDataError(f"not a napari-voco pretraining checkpoint (format "
-                            f"{state.get('format')!r})", path)
-    return state
 
 
 def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> None:
