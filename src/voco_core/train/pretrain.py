@@ -520,9 +520,8 @@ def plot_loss_curve(log_path: str | Path, out_png: str | Path) -> Path | None:
     records = read_log(log_path)
     if not records:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # A bare Figure renders with Agg without touching pyplot's global backend, so this
+    # is safe from a worker thread inside napari (matplotlib.use would switch pyplot).
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.5), constrained_layout=True)

@@ -1,0 +1,410 @@
+"""The pretrain and finetune widgets, driven as a user would in napari.
+
+Runs are tiny (feature size 12, 40^3 crops on an 80 x 80 x 40 sample, a 64-wide
+head; a SwinUNETR of feature size 12 on 64^3 crops) on 64 x 64 x 48 phantoms, on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytestmark = pytest.mark.gui
+
+WAIT_MS = 180_000
+GAP_LIMIT_S = 0.25
+
+# As tests/conftest.py::tiny_config (without deterministic, which forces one thread).
+TINY_PRETRAIN = {
+    "data": {"target_size": [80, 80, 40]},
+    "geometry": {"grid_size": 2, "num_random_crops": 2, "input_size": 40,
+                 "resize_crops": False},
+    "model": {"feature_size": 12, "head_hidden_dim": 64, "head_out_dim": 64},
+    "optim": {"warmup_steps": 1},
+    "run": {"tensorboard": False, "log_every": 1},
+}
+TINY_FINETUNE = {
+    "train": {"samples_per_volume": 1, "warmup_steps": 1, "sw_batch_size": 1},
+    "run": {"tensorboard": False},
+}
+
+
+@pytest.fixture
+def notified(monkeypatch):
+    """Errors the widgets report (their ``notify_error``), in order."""
+    import napari_voco._finetune_widget as finetune_module
+    import napari_voco._pretrain_widget as pretrain_module
+
+    seen: list[BaseException] = []
+    monkeypatch.setattr(pretrain_module, "notify_error", seen.append)
+    monkeypatch.setattr(finetune_module, "notify_error", seen.append)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def released_weights(tmp_path_factory) -> Path:
+    """A random SwinUNETR (feature size 12) saved like a released backbone:
+    a raw state dict under ``state_dict`` with ``module.`` prefixes."""
+    import torch
+
+    from voco_core.config import make_finetune_config
+    from voco_core.models import build_swin_unetr
+
+    model = build_swin_unetr(make_finetune_config("tiny", check_device=False).model, 2)
+    path = tmp_path_factory.mktemp("released") / "voco_released.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def _pretrain_widget(viewer, run_dir: Path | None, data: Path | None = None, steps: int = 3):
+    from napari_voco._pretrain_widget import PretrainWidget
+
+    widget = PretrainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="VoCo pretrain")
+    widget.overrides = TINY_PRETRAIN
+    widget.preset.setCurrentText("tiny")
+    widget.steps.setValue(steps)
+    widget.checkpoint_every.setValue(100)
+    widget.device.set_device("cpu")
+    if data is not None:
+        widget.source.setCurrentText("Folder or datalist JSON")
+        widget.data_path.set_path(data)
+    if run_dir is not None:
+        widget.output.set_path(run_dir)
+    return widget
+
+
+def _click(qtbot, button) -> None:
+    from qtpy.QtCore import Qt
+
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+
+
+def _wait_idle(qtbot, widget, timeout: int = WAIT_MS) -> None:
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def _assert_usable(widget) -> None:
+    assert not widget.running
+    assert widget.start_button.isEnabled() and widget.start_button.text() == "Start"
+    assert widget.settings.isEnabled()
+
+
+def _task_status(viewer) -> list[str]:
+    from napari_voco._layers import unwrap
+
+    return unwrap(viewer).window._task_status_manager.get_status()
+
+
+def test_text_helpers_and_lr_field(qtbot):
+    from napari_voco._training import (
+        ScientificSpinBox,
+        device_choices,
+        format_bytes,
+        format_duration,
+        progress_format,
+    )
+
+    assert format_duration(42.2) == "42 s" and format_duration(185) == "3 min 05 s"
+    assert format_duration(2 * 3600 + 7 * 60) == "2 h 07 min"
+    assert format_duration(float("nan")) == "?"
+    assert format_bytes(512) == "512 B" and format_bytes(1.5 * 2**30) == "1.5 GiB"
+    assert progress_format(12, 40, 65) == "12 / 40 steps · ETA 1 min 05 s"
+    assert progress_format(40, 40, 0) == "40 / 40 steps"
+    assert device_choices()[0] == ("CPU", "cpu")
+
+    lr = ScientificSpinBox(3e-4)
+    qtbot.addWidget(lr)
+    assert lr.text() == "3.0e-04"
+    lr.lineEdit().setText("0.001")
+    lr.interpretText()
+    assert lr.value() == pytest.approx(1e-3) and lr.text() == "1.0e-03"
+    lr.stepBy(1)
+    assert lr.value() == pytest.approx(2e-3)
+
+
+def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot, train_dataset,
+                                                tmp_path, notified):
+    from voco_core.checkpoint import load_checkpoint
+
+    viewer = make_napari_viewer_proxy()
+    run = tmp_path / "run"
+    widget = _pretrain_widget(viewer, run, train_dataset, steps=3)
+    assert widget.lr.text() == "3.0e-04"  # the tiny preset's, in scientific notation
+    assert widget.latest_checkpoint is None
+    written: list[str] = []
+    events = []
+    tasks: list[list[str]] = []
+    widget.checkpoint_written.connect(written.append)
+
+    def on_event(event):
+        events.append(event)
+        if event.kind == "step":
+            tasks.append(_task_status(viewer))
+            if widget.start_button.text() == "Stop":
+                _click(qtbot, widget.start_button)  # Stop after the first step
+
+    widget.progressed.connect(on_event)
+    _click(qtbot, widget.start_button)
+    assert widget.running and widget.start_button.text() == "Stop"
+    assert not widget.settings.isEnabled()
+    _wait_idle(qtbot, widget)
+    assert not notified, notified
+
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "stopped" and "step" in kinds
+    stopped = events[-1].step
+    assert 1 <= stopped < 3
+    checkpoint = run / "checkpoints" / "last.pt"
+    assert load_checkpoint(checkpoint)["step"] == stopped  # weights_only load
+    assert widget.latest_checkpoint == checkpoint and written[-1] == str(checkpoint)
+    assert widget.progress.value() == stopped and widget.progress.maximum() == 3
+    assert len(widget.plot.series["total"][0]) == stopped
+    assert all(np.isfinite(widget.plot.series[k][1]).all() for k in ("total", "pos", "neg"))
+    assert f"stopped at step {stopped}" in widget.status.text()
+    # napari listed the run as a task (so closing the window asks first)
+    assert any(any("VoCo pretraining" in line for line in status) for status in tasks)
+    _assert_usable(widget)
+
+    # resume: the step count continues from the checkpoint
+    events.clear()
+    widget.resume.set_path(run)
+    assert not widget.preset.isEnabled()  # taken from the run being resumed
+    widget.checkpoint_every.setValue(1)  # fresh weights every step for live inspection
+    widget.progressed.disconnect(on_event)
+    widget.progressed.connect(events.append)
+    assert widget.start()
+    _wait_idle(qtbot, widget)
+    assert not notified, notified
+    assert events[0].kind == "start" and events[0].step == stopped
+    assert [e.step for e in events if e.kind == "step"] == list(range(stopped + 1, 4))
+    assert events[-1].kind == "done" and load_checkpoint(checkpoint)["step"] == 3
+    assert written == [str(checkpoint)] * (1 + 3 - stopped)  # stop, then every step
+    assert widget.progress.value() == 3 and "done: 3 steps" in widget.status.text()
+    assert widget.plot.series["total"][0] == [float(s) for s in range(1, 4)]
+    _assert_usable(widget)
+
+
+def test_gui_stays_responsive_during_pretraining(make_napari_viewer_proxy, qtbot,
+                                                 train_dataset, tmp_path, notified):
+    """The longest gap between ticks of a 10 ms QTimer while a tiny pretraining runs."""
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer_proxy()
+    widget = _pretrain_widget(viewer, tmp_path / "run", train_dataset, steps=2)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    qtbot.wait(100)
+    clicked = time.perf_counter()
+    _click(qtbot, widget.start_button)
+    start_call = time.perf_counter() - clicked
+    _wait_idle(qtbot, widget)
+    qtbot.wait(100)
+    timer.stop()
+    assert not notified, notified
+    assert widget.last_event.kind == "done" and widget.last_event.step == 2
+    gaps = np.diff(ticks)
+    longest = float(gaps.max())
+    print(f"\nGUI responsiveness: {len(ticks)} ticks of a 10 ms timer over "
+          f"{ticks[-1] - ticks[0]:.1f} s of tiny pretraining; longest gap {longest * 1000:.0f} ms "
+          f"(median {np.median(gaps) * 1000:.1f} ms, 99th percentile "
+          f"{np.percentile(gaps, 99) * 1000:.0f} ms); Start click {start_call * 1000:.0f} ms")
+    assert longest < GAP_LIMIT_S
+
+
+def test_pretrain_on_image_layers_and_napari_cancel(make_napari_viewer_proxy, qtbot,
+                                                    train_dataset, tmp_path, notified,
+                                                    rotated_affine):
+    """Open image layers are written with their affine to RUN_DIR/layers; napari's task
+    cancel (what closing the window does) stops the run with a checkpoint."""
+    from napari_voco._io import read_nifti
+    from napari_voco._layers import unwrap
+    from voco_core.checkpoint import load_checkpoint
+    from voco_core.data.io import read_volume
+
+    viewer = make_napari_viewer_proxy()
+    data, kwargs, _ = read_nifti(str(train_dataset / "imagesTr" / "phantom_000.nii.gz"))[0]
+    viewer.add_image(data, **kwargs)
+    viewer.add_image(np.asarray(data)[::-1].copy(), name="scaled/copy", scale=(2.0, 1.5, 3.0),
+                     translate=(10.0, -4.0, 7.0), units="mm")
+    viewer.add_image(np.zeros((8, 8, 3)), name="rgb", rgb=True, units="mm")  # not listed
+    run = tmp_path / "layers_run"
+    widget = _pretrain_widget(viewer, run)
+    assert widget.source.currentText() == "Open image layers"
+    assert [layer.name for layer in widget.layer_list.checked_layers()] == [
+        "phantom_000", "scaled/copy"]
+
+    widget.layer_list.set_checked([])
+    assert not widget.start()
+    assert "no image layer chosen" in str(notified.pop())
+    widget.layer_list.set_checked(widget.layer_list.layers())
+
+    assert widget.start()
+    unwrap(viewer).window._task_status_manager.cancel_all()  # as when napari closes
+    _wait_idle(qtbot, widget)
+    assert not notified, notified
+    assert widget.last_event.kind == "stopped" and widget.last_event.step == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 0
+    first = read_volume(run / "layers" / "phantom_000.nii")
+    np.testing.assert_allclose(first.affine, kwargs["affine"])
+    np.testing.assert_array_equal(first.array, data)
+    second = read_volume(run / "layers" / "scaled_copy.nii")
+    expected = np.diag([2.0, 1.5, 3.0, 1.0])
+    expected[:3, 3] = (10.0, -4.0, 7.0)
+    np.testing.assert_allclose(second.affine, expected)
+    _assert_usable(widget)
+
+
+def test_pretrain_bad_inputs_notify_and_leave_gui_usable(make_napari_viewer_proxy, qtbot,
+                                                         train_dataset, tmp_path, notified):
+    from voco_core.errors import VoCoConfigError, VoCoDataError
+
+    viewer = make_napari_viewer_proxy()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    widget = _pretrain_widget(viewer, tmp_path / "run1", empty)
+    assert widget.start()  # the folder is read in the worker
+    _wait_idle(qtbot, widget)
+    assert isinstance(notified[-1], VoCoDataError) and "no NIfTI files" in str(notified[-1])
+    assert "failed" in widget.status.text()
+    _assert_usable(widget)
+
+    widget.data_path.set_path(train_dataset)
+    widget.device.set_device("cuda:0")  # not on this machine
+    assert widget.device.device() == "cuda:0"
+    assert not widget.start()
+    assert isinstance(notified[-1], VoCoConfigError) and "CUDA" in str(notified[-1])
+    _assert_usable(widget)
+
+    widget.device.set_device("cpu")
+    blocker = tmp_path / "a_file.txt"
+    blocker.write_text("not a folder")
+    widget.output.set_path(blocker / "run")
+    assert widget.start()
+    _wait_idle(qtbot, widget)
+    assert isinstance(notified[-1], VoCoDataError) and "not writable" in str(notified[-1])
+    _assert_usable(widget)
+
+    widget.output.set_path(tmp_path / "run2")
+    widget.resume.set_path(tmp_path / "missing_run")
+    assert not widget.start()
+    assert "not found" in str(notified[-1])
+    assert len(notified) == 4
+    _assert_usable(widget)
+
+
+def test_finetune_layer_pairs_dice_and_segment(make_napari_viewer_proxy, qtbot, train_dataset,
+                                               tmp_path, notified, released_weights):
+    from napari.layers import Labels
+
+    from napari_voco._finetune_widget import FinetuneWidget
+    from napari_voco._io import read_nifti
+    from voco_core.checkpoint import load_checkpoint
+
+    viewer = make_napari_viewer_proxy()
+    for index in (0, 1):
+        name = f"phantom_{index:03d}.nii.gz"
+        for folder in ("imagesTr", "labelsTr"):
+            data, kwargs, kind = read_nifti(str(train_dataset / folder / name))[0]
+            if folder == "labelsTr":
+                kwargs["name"] = f"{kwargs['name']} labels"
+            getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="VoCo finetune")
+    widget.overrides = TINY_FINETUNE
+    widget.preset.setCurrentText("tiny")
+    widget.steps.setValue(2)
+    widget.val_every.setValue(1)
+    widget.device.set_device("cpu")
+    widget.output.set_path(tmp_path / "ft")
+    widget.pretrained.set_path(released_weights)
+    assert not widget.segment_button.isEnabled()
+
+    for index in (0, 1):
+        widget.image_combo.set_layer(viewer.layers[f"phantom_{index:03d}"])
+        widget.labels_combo.set_layer(viewer.layers[f"phantom_{index:03d} labels"])
+        _click(qtbot, widget.add_pair_button)
+    assert len(widget.pairs) == 2 and widget.pair_list.count() == 2
+
+    events = []
+    widget.progressed.connect(events.append)
+    _click(qtbot, widget.start_button)
+    assert widget.running
+    _wait_idle(qtbot, widget)
+    assert not notified, notified
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("validation") == 2
+    assert "loaded" in widget.report.toPlainText()
+    assert "voco_released.pt" in widget.report.toPlainText()
+    assert widget.dice_table.rowCount() == 10  # foreground classes, named from dataset.json
+    assert widget.dice_table.item(0, 0).text() == "body"
+    assert "validation Dice at step 2" in widget.dice_label.text()
+    assert len(widget.plot.series["loss"][0]) == 2 and len(widget.plot.series["val Dice"][0])
+    best = tmp_path / "ft" / "checkpoints" / "best.pt"
+    assert widget.best_checkpoint == best and load_checkpoint(best)["kind"] == "best"
+    _assert_usable(widget)
+
+    widget.segment_combo.set_layer(viewer.layers["phantom_001"])
+    assert widget.segment_button.isEnabled()
+    assert widget.segment_button.text() == "Segment phantom_001 with best checkpoint"
+    segmented = []
+    widget.segmented.connect(segmented.append)
+    _click(qtbot, widget.segment_button)
+    qtbot.waitUntil(lambda: not widget.segmenting, timeout=WAIT_MS)
+    assert not notified, notified
+    layer = segmented[0]
+    assert isinstance(layer, Labels) and layer.name == "phantom_001 segmentation"
+    image = viewer.layers["phantom_001"]
+    assert layer.data.shape == image.data.shape
+    np.testing.assert_allclose(layer.affine.affine_matrix, image.affine.affine_matrix)
+    assert layer.metadata["voco"]["label_names"][1] == "body"
+    assert widget.segment_button.isEnabled()
+
+
+def test_finetune_bad_inputs_notify_and_leave_gui_usable(make_napari_viewer_proxy, qtbot,
+                                                         train_dataset, tmp_path, notified):
+    from napari_voco._finetune_widget import FinetuneWidget
+    from voco_core.errors import VoCoConfigError, VoCoDataError
+
+    viewer = make_napari_viewer_proxy()
+    viewer.add_image(np.zeros((64, 64, 48), np.float32), name="image")
+    viewer.add_labels(np.zeros((32, 32, 24), np.uint8), name="small labels")
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="VoCo finetune")
+    widget.overrides = TINY_FINETUNE
+    widget.preset.setCurrentText("tiny")
+    widget.device.set_device("cpu")
+    widget.output.set_path(tmp_path / "ft")
+
+    _click(qtbot, widget.add_pair_button)
+    assert isinstance(notified[-1], VoCoDataError) and "same voxel grid" in str(notified[-1])
+    assert not widget.pairs
+
+    widget.source.setCurrentText("Folder or datalist JSON")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    widget.data_path.set_path(empty)
+    assert widget.start()
+    _wait_idle(qtbot, widget)
+    assert isinstance(notified[-1], VoCoDataError) and "no NIfTI files" in str(notified[-1])
+    _assert_usable(widget)
+
+    widget.data_path.set_path(train_dataset)
+    widget.device.set_device("cuda")
+    assert not widget.start()
+    assert isinstance(notified[-1], VoCoConfigError) and "CUDA" in str(notified[-1])
+    _assert_usable(widget)
+
+    widget.device.set_device("cpu")
+    widget.pretrained.set_path(tmp_path / "no_such_weights.pt")
+    assert not widget.start()
+    assert "not found" in str(notified[-1])
+    assert not widget.segment_button.isEnabled()
+    assert len(notified) == 4
