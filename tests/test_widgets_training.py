@@ -408,3 +408,47 @@ def test_finetune_bad_inputs_notify_and_leave_gui_usable(make_napari_viewer_prox
     assert "not found" in str(notified[-1])
     assert not widget.segment_button.isEnabled()
     assert len(notified) == 4
+
+
+def test_positions_widget_follows_the_running_pretraining(make_napari_viewer_proxy, qtbot,
+                                                          train_dataset, tmp_path, notified):
+    """Live inspection: the inspector takes each new checkpoint of the running job and
+    re-predicts its sub-volume box with the new weights."""
+    from napari_voco._positions_widget import PositionsWidget
+
+    viewer = make_napari_viewer_proxy()
+    viewer.open(train_dataset / "imagesTr" / "phantom_000.nii.gz", plugin="napari-voco")
+    positions = PositionsWidget(viewer)
+    viewer.window.add_dock_widget(positions, name="VoCo positions")
+    pretrain = _pretrain_widget(viewer, tmp_path / "run", train_dataset, steps=3)
+    pretrain.checkpoint_every.setValue(1)
+    seen_models: list[tuple] = []
+
+    def on_checkpoint(path: str) -> None:
+        if positions._view is not None:
+            seen_models.append(positions._view.model_key)
+
+    positions.follow.setChecked(True)
+    assert positions.follow.isChecked() and "waiting" in positions.status.text()
+    boxes_placed = []
+
+    def place_once(path: str) -> None:  # after the first checkpoint, place a box
+        if not boxes_placed:
+            boxes_placed.append(path)
+            qtbot.waitUntil(lambda: not positions.busy, timeout=WAIT_MS)
+            positions.place_box()
+
+    pretrain.checkpoint_written.connect(place_once)
+    pretrain.checkpoint_written.connect(on_checkpoint)
+    assert pretrain.start()
+    _wait_idle(qtbot, pretrain)
+    qtbot.waitUntil(lambda: not positions.busy, timeout=WAIT_MS)
+    assert not notified, notified
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert positions.checkpoint.path() == str(last)
+    assert positions.box_result is not None
+    # the box was re-predicted with later checkpoints: the cached model changed with them
+    model_keys = {key for key in seen_models} | {positions._view.model_key}
+    assert len(model_keys) >= 2, model_keys
+    positions.follow.setChecked(False)
+    assert not positions._followed

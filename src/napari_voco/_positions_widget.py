@@ -289,6 +289,13 @@ class PositionsWidget(QWidget):
         inputs.addRow("Image", self.image_combo)
         inputs.addRow("Checkpoint", self.checkpoint)
         inputs.addRow("Device", self.device)
+        self.follow = QCheckBox("Follow the running pretraining")
+        self.follow.setToolTip(
+            "use the newest checkpoint of the VoCo pretrain widget's run in this viewer and "
+            "re-predict whenever it writes one (lower its 'Checkpoint every' for fresh weights)")
+        self.follow.toggled.connect(self.follow_pretraining)
+        self._followed: list = []
+        inputs.addRow(self.follow)
         inputs.addRow(self.grid_button)
 
         # placed sub-volume
@@ -403,6 +410,43 @@ class PositionsWidget(QWidget):
     def open_crop(self) -> None:
         """Open the crop chosen in the combo box as an Image layer (network input)."""
         self._submit("crop", crop=self.crop_combo.currentText())
+
+    def follow_pretraining(self, on: bool = True) -> None:
+        """Live inspection: take checkpoints from this viewer's VoCo pretrain widget(s)
+        as they are written, and re-run the last prediction (box, else samples)."""
+        from napari_voco._training import PRETRAIN_WIDGETS
+
+        for widget in self._followed:
+            widget.checkpoint_written.disconnect(self.on_checkpoint_written)
+        self._followed = []
+        if not on:
+            return
+        viewer = unwrap(self.viewer)
+        self._followed = [w for w in PRETRAIN_WIDGETS if unwrap(w.viewer) is viewer]
+        if not self._followed:
+            self.follow.setChecked(False)
+            notify_error(VoCoDataError("no VoCo pretrain widget in this viewer: open "
+                                       "Plugins > VoCo > VoCo pretrain and start a run"))
+            return
+        for widget in self._followed:
+            widget.checkpoint_written.connect(self.on_checkpoint_written)
+        latest = [w.latest_checkpoint for w in self._followed if w.latest_checkpoint]
+        if latest:
+            self.checkpoint.set_path(latest[-1])
+            self._set_status(f"following {latest[-1]}")
+        else:
+            self._set_status("following the pretrain widget: waiting for its first checkpoint")
+
+    def on_checkpoint_written(self, path: str) -> None:
+        """A followed run wrote ``path``: use it, and refresh what is on screen (the model
+        cache is keyed by the file's modification time, so the new weights load)."""
+        self.checkpoint.set_path(path)
+        if self.box_result is not None:
+            self._submit("box")
+        elif self.sample_result is not None:
+            self._submit("sample", n=self.count.value(), seed=self.seed.value())
+        elif self._view is None:
+            self._submit("grid")
 
     # ------------------------------------------------------------------ running jobs
 

@@ -49,6 +49,7 @@ from qtpy.QtWidgets import (
 from napari_voco._layers import unwrap
 from napari_voco._notify import notify_error
 from napari_voco._training import (
+    PRETRAIN_WIDGETS,
     CompactStack,
     DeviceCombo,
     LossPlot,
@@ -193,6 +194,7 @@ class PretrainWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
+        PRETRAIN_WIDGETS.add(self)
         self.overrides: dict = {}
         """Nested config overrides merged last (e.g. ``{"data": {"target_size": [...]}}``)."""
         self.last_event = None

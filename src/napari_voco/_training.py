@@ -36,6 +36,7 @@ import math
 import re
 import threading
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,10 @@ from voco_core.errors import VoCoDataError
 
 if TYPE_CHECKING:
     from napari.layers import Layer
+
+PRETRAIN_WIDGETS: weakref.WeakSet = weakref.WeakSet()
+"""Every live :class:`~napari_voco._pretrain_widget.PretrainWidget`: the positions
+inspector finds the running job of its viewer here (live inspection)."""
 
 
 # --------------------------------------------------------------------------- text
