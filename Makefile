@@ -1,5 +1,7 @@
 # Two commands set up everything from a fresh clone (Linux, Python >= 3.11):
-#   make run    - create .venv, install, run the main job (voco demo) on the embedded phantoms
+#   make run    - create .venv, install with the GUI, open napari with the VoCo widgets docked,
+#                 the phantom sample loaded and the main job (tiny pretraining on the embedded
+#                 phantoms) running; `make demo` is the same job headless (voco demo)
 #   make test   - create .venv, install system + Python test deps, lint, run all tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +11,7 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS := constraints.txt
 DEMO_DATA ?= data/phantoms
 
-.PHONY: run test install install-test lint clean
+.PHONY: run demo test install install-gui install-test lint clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "napari-voco needs Python >= 3.11; set PYTHON=python3.11 (or newer)")'
@@ -23,7 +25,13 @@ install-test: $(BIN)/python
 	bash scripts/system-deps.sh
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[gui,testing]"
 
-run: install
+install-gui: $(BIN)/python
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[gui]"
+
+run: install-gui
+	$(BIN)/napari-voco --data $(DEMO_DATA) --out runs/gui-$$(date +%Y%m%d-%H%M%S)
+
+demo: install
 	$(BIN)/voco demo --data $(DEMO_DATA) --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 	$(BIN)/voco info $(DEMO_DATA)/imagesTr/phantom_000.nii.gz
 

@@ -1,0 +1,96 @@
+"""``napari-voco``: open napari with the VoCo widgets docked and the main job running.
+
+What ``make run`` starts: the phantom sample in the viewer, the four VoCo widgets
+docked (pretrain, positions, finetune, segment), the pretrain widget set to the
+embedded default (the tiny preset on the synthetic phantoms in ``--data``, written
+there first when absent) and started, and the positions inspector following its
+checkpoints. ``voco demo`` is the headless twin of this job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from voco_core.errors import VoCoError
+
+# The demo's settings (see voco_core.cli's demo): per-crop flips/rot90 make the
+# pretext task need orientation invariance, which a few CPU minutes do not learn.
+DEMO_OVERRIDES = {"augment": {"flip_prob": 0.0, "rot90_prob": 0.0}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-voco", description="napari with the VoCo widgets and the demo pretraining")
+    parser.add_argument("--data", type=Path, default=Path("data/phantoms"),
+                        help="phantom/data folder for pretraining (phantoms written if absent)")
+    parser.add_argument("--out", type=Path, help="run folder (default runs/gui-<time>)")
+    parser.add_argument("--steps", type=int, default=60, help="pretraining steps")
+    parser.add_argument("--phantoms", type=int, default=8, help="phantoms to write if absent")
+    parser.add_argument("--no-start", action="store_true",
+                        help="dock and fill in the widgets, but do not start pretraining")
+    return parser
+
+
+def has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+                or sys.platform in ("darwin", "win32"))
+
+
+def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
+    """Load the sample, dock the widgets and set up the pretraining in ``viewer``
+    (started unless ``--no-start``). Returns the widgets by display name."""
+    from qtpy.QtCore import QTimer
+
+    from voco_core.data.phantoms import make_phantom_dataset
+
+    if not (args.data / "dataset.json").is_file() and not any(args.data.glob("*.nii*")):
+        make_phantom_dataset(args.data, n=args.phantoms, seed=0)
+        print(f"wrote {args.phantoms} phantoms to {args.data}")
+    viewer.open_sample("napari-voco", "voco_phantom")
+    widgets = {}
+    for name in ("VoCo pretrain", "VoCo positions", "VoCo finetune", "VoCo segment"):
+        _dock, widget = viewer.window.add_plugin_dock_widget("napari-voco", name,
+                                                            tabify=name != "VoCo pretrain")
+        widgets[name] = widget
+    pretrain = widgets["VoCo pretrain"]
+    pretrain.overrides = DEMO_OVERRIDES
+    pretrain.preset.setCurrentText("tiny")
+    pretrain.steps.setValue(args.steps)
+    pretrain.checkpoint_every.setValue(10)
+    pretrain.device.set_device("cpu")
+    pretrain.source.setCurrentText("Folder or datalist JSON")
+    pretrain.data_path.set_path(args.data)
+    pretrain.output.set_path(args.out or Path("runs") / f"gui-{time.strftime('%Y%m%d-%H%M%S')}")
+    positions = widgets["VoCo positions"]
+    positions.image_combo.setCurrentText("VoCo phantom CT")
+    widgets["VoCo segment"].image_combo.setCurrentText("VoCo phantom CT")
+    positions.follow.setChecked(True)
+    if not args.no_start:
+        QTimer.singleShot(500, pretrain.start)
+    return widgets
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not has_display():
+        print("napari-voco: error: no display (DISPLAY/WAYLAND_DISPLAY unset); run it on a "
+              "desktop, or under Xvfb (xvfb-run napari-voco), or use the headless "
+              "'voco demo'", file=sys.stderr)
+        return 1
+    try:
+        import napari
+
+        set_up_viewer(napari.Viewer(title="napari-voco"), args)
+        napari.run()
+    except VoCoError as err:
+        print(f"napari-voco: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
