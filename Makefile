@@ -36,10 +36,10 @@ demo: install
 	$(BIN)/voco info $(DEMO_DATA)/imagesTr/phantom_000.nii.gz
 
 lint: install-test
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 
 test: install-test
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest
 
 clean:

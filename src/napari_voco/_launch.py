@@ -40,6 +40,14 @@ def has_display() -> bool:
                 or sys.platform in ("darwin", "win32"))
 
 
+def raise_dock_widget(widget) -> None:
+    """Show a docked widget's tab in front (napari's documented way: the Qt parent of
+    the inner widget is its dock)."""
+    dock = (widget.native if hasattr(widget, "native") else widget).parent()
+    dock.show()
+    dock.raise_()
+
+
 def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
     """Load the sample, dock the widgets and set up the pretraining in ``viewer``
     (started unless ``--no-start``). Returns the widgets by display name."""
@@ -57,6 +65,7 @@ def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
                                                             tabify=name != "VoCo pretrain")
         widgets[name] = widget
     pretrain = widgets["VoCo pretrain"]
+    raise_dock_widget(pretrain)  # the others are tabs behind it
     pretrain.overrides = DEMO_OVERRIDES
     pretrain.preset.setCurrentText("tiny")
     pretrain.steps.setValue(args.steps)
