@@ -142,3 +142,21 @@ def test_resume_refuses_a_best_checkpoint_and_other_formats(finetune_run, train_
     torch.save({"format": "napari-voco/pretrain"}, tmp_path / "pre.pt")
     with pytest.raises(VoCoDataError, match="pretraining checkpoint"):
         load_finetune_checkpoint(tmp_path / "pre.pt")
+
+
+def test_closing_after_start_or_failing_set_up_restores_the_backend_flags(train_dataset,
+                                                                         tmp_path):
+    """Deterministic mode switches oneDNN off process-wide while training; a consumer
+    that stops listening after "start" (a GUI) or a bad pretrained file must not leave
+    it off."""
+    assert torch.backends.mkldnn.enabled
+    threads = torch.get_num_threads()
+    events = iter_finetune(tiny_finetune_config(), train_dataset, tmp_path / "a")
+    assert next(events).kind == "start"
+    events.close()
+    assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(VoCoDataError, match=r"junk\.pt"):
+        list(iter_finetune(tiny_finetune_config(), train_dataset, tmp_path / "b",
+                           pretrained=tmp_path / "junk.pt"))
+    assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads

@@ -123,3 +123,14 @@ def test_deterministic_mode_restores_the_backend_flags(tmp_path, train_dataset):
     pretrain(tiny_config({"optim": {"total_steps": 1}}), train_dataset, tmp_path / "run")
     assert torch.backends.mkldnn.enabled  # switched off only while training
     assert torch.get_num_threads() == threads_before
+
+
+def test_closing_after_start_restores_the_backend_flags(tmp_path, train_dataset):
+    from voco_core.train.pretrain import iter_pretrain
+
+    threads = torch.get_num_threads()
+    events = iter_pretrain(tiny_config({"optim": {"total_steps": 1}}), train_dataset,
+                           tmp_path / "run")
+    assert next(events).kind == "start"
+    events.close()
+    assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads

@@ -252,7 +252,6 @@ def iter_finetune(
     crop = seg_train_transforms(t)
 
     torch.manual_seed(seed)
-    backend_flags = _set_backend_flags(device, config.run.deterministic)
     model = build_swin_unetr(config.model, config.data.num_classes).to(device)
     message = ""
     if pretrained is not None and resume is None:
@@ -323,13 +322,16 @@ def iter_finetune(
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return last_path
 
-    log = open(run_dir / "log.jsonl", "a")
     last = FinetuneEvent("start", step, t.total_steps, run_dir=str(run_dir), message=message,
                          best_dice=_finite(best_dice), best_step=best_step)
     saved_step = step if resume is not None else -1
-    yield last
     seconds_per_step = math.nan
+    # Process-wide switches and the log last, right before the try whose finally undoes
+    # them (an error in set-up or a generator closed after "start" must not leak them).
+    log = open(run_dir / "log.jsonl", "a")
+    backend_flags = _set_backend_flags(device, config.run.deterministic)
     try:
+        yield last
         while step < t.total_steps:
             if stop is not None and stop.is_set():
                 if saved_step != step:

@@ -245,10 +245,7 @@ def iter_pretrain(
                                 run_dir) from err
 
     o, seed = config.optim, config.run.seed
-    retained = device.type == "cpu" and config.run.cpu_allocator == "retain" and (
-        retain_freed_memory())
     torch.manual_seed(seed)
-    backend_flags = _set_backend_flags(device, config.run.deterministic)
     model = VoCoModel(config.model).to(device)
     loss_fn = VoCoLoss(config.loss.pos_weight, config.loss.neg_weight, config.loss.reg_weight)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -335,9 +332,15 @@ def iter_pretrain(
 
     last = PretrainEvent("start", step, o.total_steps, run_dir=str(run_dir))
     saved_step = step if resume is not None else -1
-    yield last
     seconds_per_step = math.nan
+    # Process-wide switches last, right before the try whose finally undoes them: an
+    # error while setting up, or a consumer closing the generator after "start", must
+    # not leave oneDNN off or one thread in the caller's process (e.g. napari).
+    retained = device.type == "cpu" and config.run.cpu_allocator == "retain" and (
+        retain_freed_memory())
+    backend_flags = _set_backend_flags(device, config.run.deterministic)
     try:
+        yield last
         while step < o.total_steps:
             if any_rank(stop is not None and stop.is_set(), dist_ctx, device):
                 if saved_step != step:
