@@ -26,3 +26,16 @@ def test_manifest_found_through_entry_point():
     manifest = PluginManifest.from_distribution("napari-voco")
     assert manifest.name == "napari-voco"
     assert manifest.display_name == "VoCo"
+
+
+def test_widgets_are_in_napari_contributable_menus():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-voco")
+    widgets = {w.display_name for w in manifest.contributions.widgets}
+    assert widgets == {"VoCo positions", "VoCo segment", "VoCo pretrain", "VoCo finetune"}
+    menus = manifest.contributions.menus
+    assert {m.command for m in menus["napari/layers/segment"]} >= {
+        "napari-voco.segment_widget", "napari-voco.finetune_widget"}
+    assert [m.command for m in menus["napari/layers/visualize"]] == [
+        "napari-voco.positions_widget"]
