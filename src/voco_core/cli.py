@@ -78,29 +78,36 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_overrides(args: argparse.Namespace, steps_section: str, out) -> dict:
+    """``--set``, ``--steps`` (``<steps_section>.total_steps``), ``--device`` and the run
+    folder as one nested override dict (later flags win)."""
+    from voco_core.config import merge, parse_override
+
+    flags: dict = {}
+    for text in args.set or []:
+        flags = merge(flags, parse_override(text))
+    if args.steps is not None:
+        flags = merge(flags, {steps_section: {"total_steps": args.steps}})
+    if args.device is not None:
+        flags = merge(flags, {"run": {"device": args.device}})
+    if out is not None:
+        flags = merge(flags, {"run": {"output_dir": str(out)}})
+    return flags
+
+
 def _pretrain_config(args: argparse.Namespace):
     """Config for ``voco pretrain``: the run's own when resuming, else file/preset; then flags."""
     from voco_core.config import (
         apply_overrides,
         load_config,
         make_config,
-        merge,
-        parse_override,
     )
     from voco_core.train.pretrain import resume_config, run_folder_of
 
-    flags: dict = {}
-    for text in args.set or []:
-        flags = merge(flags, parse_override(text))
-    if args.steps is not None:
-        flags = merge(flags, {"optim": {"total_steps": args.steps}})
-    if args.device is not None:
-        flags = merge(flags, {"run": {"device": args.device}})
     out = args.out
     if out is None and args.resume is not None:
         out = run_folder_of(args.resume)  # continue in the folder being resumed
-    if out is not None:
-        flags = merge(flags, {"run": {"output_dir": str(out)}})
+    flags = _flag_overrides(args, "optim", out)
     if args.resume is not None:
         return resume_config(args.resume, **flags)
     if args.config is not None:
@@ -174,20 +181,11 @@ def _finetune_config(args: argparse.Namespace):
         finetune_config_from_dict,
         make_finetune_config,
         merge,
-        parse_override,
     )
     from voco_core.train.finetune import finetune_resume_config
 
-    flags: dict = {}
-    for text in args.set or []:
-        flags = merge(flags, parse_override(text))
-    if args.steps is not None:
-        flags = merge(flags, {"train": {"total_steps": args.steps}})
-    if args.device is not None:
-        flags = merge(flags, {"run": {"device": args.device}})
     out = args.out if args.out is not None else args.resume
-    if out is not None:
-        flags = merge(flags, {"run": {"output_dir": str(out)}})
+    flags = _flag_overrides(args, "train", out)
     if args.resume is not None:
         return finetune_resume_config(args.resume, **flags)
     if args.config is not None:

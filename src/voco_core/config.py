@@ -399,10 +399,16 @@ def _update(section: Any, values: dict[str, Any], prefix: str) -> None:
 def make_config(preset: str = "base", overrides: dict[str, Any] | None = None,
                 check_device: bool = True) -> VoCoConfig:
     """Defaults, then a preset, then nested ``overrides``; validated."""
-    if preset not in PRESETS:
-        raise VoCoConfigError(f"preset {preset!r} is unknown: expected one of {sorted(PRESETS)}")
-    config = VoCoConfig(preset=preset)
-    _update(config, copy.deepcopy(PRESETS[preset]), "")
+    return _from_preset(VoCoConfig, PRESETS, preset, overrides, check_device)
+
+
+def _from_preset(cls, presets: dict, preset: str, overrides: dict[str, Any] | None,
+                 check_device: bool):
+    """``cls`` defaults, then ``presets[preset]``, then nested ``overrides``; validated."""
+    if preset not in presets:
+        raise VoCoConfigError(f"preset {preset!r} is unknown: expected one of {sorted(presets)}")
+    config = cls(preset=preset)
+    _update(config, copy.deepcopy(presets[preset]), "")
     if overrides:
         overrides = dict(overrides)
         overrides.pop("preset", None)
@@ -624,16 +630,7 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
 def make_finetune_config(preset: str = "base", overrides: dict[str, Any] | None = None,
                          check_device: bool = True) -> FinetuneConfig:
     """Defaults, then a finetuning preset, then nested ``overrides``; validated."""
-    if preset not in FINETUNE_PRESETS:
-        raise VoCoConfigError(
-            f"preset {preset!r} is unknown: expected one of {sorted(FINETUNE_PRESETS)}")
-    config = FinetuneConfig(preset=preset)
-    _update(config, copy.deepcopy(FINETUNE_PRESETS[preset]), "")
-    if overrides:
-        overrides = dict(overrides)
-        overrides.pop("preset", None)
-        _update(config, overrides, "")
-    return config.validate(check_device=check_device)
+    return _from_preset(FinetuneConfig, FINETUNE_PRESETS, preset, overrides, check_device)
 
 
 def finetune_config_from_dict(values: dict[str, Any],
