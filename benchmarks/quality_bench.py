@@ -7,7 +7,9 @@ Sections (one run, one process):
    population, held-out subjects, and a labelled pool for few-shot finetuning;
    three different population seeds, so no subject is shared.
 2. Pretraining (``tiny`` on CPU, ``base`` with ``--preset base --device cuda``);
-   the student is kept every ``--eval-every`` steps.
+   the student is kept every ``--eval-every`` steps. With ``tiny`` the spec's per-crop
+   flips and rot90 are off (``--spec-augment`` turns them on; the intensity shift
+   stays): with them the loss barely moves in a CPU budget (see ``voco demo``).
 3. Position prediction on the held-out subjects, two protocols:
    *same-volume* (sub-volumes against the base crops of their own volume; partly
    solvable by matching voxels) and *cross-volume* (sub-volumes of subject A against
@@ -30,8 +32,10 @@ Sections (one run, one process):
 
 Usage:
     python benchmarks/quality_bench.py                     # CPU default, ~40 min on 2 cores
-    python benchmarks/quality_bench.py --quick             # smoke test, ~3 min
-    python benchmarks/quality_bench.py --preset base --device cuda
+    python benchmarks/quality_bench.py --quick             # smoke test, ~2.5 min
+    python benchmarks/quality_bench.py --preset base --device cuda   # ~1 hour on one H200
+    python benchmarks/quality_bench.py --work W --reuse --sections fewshot \
+        --finetune-steps 100 --out /tmp/ft100.json         # again, on W's pretraining run
 
 Writes ``benchmarks/results/quality_bench_<device>.json`` (numbers, settings,
 timings, versions), ``docs/figures/quality_*.png`` and prints one summary line.
@@ -112,7 +116,7 @@ def pretrain_config(args, run_seed: int, steps: int, extra: dict | None = None):
     }
     if args.pretrain_lr:
         overrides["optim"]["lr"] = args.pretrain_lr
-    if not args.spec_augment:  # intensity shift only (see the module doc / docs)
+    if not args.spec_augment:  # intensity shift only (see the module doc)
         overrides["augment"] = {"flip_prob": 0.0, "rot90_prob": 0.0}
     return make_config(args.preset, merge(overrides, extra or {}))
 
