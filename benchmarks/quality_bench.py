@@ -32,7 +32,7 @@ Sections (one run, one process):
 
 Usage:
     python benchmarks/quality_bench.py                     # CPU default, ~40 min on 2 cores
-    python benchmarks/quality_bench.py --quick             # smoke test, ~2.5 min
+    python benchmarks/quality_bench.py --quick             # smoke test, ~2 min
     python benchmarks/quality_bench.py --preset base --device cuda   # ~1 hour on one H200
     python benchmarks/quality_bench.py --work W --reuse --sections fewshot \
         --finetune-steps 100 --out /tmp/ft100.json         # again, on W's pretraining run
@@ -500,7 +500,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny", choices=sorted(SETTINGS),
                         help="pretraining and finetuning preset (default tiny, for CPU)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--quick", action="store_true", help="smoke test, ~3 minutes")
+    parser.add_argument("--quick", action="store_true", help="smoke test, ~2 minutes")
     parser.add_argument("--out", type=Path, help="results JSON")
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"),
                         help="folder for quality_*.png ('' for none)")
