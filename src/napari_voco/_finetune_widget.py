@@ -56,15 +56,15 @@ from napari_voco._training import (
     DeviceCombo,
     LossPlot,
     PathEdit,
+    RunControls,
     ScientificSpinBox,
     TrainingRunner,
     check_new_run_dir,
     default_run_dir,
-    format_bytes,
-    format_lr,
     layer_volume,
     progress_format,
     safe_file_stem,
+    step_status,
     write_layer_volume,
 )
 from voco_core.config import FINETUNE_PRESETS, make_finetune_config, merge
@@ -150,7 +150,7 @@ def segment_events(record: VolumeRecord, checkpoint: str, device: str,
     yield result
 
 
-class FinetuneWidget(QWidget):
+class FinetuneWidget(RunControls, QWidget):
     """SwinUNETR finetuning: layer pairs or a folder, optional VoCo weights, one
     Start/Stop button, progress, live loss/Dice, per-class Dice, then segmentation
     with the best checkpoint.
@@ -306,10 +306,6 @@ class FinetuneWidget(QWidget):
     # ------------------------------------------------------------------ properties
 
     @property
-    def running(self) -> bool:
-        return self.runner.running
-
-    @property
     def segmenting(self) -> bool:
         return self.segment_runner.running
 
@@ -426,13 +422,6 @@ class FinetuneWidget(QWidget):
 
     # ------------------------------------------------------------------ actions
 
-    def toggle(self) -> None:
-        """The Start/Stop button."""
-        if self.running:
-            self.stop()
-        else:
-            self.start()
-
     def start(self) -> bool:
         """Start finetuning; False (and a notification) when the inputs are bad."""
         if self.running:
@@ -455,15 +444,6 @@ class FinetuneWidget(QWidget):
         self.runner.start(functools.partial(finetune_events, job),
                           f"VoCo finetuning → {self.run_dir}")
         return True
-
-    def stop(self) -> None:
-        """Stop before the next step (a checkpoint is written)."""
-        if not self.running:
-            return
-        self.runner.stop()
-        self.start_button.setEnabled(False)
-        self.start_button.setText("Stopping…")
-        self.status.setText("stopping after the current step…")
 
     def segment_with_best(self) -> bool:
         """Segment the chosen image layer with the run's best checkpoint (in a worker)."""
@@ -503,14 +483,7 @@ class FinetuneWidget(QWidget):
             self.status.setText(f"step {event.step}: training…")
         elif event.kind == "step":
             self.plot.append(event.step, {"loss": event.loss})
-            parts = [f"loss {event.loss:.4f}"]
-            if math.isfinite(event.seconds_per_step):
-                parts.append(f"{event.seconds_per_step:.2f} s/step")
-            if event.peak_memory_bytes:
-                parts.append(f"peak memory {format_bytes(event.peak_memory_bytes)}")
-            if math.isfinite(event.lr):
-                parts.append(f"lr {format_lr(event.lr)}")
-            self.status.setText(" · ".join(parts))
+            self.status.setText(f"loss {event.loss:.4f} · {step_status(event)}")
         elif event.kind == "validation":
             self.plot.append(event.step, {DICE_SERIES: event.mean_dice})
             self._show_dice(event)
@@ -593,9 +566,7 @@ class FinetuneWidget(QWidget):
         self.status.setText(f"failed: {err}")
 
     def _set_running(self, running: bool) -> None:
-        self.settings.setEnabled(not running)
-        self.start_button.setEnabled(True)
-        self.start_button.setText("Stop" if running else "Start")
+        super()._set_running(running)
         self._update_segment_button()
 
 

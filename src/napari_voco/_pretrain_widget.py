@@ -54,14 +54,15 @@ from napari_voco._training import (
     DeviceCombo,
     LossPlot,
     PathEdit,
+    RunControls,
     ScientificSpinBox,
     TrainingRunner,
     check_new_run_dir,
     default_run_dir,
     layer_volume,
-    pretrain_status,
     progress_format,
     safe_file_stem,
+    step_status,
     write_layer_volume,
 )
 from voco_core.config import PRESETS, make_config, merge
@@ -177,7 +178,7 @@ class ImageLayerList(QListWidget):
             item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
 
 
-class PretrainWidget(QWidget):
+class PretrainWidget(RunControls, QWidget):
     """VoCo pretraining: data, settings, one Start/Stop button, progress, live loss plot.
 
     Signals:
@@ -289,10 +290,6 @@ class PretrainWidget(QWidget):
     # ------------------------------------------------------------------ properties
 
     @property
-    def running(self) -> bool:
-        return self.runner.running
-
-    @property
     def latest_checkpoint(self) -> Path | None:
         """The run's newest checkpoint (``RUN_DIR/checkpoints/last.pt``) once one was
         written, else None."""
@@ -366,13 +363,6 @@ class PretrainWidget(QWidget):
 
     # ------------------------------------------------------------------ actions
 
-    def toggle(self) -> None:
-        """The Start/Stop button."""
-        if self.running:
-            self.stop()
-        else:
-            self.start()
-
     def start(self) -> bool:
         """Start a run with the current settings; False (and a notification) when the
         inputs are bad or a run is already going."""
@@ -397,15 +387,6 @@ class PretrainWidget(QWidget):
                           f"VoCo pretraining → {self.run_dir}")
         return True
 
-    def stop(self) -> None:
-        """Stop the run before its next step (a checkpoint is written)."""
-        if not self.running:
-            return
-        self.runner.stop()
-        self.start_button.setEnabled(False)
-        self.start_button.setText("Stopping…")
-        self.status.setText("stopping after the current step…")
-
     # ------------------------------------------------------------------ worker events
 
     def _on_event(self, event: Any) -> None:
@@ -422,7 +403,7 @@ class PretrainWidget(QWidget):
         elif event.kind == "step":
             self.plot.append(event.step, {"total": event.loss, "pos": event.pos,
                                           "neg": event.neg, "reg": event.reg})
-            self.status.setText(f"loss {event.loss:.4f} · {pretrain_status(event)}")
+            self.status.setText(f"loss {event.loss:.4f} · {step_status(event)}")
         elif event.kind == "stopped":
             self.status.setText(f"stopped at step {event.step}; checkpoint {event.checkpoint}")
         elif event.kind == "done":
@@ -467,8 +448,3 @@ class PretrainWidget(QWidget):
         self.last_error = err
         notify_error(err)
         self.status.setText(f"failed: {err}")
-
-    def _set_running(self, running: bool) -> None:
-        self.settings.setEnabled(not running)
-        self.start_button.setEnabled(True)
-        self.start_button.setText("Stop" if running else "Start")

@@ -103,10 +103,11 @@ def progress_format(step: int, total: int, eta_seconds: float) -> str:
     return text
 
 
-def pretrain_status(event: Any) -> str:
-    """Status line of a pretraining step event: speed, memory and learning rate."""
+def step_status(event: Any) -> str:
+    """Status line of a pretraining or finetuning step event: speed (crops/s when the
+    event has it), memory and learning rate."""
     parts = []
-    if math.isfinite(event.crops_per_second):
+    if math.isfinite(getattr(event, "crops_per_second", math.nan)):
         parts.append(f"{event.crops_per_second:.1f} crops/s")
     if math.isfinite(event.seconds_per_step):
         parts.append(f"{event.seconds_per_step:.2f} s/step")
@@ -115,6 +116,37 @@ def pretrain_status(event: Any) -> str:
     if math.isfinite(event.lr):
         parts.append(f"lr {format_lr(event.lr)}")
     return " · ".join(parts)
+
+
+class RunControls:
+    """Start/Stop behaviour shared by the training widgets. The widget provides
+    ``runner`` (a :class:`TrainingRunner`), ``start_button``, ``status``, ``settings``
+    and ``start()``."""
+
+    @property
+    def running(self) -> bool:
+        return self.runner.running
+
+    def toggle(self) -> None:
+        """The Start/Stop button."""
+        if self.running:
+            self.stop()
+        else:
+            self.start()
+
+    def stop(self) -> None:
+        """Stop the run before its next step (a checkpoint is written)."""
+        if not self.running:
+            return
+        self.runner.stop()
+        self.start_button.setEnabled(False)
+        self.start_button.setText("Stopping…")
+        self.status.setText("stopping after the current step…")
+
+    def _set_running(self, running: bool) -> None:
+        self.settings.setEnabled(not running)
+        self.start_button.setEnabled(True)
+        self.start_button.setText("Stop" if running else "Start")
 
 
 # --------------------------------------------------------------------------- devices
