@@ -115,6 +115,10 @@ def test_positions_true_overlap_equals_the_geometry_labels(pretrain_run, train_d
     np.testing.assert_allclose(result.true.sum(axis=1), 1.0, atol=1e-6)
     assert result.predicted.shape == (6, 4) and (result.predicted >= 0).all()
     assert (result.predicted <= 1 + 1e-6).all()
+    # A box's prediction does not depend on the other boxes of the call (the head's
+    # BatchNorm sees the base crops and that one sub-volume).
+    alone = positions(image, model, boxes=result.boxes[:1])
+    np.testing.assert_allclose(alone.predicted[0], result.predicted[0], atol=1e-5)
     # Boxes given back in image coordinates select the same sub-volumes and predictions.
     again = positions(image, model, boxes=result.boxes)
     np.testing.assert_array_equal(again.sample_boxes, result.sample_boxes)

@@ -313,8 +313,10 @@ class PositionResult:
     """Position predictions for ``m`` sub-volumes against ``K`` base crops.
 
     ``predicted`` ``(m, K)``: relu(cos) of the student's features (what the position
-    loss trains towards the overlap); ``true`` ``(m, K)``: x-y overlap fractions from
-    the geometry. Boxes: image coordinates (see module doc) and sample voxels.
+    loss trains towards the overlap), each sub-volume's row computed beside the base
+    crops alone, so it does not depend on the other sub-volumes of the call;
+    ``true`` ``(m, K)``: x-y overlap fractions from the geometry. Boxes: image
+    coordinates (see module doc) and sample voxels.
     """
 
     predicted: np.ndarray
@@ -369,7 +371,8 @@ def positions(
         full_depth: use the sample's whole depth for given boxes (as VoCo's crops do);
             the overlap is measured in the x-y plane either way.
         base_volume: take the base crops from another volume (the cross-volume
-            protocol: the true overlap comes from grid coordinates alone).
+            protocol: the true overlap comes from grid coordinates alone). The
+            result's ``base_boxes`` stay in ``volume``'s image coordinates.
     """
     model = checkpoint if isinstance(checkpoint, PositionModel) else load_position_model(
         checkpoint, device)
@@ -396,8 +399,16 @@ def positions(
                        crops_for_network(prepared.sample, sample_boxes, s)])
     k = grid.shape[0]
     with torch.no_grad():
-        features = F.normalize(model.net(crops.to(model.device)).float(), dim=1)
-    predicted = F.relu(features[k:] @ features[:k].T).cpu().numpy()
+        pooled = model.net.backbone(crops.to(model.device))  # per crop (instance norm)
+        # The head's BatchNorm normalises with the statistics of its batch, so each
+        # sub-volume goes through it beside the K base crops alone: its prediction
+        # then does not depend on which other boxes share the call.
+        rows = []
+        for i in range(k, pooled.shape[0]):
+            features = F.normalize(model.net.head(
+                torch.cat([pooled[:k], pooled[i:i + 1]])).float(), dim=1)
+            rows.append(F.relu(features[k:] @ features[:k].T))
+    predicted = torch.cat(rows).cpu().numpy()
     return PositionResult(
         predicted=predicted,
         true=overlap_labels(sample_boxes, grid),
