@@ -19,6 +19,16 @@ def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -
     return path
 
 
+def one_line_error(capsys, *fragments: str) -> str:
+    """The captured stderr: exactly one ``voco: error: ...`` line holding every fragment."""
+    err = capsys.readouterr().err
+    assert err.startswith("voco: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
 @pytest.fixture
 def rotated_affine() -> np.ndarray:
     """A non-trivial affine: LPS-like axes, anisotropic spacing, a small rotation."""

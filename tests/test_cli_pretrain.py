@@ -12,21 +12,12 @@ import torch
 
 from voco_core.cli import main
 
-from conftest import save_nifti, tiny_config
+from conftest import one_line_error, save_nifti, tiny_config
 
 
 @pytest.fixture
 def config_file(tmp_path) -> Path:
     return tiny_config({"optim": {"total_steps": 1}}).save(tmp_path / "tiny.yaml")
-
-
-def one_line_error(capsys, *names: str) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("voco: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for name in names:
-        assert name in err, err
-    return err
 
 
 def test_pretrain_then_resume_for_more_steps(tmp_path, train_dataset, config_file, capsys):

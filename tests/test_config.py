@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from voco_core.config import (
+    FINETUNE_PRESETS,
     PRESETS,
     VoCoConfig,
     apply_overrides,
     load_config,
+    load_finetune_config,
     make_config,
+    make_finetune_config,
     parse_override,
     resolve_device,
 )
@@ -75,6 +78,9 @@ def test_cli_style_overrides():
         ({"optim": {"batch_size": "two"}}, "optim.batch_size = 'two'"),
         ({"optim": {"learning_rate": 1}}, "unknown config field 'optim.learning_rate'"),
         ({"data": {"target_size": [384, 384]}}, "expected 3 values"),
+        ({"loss": {"variant": "v3"}}, r"loss.variant = 'v3' .* one of \['v1', 'v2'\]"),
+        ({"loss": {"inter_weight": -1}}, r"loss.inter_weight = -1.0 .* >= 0"),
+        ({"model": {"feature_dropout": 1.0}}, r"model.feature_dropout = 1.0 .* \[0, 1\)"),
     ],
 )
 def test_invalid_values_fail_at_load_time_naming_the_field(overrides, fragment):
@@ -87,19 +93,34 @@ def test_native_crops_must_equal_input_size():
         make_config("base", {"geometry": {"resize_crops": False}})
 
 
-def test_unknown_preset_and_bad_files(tmp_path):
+def test_unknown_preset():
     with pytest.raises(VoCoConfigError, match="preset 'xl' is unknown"):
         make_config("xl")
-    with pytest.raises(VoCoConfigError, match="not found"):
-        load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("load", "invalid", "fragment"),
+    [
+        (load_config, {"optim": {"lr": 0}}, r"wrong.json: optim.lr = 0"),
+        (load_finetune_config, {"train": {"roi_size": [60, 64, 64]}},
+         r"wrong.json: train.roi_size = \(60, 64, 64\)"),
+    ],
+)
+def test_bad_files_are_one_error_naming_the_file(tmp_path, load, invalid, fragment):
+    with pytest.raises(VoCoConfigError, match=r"absent.yaml: config file not found"):
+        load(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.json"
     bad.write_text("{oops")
     with pytest.raises(VoCoConfigError, match=r"bad\.json: not a readable"):
-        load_config(bad)
+        load(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(VoCoConfigError, match=r"list.yaml: expected a mapping"):
+        load(listed)
     wrong = tmp_path / "wrong.json"
-    wrong.write_text(json.dumps({"preset": "tiny", "optim": {"lr": 0}}))
-    with pytest.raises(VoCoConfigError, match=r"wrong.json: optim.lr = 0"):
-        load_config(wrong)
+    wrong.write_text(json.dumps({"preset": "tiny", **invalid}))
+    with pytest.raises(VoCoConfigError, match=fragment):
+        load(wrong)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -114,3 +135,18 @@ def test_cuda_asked_for_but_absent():
 def test_to_dict_is_plain_json():
     values = VoCoConfig().to_dict()
     assert json.loads(json.dumps(values)) == values
+
+
+@pytest.mark.parametrize("preset", sorted(FINETUNE_PRESETS))
+def test_finetune_configs_load_like_pretraining_ones(tmp_path, preset):
+    config = make_finetune_config(preset)
+    for name in ("config.yaml", "config.json"):
+        assert load_finetune_config(config.save(tmp_path / name)) == config
+
+
+def test_partial_finetune_file_is_completed_from_its_preset(tmp_path):
+    path = tmp_path / "ft.yaml"
+    path.write_text("preset: tiny\ntrain:\n  total_steps: 9\n")
+    config = load_finetune_config(path)
+    assert config.train.total_steps == 9 and config.model.feature_size == 12
+    assert config.train.roi_size == (64, 64, 64)  # from the tiny preset

@@ -35,7 +35,8 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 
 def logged(run_dir) -> dict[int, list[float]]:
     records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: [r["loss"], r["pos"], r["neg"], r["reg"]] for r in records}
+    return {r["step"]: [r["loss"], *(r["terms"][k] for k in ("pos", "neg", "reg"))]
+            for r in records}
 
 
 def assert_same_weights(a, b, steps=2, lr=3e-4):

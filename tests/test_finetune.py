@@ -71,12 +71,17 @@ def test_stop_then_resume_continues_the_step_count(train_dataset, tmp_path):
     stopped_state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert stopped_state["step"] == 1
 
+    with open(run / "log.jsonl", "a") as log:  # as if killed after logging step 2
+        log.write(json.dumps({"step": 2, "loss": 99.0, "lr": 0.0}) + "\n")
     resumed_config = finetune_resume_config(run)
     assert resumed_config.train == config.train and resumed_config.model == config.model
     assert resumed_config.data.num_classes == 11  # filled in from the labels
     resumed = list(iter_finetune(resumed_config, train_dataset, run, resume=run))
     steps = [e.step for e in resumed if e.kind == "step"]
     assert resumed[0].message.startswith("resumed from") and steps == [2, 3]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # no step twice
+    assert all(r["loss"] != 99.0 for r in records if "loss" in r)
 
     # An uninterrupted run reaches the same weights (deterministic mode, same crops).
     straight = tmp_path / "straight"

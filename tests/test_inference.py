@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
@@ -189,3 +192,65 @@ def test_cli_errors_are_one_line(finetune_run, tmp_path, capsys):
     assert main(["positions", "--checkpoint", str(finetune_run), "--input",
                  str(tmp_path / "x.nii.gz"), "--out", str(tmp_path / "o")]) == 1
     assert "voco: error:" in capsys.readouterr().err
+
+
+def _damaged_copy(run: Path, out: Path, name: str, key: str, damage) -> Path:
+    """The run's checkpoint ``name`` with ``damage(state[key])`` applied, saved to ``out``."""
+    state = torch.load(run / "checkpoints" / name, weights_only=True)
+    damage(state[key])
+    torch.save(state, out)
+    return out
+
+
+def _first_weight(weights: dict) -> str:
+    return next(name for name, value in weights.items() if value.ndim == 2)
+
+
+@pytest.mark.parametrize("fault", ["missing", "shape"])
+def test_damaged_checkpoint_weights_are_one_line_errors(finetune_run, pretrain_run, tmp_path,
+                                                         capsys, fault):
+    def damage(weights: dict) -> None:
+        name = _first_weight(weights)
+        if fault == "missing":
+            del weights[name]
+        else:
+            weights[name] = weights[name][:, :-1].clone()
+
+    seg = _damaged_copy(finetune_run, tmp_path / "seg.pt", "best.pt", "model", damage)
+    pre = _damaged_copy(pretrain_run, tmp_path / "pre.pt", "last.pt", "student", damage)
+    seg_name = _first_weight(torch.load(finetune_run / "checkpoints" / "best.pt",
+                                        weights_only=True)["model"])
+    pre_name = _first_weight(torch.load(pretrain_run / "checkpoints" / "last.pt",
+                                        weights_only=True)["student"])
+    shape = r"is \(\d+, \d+\) in the file, \(\d+, \d+\) expected"
+    expected = {
+        "missing": (re.escape(f"{seg}: missing key 'model.{seg_name}'"),
+                    re.escape(f"{pre}: missing key 'student.{pre_name}'")),
+        "shape": (re.escape(f"{seg}: shape of 'model.{seg_name}' ") + shape,
+                  re.escape(f"{pre}: shape of 'student.{pre_name}' ") + shape),
+    }[fault]
+    with pytest.raises(VoCoDataError, match=expected[0]):
+        load_segmenter(seg, device="cpu")
+    with pytest.raises(VoCoDataError, match=expected[1]):
+        load_position_model(pre, device="cpu")
+
+    image = save_nifti(tmp_path / "image.nii.gz", np.zeros((48, 48, 32), np.int16))
+    for command, checkpoint, pattern in (("predict", seg, expected[0]),
+                                         ("positions", pre, expected[1])):
+        assert main([command, "--checkpoint", str(checkpoint), "--input", str(image),
+                     "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("voco: error: "), err
+        assert re.search(pattern, err), err
+
+
+def test_checkpoint_without_config_or_weights_is_one_line(pretrain_run, tmp_path):
+    state = torch.load(pretrain_run / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**state, "student": None}, tmp_path / "no_student.pt")
+    with pytest.raises(VoCoDataError, match="missing key 'student'"):
+        load_position_model(tmp_path / "no_student.pt", device="cpu")
+    torch.save({**state, "config": {**state["config"], "optim": {"lr": -1}}},
+               tmp_path / "bad_config.pt")
+    with pytest.raises(VoCoDataError, match=r"bad_config.pt: the configuration stored in it "
+                                            r"is invalid: optim.lr = -1"):
+        load_position_model(tmp_path / "bad_config.pt", device="cpu")

@@ -6,14 +6,20 @@ import gzip
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from voco_core.data.io import (
     DatalistEntry,
+    VolumeRecord,
     check_min_shape,
     check_pair,
+    check_volume_header,
+    dataset_class_names,
     load_datalist,
+    looks_like_labels,
+    read_dataset_json,
     read_volume,
     write_volume,
 )
@@ -247,3 +253,226 @@ def test_json_datalist_accepts_plain_strings_relative_to_json(tmp_path):
     path = tmp_path / "list.json"
     path.write_text(json.dumps({"training": ["img/x.nii.gz"]}))
     assert load_datalist(path)[0].image == (tmp_path / "img" / "x.nii.gz").resolve()
+
+
+def test_dataset_json_read_from_folder_or_path_and_empty_when_none(phantom_dataset, tmp_path):
+    spec = read_dataset_json(phantom_dataset)
+    assert spec == read_dataset_json(phantom_dataset / "dataset.json")
+    assert spec["labels"]["0"] == "background"
+    assert read_dataset_json(tmp_path) == {}  # folder without dataset.json
+    assert read_dataset_json(phantom_dataset / "imagesTr" / "phantom_000.nii.gz") == {}
+    assert read_dataset_json([DatalistEntry(Path("x.nii.gz"))]) == {}
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"training": [')
+    with _expect_error(broken, "not a readable JSON"):
+        read_dataset_json(broken)
+    with _expect_error(tmp_path / "absent.json", "not found"):
+        read_dataset_json(tmp_path / "absent.json")
+
+
+def test_dataset_class_names_in_index_order(phantom_dataset, tmp_path):
+    from voco_core.data.phantoms import LABEL_NAMES
+
+    assert dataset_class_names(phantom_dataset) == tuple(LABEL_NAMES[i] for i in range(11))
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": {"1": "liver", "0": "background", "2": "tumour"}}))
+    assert dataset_class_names(tmp_path) == ("background", "liver", "tumour")
+    path.write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))  # nnU-Net v2
+    assert dataset_class_names(path) == ("background", "liver")
+    path.write_text(json.dumps({"training": []}))
+    assert dataset_class_names(path) == ()
+
+
+@pytest.mark.parametrize(
+    ("labels", "fragment"),
+    [
+        ({"0": "background", "2": "liver"}, r"indices must be the classes 0\.\.1.*\[0, 2\]"),
+        ({"1": "liver"}, r"0\.\.0.*got \[1\]"),
+        ({"0": "background", "x": "liver"}, "'x': 'liver'"),
+        ({"0": "background", "1": ""}, "'1': ''"),
+        (["background", "liver"], "expected a \"labels\" object"),
+        ({"whole tumour": [1, 2, 3]}, "whole tumour"),
+    ],
+)
+def test_dataset_class_names_refuses_a_bad_labels_map(tmp_path, labels, fragment):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": labels}))
+    with _expect_error(path, fragment):
+        dataset_class_names(tmp_path)
+
+
+# ---------------------------------------------------------------- size claimed by the header
+
+
+def _lying_header_file(path: Path, shape, dtype=np.float32, payload_bytes: int = 4000) -> Path:
+    """A NIfTI file whose header claims ``shape`` but which holds ``payload_bytes``."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * 4 + bytes(payload_bytes)
+    if path.name.endswith(".gz"):
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_header_claiming_more_data_than_the_file_holds_is_refused_before_reading(
+        tmp_path, monkeypatch, suffix):
+    path = _lying_header_file(tmp_path / f"liar{suffix}", (2000, 2000, 2000))
+    size = path.stat().st_size
+
+    def no_voxel_read(*args, **kwargs):
+        raise AssertionError("voxel data was read")
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", no_voxel_read)
+    for reader in (read_volume, check_volume_header):
+        with pytest.raises(VoCoDataError) as info:
+            reader(path)
+        message = str(info.value)
+        assert str(path) in message and "(2000, 2000, 2000)" in message
+        assert "float32" in message and f"{size:,} " in message
+        assert "\n" not in message
+
+
+def test_highly_compressible_volume_is_not_mistaken_for_a_lying_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(nib.openers.Opener, "default_compresslevel", 9)  # deflate's best ratio
+    path = tmp_path / "empty_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((160, 160, 128), np.uint8), np.eye(4)), path)
+    assert (160 * 160 * 128) / path.stat().st_size > 1000  # close to the 1032x bound
+    assert read_volume(path).shape == (160, 160, 128)
+
+
+def test_truncated_uncompressed_file_refused_from_its_size(tmp_path):
+    good = save_nifti(tmp_path / "good.nii", np.ones((16, 16, 16), np.float32))
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(good.read_bytes()[:5000])
+    with _expect_error(cut, r"is truncated: .*\(16, 16, 16\) of float32.*holds 5,000 bytes"):
+        read_volume(cut)
+
+
+def test_empty_axis_and_rgb_voxels_are_refused(tmp_path):
+    empty = _lying_header_file(tmp_path / "empty.nii", (0, 8, 8), payload_bytes=0)
+    with _expect_error(empty, r"empty axis: shape \(0, 8, 8\)"):
+        read_volume(empty)
+    rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), path)
+    with _expect_error(path, "voxel type .*one number per voxel"):
+        read_volume(path)
+
+
+# ---------------------------------------------------------------- symbolic links
+
+
+def _loop(folder: Path, name: str) -> Path:
+    """``name`` -> ``name.other`` -> ``name``: a link that never resolves."""
+    link, other = folder / name, folder / f"{name}.other"
+    link.symlink_to(other.name)
+    other.symlink_to(link.name)
+    return link
+
+
+def test_looping_and_dangling_links_are_named_by_every_reader_and_datalist(tmp_path):
+    loop = _loop(tmp_path, "loop.nii.gz")
+    with _expect_error(loop, "broken symbolic link: it loops"):
+        read_volume(loop)
+    with _expect_error(loop, "broken symbolic link: it loops"):
+        load_datalist(tmp_path)  # flat folder listing
+
+    dataset = tmp_path / "decathlon"
+    (dataset / "imagesTr").mkdir(parents=True)
+    (dataset / "labelsTr").mkdir()
+    save_nifti(dataset / "imagesTr" / "case.nii.gz", np.zeros((4, 4, 4), np.float32))
+    dangling = dataset / "labelsTr" / "case.nii.gz"
+    dangling.symlink_to("/nonexistent/case.nii.gz")
+    with _expect_error(dangling, "broken symbolic link: it points to a missing file"):
+        load_datalist(dataset)
+
+    listing = tmp_path / "list.json"
+    _loop(tmp_path, "listed.nii")
+    listing.write_text(json.dumps({"training": [{"image": "listed.nii"}]}))
+    with _expect_error(tmp_path / "listed.nii", r"loops .*listed in list\.json as training\[0\]"):
+        load_datalist(listing)
+
+    json_loop = _loop(tmp_path / "decathlon", "dataset.json")
+    with _expect_error(json_loop, "broken symbolic link: it loops"):
+        load_datalist(json_loop.parent)
+
+
+# ---------------------------------------------------------------- image or label map
+
+
+def _record(array: np.ndarray, name: str = "volume.nii.gz", intent: str | None = None):
+    header = nib.Nifti1Header()
+    if intent is not None:
+        header.set_intent(intent)
+    return VolumeRecord(array, np.eye(4), (1.0, 1.0, 1.0), Path("/data") / name, header)
+
+
+def _mri_like_uint8(shape=(48, 48, 32)) -> np.ndarray:
+    """Smooth intensities over nearly the whole 8-bit range, as a scaled MRI has."""
+    i, j, k = np.meshgrid(*(np.linspace(0, 1, n) for n in shape), indexing="ij")
+    smooth = 0.5 + 0.25 * np.sin(6 * i) * np.cos(5 * j) + 0.24 * np.sin(4 * k + 3 * i)
+    return np.round(smooth.clip(0, 1) * 255).astype(np.uint8)
+
+
+def test_eight_bit_mri_opens_as_an_image():
+    mri = _mri_like_uint8()
+    assert 200 <= np.unique(mri).size <= 256
+    as_labels, reason = looks_like_labels(_record(mri, "t1.nii.gz"))
+    assert not as_labels and "distinct" in reason
+    # FreeSurfer's brainmask and a "masked" T1 are grey-value images, not masks
+    assert not looks_like_labels(_record(mri, "brainmask.nii.gz"))[0]
+    assert not looks_like_labels(_record(mri, "t1_masked.nii.gz"))[0]
+
+
+def test_label_map_named_like_one_opens_as_labels_with_many_values():
+    atlas = (np.arange(48 * 48 * 32) % 117).reshape(48, 48, 32).astype(np.uint8)
+    for name in ["atlas_labels.nii.gz", "liver_seg.nii", "case01-mask.nii.gz",
+                 "aparc+aseg.nii.gz", "liverMask.nii.gz", "sub-01_dseg.nii.gz"]:
+        as_labels, reason = looks_like_labels(_record(atlas, name))
+        assert as_labels, name
+        assert "file name" in reason
+    assert looks_like_labels(_record(atlas, "labelsTr/case_001.nii.gz"))[1] == "folder 'labelsTr'"
+    assert not looks_like_labels(_record(atlas, "case_001.nii.gz"))[0]  # too many for data alone
+
+
+def test_ct_and_floating_point_data_open_as_images():
+    ct = np.full((16, 16, 16), -1000, np.int16)
+    ct[4:12, 4:12, 4:12] = 40
+    as_labels, reason = looks_like_labels(_record(ct, "ct.nii.gz"))
+    assert not as_labels and "negative" in reason
+    probabilities = np.random.default_rng(0).uniform(size=(8, 8, 8)).astype(np.float32)
+    as_labels, reason = looks_like_labels(_record(probabilities, "liver_mask.nii.gz"))
+    assert not as_labels and "not non-negative whole numbers" in reason
+
+
+def test_label_intent_decides_first():
+    mri = _mri_like_uint8()
+    assert looks_like_labels(_record(mri, "t1.nii.gz", intent="label")) == (
+        True, "NIfTI intent 'label'")
+    assert looks_like_labels(_record(mri.astype(np.float32), intent="neuroname"))[0]
+    few_values = (mri // 64).astype(np.int16)  # 4 values: labels by data alone ...
+    assert looks_like_labels(_record(few_values))[0]
+    as_labels, reason = looks_like_labels(_record(few_values, intent="estimate"))
+    # ... unless the header says otherwise
+    assert not as_labels and "'estimate' is not a label intent" in reason
+
+
+def test_phantom_label_maps_open_as_labels_and_images_as_images(phantom_dataset):
+    for entry in load_datalist(phantom_dataset, require_labels=True):
+        assert looks_like_labels(read_volume(entry.label))[0]
+        assert not looks_like_labels(read_volume(entry.image))[0]
+    summary = read_volume(entry.label).describe()
+    assert summary["kind"] == "label map" and "label_voxels" in summary
+    assert read_volume(entry.image).describe()["kind"] == "image"
+
+
+def test_label_intent_is_read_from_the_file(tmp_path):
+    image = nib.Nifti1Image(_mri_like_uint8(), np.eye(4))
+    image.header.set_intent("label")
+    nib.save(image, tmp_path / "t1.nii.gz")
+    record = read_volume(tmp_path / "t1.nii.gz")
+    assert record.intent == "label" and looks_like_labels(record)[0]

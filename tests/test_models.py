@@ -81,3 +81,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_feature_dropout_hits_the_student_in_training_only():
+    config = ModelConfig(**{**TINY.__dict__, "teacher": "head", "feature_dropout": 0.5})
+    model = VoCoModel(config)
+    x = torch.rand(3, 1, 40, 40, 40)
+    torch.manual_seed(0)
+    student, teacher = model(x)
+    with torch.no_grad():
+        pooled = model.student.backbone(x)
+        clean_student = model.student.head(pooled)
+    # The teacher head sees the clean pooled features; the student's are dropped.
+    torch.testing.assert_close(teacher, model.teacher(pooled))
+    assert not torch.allclose(student, clean_student, atol=1e-4)
+    model.eval()
+    with torch.no_grad():
+        student_eval, _ = model(x)
+    torch.testing.assert_close(student_eval, clean_student)
+    # Without dropout the model is unchanged by the new module.
+    plain = VoCoModel(ModelConfig(**{**TINY.__dict__, "teacher": "head"}))
+    assert plain.feature_dropout.p == 0.0

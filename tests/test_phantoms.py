@@ -93,3 +93,12 @@ def test_bad_arguments():
         make_phantom(0, 0, (8, 64, 64))
     with pytest.raises(ValueError, match="spacing"):
         make_phantom(0, 0, SHAPE, spacing=(1.0, 0.0, 1.0))
+
+
+def test_unwritable_dataset_json_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    from voco_core.errors import VoCoDataError
+
+    (tmp_path / "dataset.json").mkdir()  # something in the way
+    with pytest.raises(VoCoDataError, match=r"dataset\.json: cannot write"):
+        make_phantom_dataset(tmp_path, n=1, shape=(32, 32, 32))
+    assert not list(tmp_path.glob("*.tmp"))

@@ -28,7 +28,8 @@ class StopAt:
 
 
 def step_losses(history):
-    return [(e.step, e.loss, e.pos, e.neg, e.reg, e.lr) for e in history if e.kind == "step"]
+    return [(e.step, e.loss, e.terms["pos"], e.terms["neg"], e.terms["reg"], e.lr)
+            for e in history if e.kind == "step"]
 
 
 def test_resume_is_exact(tmp_path, train_dataset):
@@ -67,6 +68,8 @@ def test_stop_flag_before_the_first_step_leaves_a_valid_checkpoint(tmp_path, tra
     assert [e.kind for e in events] == ["start", "stopped"]
     state = load_checkpoint(tmp_path / "run")
     assert state["step"] == 0 and state["format"] == "napari-voco/pretrain"
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())  # plain JSON: no NaN
+    assert meta["step"] == 0 and meta["loss"] is None
 
 
 def test_checkpoint_contents_are_plain_and_complete(tmp_path, train_dataset):
@@ -85,6 +88,10 @@ def test_checkpoint_contents_are_plain_and_complete(tmp_path, train_dataset):
     event = result.history[-1]
     assert event.kind == "done" and event.crops_per_second > 0 and event.peak_memory_bytes > 0
     assert event.seconds_per_step > 0 and event.eta_seconds == 0
+    assert meta["loss"] == event.loss  # the loss of the step the checkpoint holds
+    assert set(event.terms) == {"pos", "neg", "reg"}
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert record["terms"] == event.terms and record["loss"] == event.loss
 
 
 @pytest.mark.parametrize("variant", ["head", "none"])

@@ -193,3 +193,15 @@ def test_compact_cache_is_a_quarter_of_float32_and_within_1_over_510(tmp_path, t
                                   "ct_window": [-200, 300]}})
     PretrainDataset(entries[:1], other)[0]
     assert len(list((tmp_path / "c").glob("*.npy"))) == 3
+
+
+@pytest.mark.parametrize("cache", ["disk", "compact"])
+def test_unwritable_cache_folder_is_one_line_naming_it(tmp_path, cache):
+    from voco_core.data.io import DatalistEntry
+    from voco_core.errors import VoCoDataError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    config = tiny_config({"data": {"cache": cache, "cache_dir": str(blocker / "cache")}})
+    with pytest.raises(VoCoDataError, match=r"a_file/cache: data\.cache_dir cannot be created"):
+        PretrainDataset([DatalistEntry(tmp_path / "x.nii.gz")], config)

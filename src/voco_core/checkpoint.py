@@ -9,51 +9,117 @@ downloaded files, i.e. untrusted).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from voco_core import __version__
 from voco_core.errors import VoCoDataError
 
 CHECKPOINT_NAME = "last.pt"
+BEST_NAME = "best.pt"
 PRETRAIN_FORMAT = "napari-voco/pretrain"
 SEGMENTATION_FORMAT = "napari-voco/segmentation"
-BEST_NAME = "best.pt"
+
+# Entries a checkpoint must hold to resume from it (checked before anything is loaded,
+# so a damaged file is one line naming the missing entry, not a KeyError).
+PRETRAIN_RESUME_KEYS = ("step", "samples_seen", "config", "student", "teacher", "optimizer",
+                        "scheduler", "rng")
+SEGMENTATION_KEYS = ("kind", "step", "config", "model", "best_dice", "best_step")
+SEGMENTATION_RESUME_KEYS = (*SEGMENTATION_KEYS, "optimizer", "scheduler", "rng")
+
+
+def pretrain_payload(*, step: int, samples_seen: int, world_size: int, config: dict,
+                     student: dict, teacher: dict | None, optimizer: dict, scheduler: dict,
+                     scaler: dict | None, rng: dict) -> dict[str, Any]:
+    """A pretraining ``last.pt``: everything :func:`iter_pretrain` needs to resume exactly
+    (``samples_seen``: volumes drawn by all ranks together, the data stream's position)."""
+    return {"format": PRETRAIN_FORMAT, "voco_version": __version__, "step": step,
+            "samples_seen": samples_seen, "world_size": world_size, "config": config,
+            "student": student, "teacher": teacher, "optimizer": optimizer,
+            "scheduler": scheduler, "scaler": scaler, "rng": rng}
+
+
+def segmentation_payload(kind: str, *, step: int, config: dict, model: dict,
+                         best_dice: float, best_step: int, optimizer: dict | None = None,
+                         scheduler: dict | None = None, scaler: dict | None = None,
+                         rng: dict | None = None) -> dict[str, Any]:
+    """A finetuning checkpoint: ``best`` (model + config, what inference needs) or ``last``
+    (also optimizer, scheduler, scaler and RNG state, to resume)."""
+    payload = {"format": SEGMENTATION_FORMAT, "kind": kind, "voco_version": __version__,
+               "step": step, "config": config, "model": model, "best_dice": best_dice,
+               "best_step": best_step}
+    if kind == "last":
+        payload.update(optimizer=optimizer, scheduler=scheduler, scaler=scaler, rng=rng)
+    return payload
+
+
+def require_keys(state: dict, keys: tuple[str, ...], path: str | Path) -> None:
+    """Refuse a checkpoint that lacks one of ``keys`` (a damaged or hand-made file)."""
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise VoCoDataError(f"checkpoint is incomplete: entry {missing[0]!r} is missing "
+                            f"(expected {', '.join(keys)})", path)
+
+
+def _temporary(path: Path) -> Path:
+    """``.NAME.<pid>.tmp`` beside ``path``: same file system (atomic rename), and
+    recognisable as a leftover by :meth:`RunFolder.remove_stale_temporaries`."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object], what: str = "file"
+                 ) -> Path:
+    """``write(tmp)`` to a temporary file in the same folder, then ``os.replace``: a
+    crash or a full disk never leaves a half-written file under ``path`` (the previous
+    one stays). Failures are one :class:`VoCoDataError` naming ``path``."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a full disk as RuntimeError ("PytorchStreamWriter failed
+        # writing file ..."), not OSError.
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else (
+            str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise VoCoDataError(f"cannot write {what} ({reason})", path) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``:
-    a crash or a full disk never leaves a half-written checkpoint under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise VoCoDataError(f"cannot write checkpoint ({err.strerror or err})", path) from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """``torch.save`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), "checkpoint")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: str | Path, value: Any) -> Path:
-    return atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+    """Plain JSON, atomically; NaN and infinities are written as null (JSON has none)."""
+    return atomic_write_text(path, json.dumps(json_safe(value), indent=2, allow_nan=False)
+                             + "\n")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (nested in dicts, lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -1,8 +1,11 @@
 """The ``voco`` command line.
 
-Every expected failure (bad file, bad flag value) ends with one line on stderr,
-``voco: error: <message>``, and exit status 1; usage errors exit with 2
-(argparse's convention). No traceback for either.
+Every expected failure (bad file, bad flag value, a full disk, an output folder
+another run is writing to) ends with one line on stderr, ``voco: error: <message>``,
+and exit status 1; usage errors exit with 2 (argparse's convention). No traceback
+for either. Training stopped by Ctrl-C or SIGTERM writes a checkpoint, prints
+``stopped at step N/M; checkpoint ... (resume with --resume RUN)`` and exits with
+130 or 143 (128 + the signal number).
 
 Also runnable as ``python -m voco_core.cli`` (what ``torchrun`` needs).
 """
@@ -78,9 +81,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flag_overrides(args: argparse.Namespace, steps_section: str, out) -> dict:
-    """``--set``, ``--steps`` (``<steps_section>.total_steps``), ``--device`` and the run
-    folder as one nested override dict (later flags win)."""
+def _flag_overrides(args: argparse.Namespace, steps_section: str) -> dict:
+    """``--set``, ``--steps`` (``<steps_section>.total_steps``) and ``--device`` as one
+    nested override dict (later flags win)."""
     from voco_core.config import merge, parse_override
 
     flags: dict = {}
@@ -90,172 +93,175 @@ def _flag_overrides(args: argparse.Namespace, steps_section: str, out) -> dict:
         flags = merge(flags, {steps_section: {"total_steps": args.steps}})
     if args.device is not None:
         flags = merge(flags, {"run": {"device": args.device}})
-    if out is not None:
-        flags = merge(flags, {"run": {"output_dir": str(out)}})
     return flags
 
 
-def _pretrain_config(args: argparse.Namespace):
-    """Config for ``voco pretrain``: the run's own when resuming, else file/preset; then flags."""
-    from voco_core.config import (
-        apply_overrides,
-        load_config,
-        make_config,
-    )
-    from voco_core.train.pretrain import resume_config, run_folder_of
-
-    out = args.out
-    if out is None and args.resume is not None:
-        out = run_folder_of(args.resume)  # continue in the folder being resumed
-    flags = _flag_overrides(args, "optim", out)
-    if args.resume is not None:
-        return resume_config(args.resume, **flags)
-    if args.config is not None:
-        return apply_overrides(load_config(args.config, check_device=False), flags)
-    preset = args.preset
-    if preset is None:
-        import torch
-
-        preset = "base" if torch.cuda.is_available() else "tiny"
-        print(f"preset: {preset} (no --preset given; {'CUDA' if preset == 'base' else 'CPU'})")
-    return make_config(preset, flags)
-
-
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from voco_core.plan import plan_pretrain
 
-    config = _pretrain_config(args)
-    run_dir = Path(config.run.output_dir)
-    return _run_pretraining(config, args.data, run_dir, resume=args.resume)
-
-
-def _run_pretraining(config, data, run_dir: Path, resume=None) -> int:
-    """Drive the trainer with a tqdm progress bar; Ctrl-C stops cleanly with a checkpoint."""
-    import threading
-
-    from tqdm import tqdm
-
-    from voco_core.train.pretrain import iter_pretrain
-
-    stop = threading.Event()
-    events = iter_pretrain(config, data, run_dir, resume=resume, stop=stop)
-    bar = None
-    last = None
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only rank 0 reports
-        for _ in events:
-            pass
-        return 0
-    try:
-        for event in events:
-            last = event
-            if event.kind == "start":
-                print(f"pretraining ({config.preset} preset, teacher {config.model.teacher}) "
-                      f"from step {event.step} to {event.total_steps}; run folder {run_dir}")
-                continue
-            if event.kind == "step":
-                if bar is None:  # created after the first step: errors before it stay one line
-                    bar = tqdm(total=event.total_steps, initial=event.step - 1, unit="step",
-                               desc="pretrain", dynamic_ncols=True)
-                bar.update(1)
-                bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
-                                crops_s=f"{event.crops_per_second:.1f}")
-    except KeyboardInterrupt:
-        # Second chance: ask the loop to stop at the next step and write a checkpoint.
-        stop.set()
-        for event in events:
-            last = event
-    finally:
-        if bar is not None:
-            bar.close()
-    if last is None:
-        return 1
-    state = "stopped" if last.kind == "stopped" else "finished"
-    print(f"{state} at step {last.step}/{last.total_steps}, loss {last.loss:.4f}; "
-          f"checkpoint {run_dir / 'checkpoints' / 'last.pt'}; loss curve {run_dir / 'loss.png'}")
-    return 0
-
-
-def _finetune_config(args: argparse.Namespace):
-    """Config for ``voco finetune``: the run's own when resuming, else file/preset; then flags."""
-    from voco_core.config import (
-        FinetuneConfig,
-        finetune_config_from_dict,
-        make_finetune_config,
-        merge,
-    )
-    from voco_core.train.finetune import finetune_resume_config
-
-    out = args.out if args.out is not None else args.resume
-    flags = _flag_overrides(args, "train", out)
-    if args.resume is not None:
-        return finetune_resume_config(args.resume, **flags)
-    if args.config is not None:
-        import yaml
-
-        try:
-            values = yaml.safe_load(args.config.read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise VoCoConfigError(f"{args.config}: not a readable YAML/JSON config ({err})"
-                                  ) from err
-        if not isinstance(values, dict):
-            raise VoCoConfigError(f"{args.config}: expected a mapping of config sections")
-        return finetune_config_from_dict(merge(values, flags))
-    preset = args.preset
-    if preset is None:
-        import torch
-
-        preset = "base" if torch.cuda.is_available() else "tiny"
-        print(f"preset: {preset} (no --preset given; {'CUDA' if preset == 'base' else 'CPU'})")
-    config: FinetuneConfig = make_finetune_config(preset, flags)
-    return config
+    plan = plan_pretrain(preset=args.preset, config_file=args.config, resume=args.resume,
+                         overrides=_flag_overrides(args, "optim"), out=args.out)
+    return _run(plan, args.data)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    import threading
+    from voco_core.plan import plan_continue, plan_finetune
 
+    if args.continue_from is not None:
+        for flag, value in (("--resume", args.resume), ("--pretrained", args.pretrained),
+                            ("--preset", args.preset), ("--config", args.config)):
+            if value is not None:
+                raise VoCoConfigError(f"{flag} and --continue-from exclude each other: a "
+                                      "continued run takes its parent's config and network")
+        plan = plan_continue(args.continue_from, overrides=_flag_overrides(args, "train"),
+                             out=args.out)
+    else:
+        plan = plan_finetune(preset=args.preset, config_file=args.config, resume=args.resume,
+                             overrides=_flag_overrides(args, "train"), out=args.out,
+                             pretrained=args.pretrained)
+    return _run(plan, args.data)
+
+
+class _StopOnSignals:
+    """SIGTERM (what ``kill`` and SLURM send) and a first Ctrl-C set the trainer's stop
+    flag: the step in progress finishes, a checkpoint is written and the loop ends with
+    ``stopped``. A second Ctrl-C abandons the step (KeyboardInterrupt; the trainer still
+    saves the steps completed). ``exit_code``: 128 + the signal number (130, 143)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.flag = threading.Event()
+        self.signal: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> _StopOnSignals:
+        import signal
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:
+        import signal
+
+        if self.flag.is_set() and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = self.signal or number
+        self.flag.set()
+        print(f"\n{signal.Signals(number).name}: stopping after the current step and writing "
+              "a checkpoint" + (" (Ctrl-C again to abandon the step)"
+                                if number == signal.SIGINT else ""), file=sys.stderr)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal if self.signal else 1
+
+
+def _run(plan, data) -> int:
+    """Run a plan with a tqdm progress bar; print how it ended. Exit status 0 when it
+    finished, 130/143 when Ctrl-C/SIGTERM stopped it (a checkpoint is written)."""
     from tqdm import tqdm
 
-    from voco_core.train.finetune import iter_finetune
+    from voco_core.run_folder import RunFolder
+    from voco_core.train import iter_finetune, iter_pretrain
 
-    config = _finetune_config(args)
-    run_dir = Path(config.run.output_dir)
-    stop = threading.Event()
-    events = iter_finetune(config, args.data, run_dir, pretrained=args.pretrained,
-                           resume=args.resume, stop=stop)
+    for note in plan.notes:
+        print(note)
+    folder = RunFolder(plan.run_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun: only rank 0 reports
     bar, last = None, None
+    with _StopOnSignals() as signals:
+        if plan.kind == "pretrain":
+            events = iter_pretrain(plan.config, data, plan.run_dir, resume=plan.resume,
+                                   stop=signals.flag)
+        else:
+            events = iter_finetune(plan.config, data, plan.run_dir, pretrained=plan.pretrained,
+                                   resume=plan.resume, stop=signals.flag,
+                                   initial=plan.initial)
+        try:
+            for event in events:
+                last = event
+                if not rank0:
+                    continue
+                if event.kind == "start":
+                    print(_start_line(plan, event))
+                    if event.message:
+                        print(event.message)
+                elif event.kind == "step":
+                    if bar is None:  # created after the first step: earlier errors stay one line
+                        bar = tqdm(total=event.total_steps, initial=event.step,
+                                   unit="step", desc=plan.kind, dynamic_ncols=True)
+                    else:  # (created with this step counted: no first tick of ~0 s)
+                        bar.update(event.step - bar.n)
+                    bar.set_postfix(_postfix(event))
+                    if event.message:
+                        bar.write(f"step {event.step}: {event.message}")
+                elif event.kind == "validation":
+                    (bar.write if bar else print)(_validation_line(event))
+        except KeyboardInterrupt:  # a second Ctrl-C: the trainer saved what it completed
+            signals.signal = signals.signal or 2
+        finally:
+            if bar is not None:
+                bar.close()
+    if last is None or not rank0:
+        return 0 if last is not None and last.kind == "done" else signals.exit_code
+    if last.kind == "done":
+        print(f"finished at step {last.step}/{last.total_steps}{_result(plan, last)}; "
+              f"checkpoint {folder.last}; "
+              f"{'loss curve' if plan.kind == 'pretrain' else 'curves'} "
+              f"{folder.loss_figure if plan.kind == 'pretrain' else folder.curves_figure}")
+        return 0
+    step = _saved_step(folder, last.step)
+    print(f"stopped at step {step}/{last.total_steps}{_result(plan, last)}; checkpoint "
+          f"{folder.last} (resume with --resume {folder.root})")
+    return signals.exit_code
+
+
+def _start_line(plan, event) -> str:
+    config = plan.config
+    what = (f"pretraining ({config.preset} preset, teacher {config.model.teacher}, loss "
+            f"{config.loss.variant})" if plan.kind == "pretrain"
+            else f"finetuning ({config.preset} preset)")
+    return (f"{what} from step {event.step} to {event.total_steps}; "
+            f"run folder {plan.run_dir}")
+
+
+def _postfix(event) -> dict[str, str]:
+    if hasattr(event, "crops_per_second"):
+        return {"loss": f"{event.loss:.4f}", "lr": f"{event.lr:.2e}",
+                "crops_s": f"{event.crops_per_second:.1f}"}
+    best = event.best_dice if event.best_dice is not None else float("nan")
+    return {"loss": f"{event.loss:.4f}", "best_dice": f"{best:.3f}"}
+
+
+def _validation_line(event) -> str:
+    worst = sorted(event.class_dice.items(), key=lambda kv: kv[1] or 0)[:3]
+    text = ", ".join(f"{k} {v:.3f}" for k, v in worst if v is not None)
+    return (f"step {event.step}: validation mean Dice {event.mean_dice:.4f} "
+            f"(best {event.best_dice:.4f} at step {event.best_step}; lowest: {text})")
+
+
+def _result(plan, last) -> str:
+    if plan.kind == "pretrain":
+        return f", loss {last.loss:.4f}"
+    best = last.best_dice if last.best_dice is not None else float("nan")
+    return f"; best mean Dice {best:.4f} (step {last.best_step})"
+
+
+def _saved_step(folder, fallback: int) -> int:
+    """The step of the checkpoint on disk (after an abandoned step it may differ from
+    the last reported one)."""
     try:
-        for event in events:
-            last = event
-            if event.kind == "start":
-                print(f"finetuning ({config.preset} preset) from step {event.step} to "
-                      f"{event.total_steps}; run folder {run_dir}")
-                if event.message:
-                    print(event.message)
-            elif event.kind == "step":
-                if bar is None:
-                    bar = tqdm(total=event.total_steps, initial=event.step - 1, unit="step",
-                               desc="finetune", dynamic_ncols=True)
-                bar.update(1)
-                bar.set_postfix(loss=f"{event.loss:.4f}", best_dice=f"{event.best_dice or 0:.3f}")
-            elif event.kind == "validation":
-                worst = sorted(event.class_dice.items(), key=lambda kv: kv[1] or 0)[:3]
-                text = ", ".join(f"{k} {v:.3f}" for k, v in worst if v is not None)
-                (bar.write if bar else print)(
-                    f"step {event.step}: validation mean Dice {event.mean_dice:.4f} "
-                    f"(best {event.best_dice:.4f} at step {event.best_step}; lowest: {text})")
-    except KeyboardInterrupt:
-        stop.set()
-        for event in events:
-            last = event
-    finally:
-        if bar is not None:
-            bar.close()
-    if last is None:
-        return 1
-    state = "stopped" if last.kind == "stopped" else "finished"
-    print(f"{state} at step {last.step}/{last.total_steps}; best mean Dice "
-          f"{last.best_dice if last.best_dice is not None else float('nan'):.4f} (step "
-          f"{last.best_step}); checkpoints in {run_dir / 'checkpoints'}")
-    return 0
+        return int(json.loads(folder.meta.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return fallback
 
 
 def _inputs(path: Path) -> list[Path]:
@@ -317,10 +323,13 @@ def _cmd_positions(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from voco_core.config import make_config
     from voco_core.data.phantoms import make_phantom_dataset
-    from voco_core.train.pretrain import read_log
+    from voco_core.plan import plan_pretrain
+    from voco_core.run_folder import RunFolder, read_log
 
+    folder = RunFolder(args.out)
+    if folder.last.exists():
+        raise VoCoConfigError(f"--out {args.out} already holds a run; choose a new folder")
     data = Path(args.data)
     if not (data / "dataset.json").is_file():
         make_phantom_dataset(data, n=args.phantoms, seed=0)
@@ -329,16 +338,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # pretext task need orientation invariance, which a few CPU minutes do not learn:
     # measured over 50 tiny steps, mean loss 0.43 -> 0.39 with them, 0.42 -> 0.20
     # without. The demo keeps the intensity shift and says so.
-    config = make_config("tiny", {"optim": {"total_steps": args.steps},
-                                  "augment": {"flip_prob": 0.0, "rot90_prob": 0.0},
-                                  "run": {"output_dir": str(args.out), "device": "cpu"}})
+    plan = plan_pretrain(preset="tiny", out=folder.root, overrides={
+        "optim": {"total_steps": args.steps}, "augment": {"flip_prob": 0.0, "rot90_prob": 0.0},
+        "run": {"device": "cpu"}})
     print("demo: tiny preset on CPU without flip/rot90 augmentation (see docs/pretraining.md)")
-    if (args.out / "checkpoints" / "last.pt").exists():
-        raise VoCoConfigError(f"--out {args.out} already holds a run; choose a new folder")
     start = time.perf_counter()
-    status = _run_pretraining(config, data, Path(args.out))
-    records = read_log(Path(args.out) / "log.jsonl")
-    if len(records) >= 10:
+    status = _run(plan, data)
+    records = read_log(folder.log) if folder.log.is_file() else []
+    if status == 0 and len(records) >= 10:
         window = max(3, len(records) // 5)
         first = sum(r["loss"] for r in records[:window]) / window
         final = sum(r["loss"] for r in records[-window:]) / window
@@ -401,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--steps", type=_positive_int, help="total optimizer steps")
     fine.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     fine.add_argument("--resume", type=Path, help="finetuning run folder or last.pt to continue")
+    fine.add_argument("--continue-from", type=Path, metavar="RUN",
+                      help="new run starting from a finetuned run's network (best.pt) with "
+                           "the current labels (correct-and-retrain); default --out RUN_r2")
     fine.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                       help="override a field, e.g. --set train.lr=1e-4 (repeatable)")
     fine.set_defaults(func=_cmd_finetune)

@@ -26,3 +26,7 @@ class VoCoDataError(VoCoError, ValueError):
 
 class VoCoConfigError(VoCoError, ValueError):
     """A configuration value (file field or CLI flag) is invalid."""
+
+
+class VoCoTrainingError(VoCoError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the last checkpoint is kept."""

@@ -110,6 +110,14 @@ class VoCoModel(nn.Module):
     - ``none``: no teacher (the CVPR text).
 
     The teacher starts as a copy of the student and never requires gradients.
+
+    ``feature_dropout`` (``model.feature_dropout``, VoCo v2: 0.2) drops elements of the
+    student's pooled backbone features ``(N, 24 * feature_size)`` before its head, in
+    training mode only; the teacher is fed the clean features. This is ordinary
+    element-wise ``nn.Dropout``, not the authors' release's ``Dropout1d`` on a 2-D
+    input (which PyTorch reads as one unbatched sample and so zeroes whole crops'
+    feature vectors) and not active in eval mode: :class:`VoCoNet` used at inference
+    has no dropout at all.
     """
 
     def __init__(self, config: ModelConfig):
@@ -117,6 +125,7 @@ class VoCoModel(nn.Module):
         self.variant = config.teacher
         self.momentum = config.ema_momentum
         self.student = VoCoNet(config)
+        self.feature_dropout = nn.Dropout(config.feature_dropout)
         self.teacher: nn.Module | None = None
         if self.variant == "full":
             self.teacher = copy.deepcopy(self.student)
@@ -128,13 +137,12 @@ class VoCoModel(nn.Module):
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features of ``crops`` ``(N, 1, S, S, S)``: student ``(N, D)``, teacher ``(N, D)``
         (``None`` without a teacher)."""
+        pooled = self.student.backbone(crops)
+        student = self.student.head(self.feature_dropout(pooled))
         if self.variant == "head":
-            pooled = self.student.backbone(crops)
-            student = self.student.head(pooled)
             with torch.no_grad():
                 teacher = self.teacher(pooled.detach())
             return student, teacher
-        student = self.student(crops)
         if self.teacher is None:
             return student, None
         with torch.no_grad():

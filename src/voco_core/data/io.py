@@ -1,4 +1,4 @@
-"""NIfTI reading/writing and datalists.
+"""NIfTI reading/writing and datalists (checks before a read: :mod:`voco_core.data.files`).
 
 Axis convention
 ---------------
@@ -17,6 +17,14 @@ Datalists
 folder is read as: its ``dataset.json`` if it has one; else ``imagesTr/`` (with
 labels paired by file name from ``labelsTr/`` when that exists); else every
 ``.nii``/``.nii.gz`` file directly inside it, sorted by name.
+:func:`read_dataset_json` and :func:`dataset_class_names` read the Decathlon JSON's
+other fields (``validation``, the ``labels`` names).
+
+Image or label map
+------------------
+:func:`looks_like_labels` (from :mod:`voco_core.data.labelmaps`) decides whether a
+volume is a label map or an intensity image; the napari reader and ``voco info``
+both use it.
 
 Every problem raises :class:`~voco_core.errors.VoCoDataError` naming the file.
 """
@@ -25,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,21 +40,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from voco_core.data.files import (
+    READ_ERRORS,
+    is_nifti_path,
+    nifti_suffix,
+    open_nifti,
+    require_file,
+)
+from voco_core.data.labelmaps import looks_like_labels
 from voco_core.errors import VoCoDataError
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-# Errors nibabel/numpy/gzip raise on unreadable, truncated or corrupt files.
-_READ_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, ValueError)
-
-
-def is_nifti_path(path: str | Path) -> bool:
-    """True when the file name ends in ``.nii`` or ``.nii.gz`` (any case)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
-def _nifti_suffix(path: Path) -> str:
-    return ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+"""MONAI ``Orientation`` axis labels for nibabel's convention (what a
+:class:`VolumeRecord`'s affine means): axis codes point to R, A, S."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,8 +63,10 @@ class VolumeRecord:
         array: voxel data, shape ``(I, J, K)`` in file storage order (see module doc).
         affine: ``(4, 4)`` float64, voxel index -> world RAS+ position in mm.
         spacing: voxel size in mm along ``(i, j, k)``.
-        path: the file it was read from, if any.
-        header: the NIfTI header it was read with, reused when writing results.
+        path: the file it was read from, if any; its name is part of the
+            image-or-label-map decision (:func:`looks_like_labels`).
+        header: the NIfTI header it was read with, reused when writing results;
+            its intent code is the other part of that decision.
     """
 
     array: np.ndarray
@@ -79,15 +86,28 @@ class VolumeRecord:
 
     @property
     def is_label_map(self) -> bool:
-        """True for integer (or boolean) data: a label map, not an intensity image."""
+        """True for integer or boolean data, the dtypes a label map can have. Integer
+        CT and 8-bit MRI have them too: whether a volume *is* a label map is
+        :func:`looks_like_labels`."""
         return bool(np.issubdtype(self.array.dtype, np.integer) or self.array.dtype == np.bool_)
+
+    @property
+    def intent(self) -> str:
+        """The header's NIfTI intent, e.g. ``"label"``, ``"neuroname"`` or ``"none"``
+        (also ``"none"`` without a header)."""
+        if self.header is None:
+            return "none"
+        try:
+            return str(self.header.get_intent()[0])
+        except (KeyError, ValueError):  # a code nibabel does not know
+            return f"code {int(self.header['intent_code'])}"
 
     @property
     def name(self) -> str:
         """File name without the NIfTI suffix (``"case_001"`` for ``case_001.nii.gz``)."""
         if self.path is None:
             return "volume"
-        return self.path.name[: -len(_nifti_suffix(self.path))]
+        return self.path.name[: -len(nifti_suffix(self.path))]
 
     def describe(self) -> dict:
         """Plain-type summary (what ``voco info`` prints)."""
@@ -103,46 +123,15 @@ class VolumeRecord:
             "intensity_max": float(data.max()),
             "intensity_mean": float(data.mean(dtype=np.float64)),
         }
-        if self.is_label_map:
+        as_labels, reason = looks_like_labels(self)
+        summary["kind"] = "label map" if as_labels else "image"
+        summary["kind_reason"] = reason
+        if as_labels:
             values, counts = np.unique(data, return_counts=True)
             if values.size <= 64:
                 pairs = zip(values.tolist(), counts.tolist(), strict=True)
                 summary["label_voxels"] = {int(v): int(c) for v, c in pairs}
         return summary
-
-
-def _open_nifti(path: Path, kind: str):
-    """Open a NIfTI file lazily (header only) and check it is a 3-D volume."""
-    path = Path(path)
-    if not path.exists():
-        raise VoCoDataError(f"{kind} file not found", path)
-    if path.is_dir():
-        raise VoCoDataError(f"is a folder, expected a NIfTI {kind} file (.nii or .nii.gz)", path)
-    if not is_nifti_path(path):
-        raise VoCoDataError(
-            f"not a NIfTI file: expected a {kind} file named *.nii or *.nii.gz", path
-        )
-    try:
-        image = nib.load(path)
-    except _READ_ERRORS as err:
-        raise VoCoDataError(f"cannot be read as NIfTI ({type(err).__name__}: {err})", path) from err
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise VoCoDataError(f"is a {type(image).__name__}, expected a NIfTI-1/2 {kind}", path)
-
-    shape = tuple(int(s) for s in image.shape)
-    while len(shape) > 3 and shape[-1] == 1:  # single channel / time point
-        shape = shape[:-1]
-    if len(shape) < 3:
-        raise VoCoDataError(
-            f"is {len(shape)}-D with shape {shape}, expected a 3-D {kind} volume", path
-        )
-    if len(shape) > 3:
-        raise VoCoDataError(
-            f"is {len(shape)}-D with shape {shape} ({int(np.prod(shape[3:]))} channels or "
-            f"time points), expected a 3-D {kind} volume or a 4-D file with one channel",
-            path,
-        )
-    return image, shape
 
 
 def check_volume_header(
@@ -152,7 +141,7 @@ def check_volume_header(
     exists, is NIfTI, is 3-D (or 4-D with one channel) and, when ``min_shape`` is
     given, is at least that large. Returns the shape; raises :class:`VoCoDataError`."""
     path = Path(path)
-    _, shape = _open_nifti(path, kind)
+    _, shape = open_nifti(path, kind)
     if min_shape is not None:
         _require_min_shape(shape, min_shape, path)
     return shape  # type: ignore[return-value]
@@ -177,10 +166,10 @@ def read_volume(
     truncated or corrupt file, data that is not 3-D, and non-finite voxels.
     """
     path = Path(path)
-    image, shape = _open_nifti(path, kind)
+    image, shape = open_nifti(path, kind)
     try:
         array = np.asanyarray(image.dataobj).reshape(shape)
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         raise VoCoDataError(
             f"data cannot be read: the file is truncated or corrupt ({type(err).__name__}: {err})",
             path,
@@ -278,7 +267,7 @@ def write_volume(
     if header is None:
         image.header.set_xyzt_units("mm", "sec")
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{_nifti_suffix(path)}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{nifti_suffix(path)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(image, tmp)
@@ -299,36 +288,30 @@ class DatalistEntry:
     label: Path | None = None
 
 
-def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p))
-
-
 def load_datalist(
     source: str | Path, *, section: str = "training", require_labels: bool = False
 ) -> list[DatalistEntry]:
     """List the cases of a folder or a Decathlon-style JSON (see module doc).
 
-    Checks that every listed file exists; it does not read them (that happens
-    lazily, in :func:`read_volume`, with the same typed errors).
+    Checks that every listed file exists (a broken or looping symbolic link is
+    named as such); it does not read them (that happens lazily, in
+    :func:`read_volume`, with the same typed errors).
     """
     source = Path(source)
-    if not source.exists():
-        raise VoCoDataError("datalist or data folder not found", source)
+    _require_file_or_folder(source)
     if source.is_dir():
-        if (source / "dataset.json").is_file():
-            return load_datalist(
-                source / "dataset.json", section=section, require_labels=require_labels
-            )
+        json_path = _folder_dataset_json(source)
+        if json_path is not None:
+            return load_datalist(json_path, section=section, require_labels=require_labels)
         if (source / "imagesTr").is_dir():
-            images = _nifti_files(source / "imagesTr")
             label_dir = source / "labelsTr"
             entries = [
-                DatalistEntry(img, label if (label := label_dir / img.name).is_file() else None)
-                for img in images
+                DatalistEntry(image, _paired_label(label_dir / image.name))
+                for image in _nifti_files(source / "imagesTr", "image")
             ]
             where = source / "imagesTr"
         else:
-            entries = [DatalistEntry(img) for img in _nifti_files(source)]
+            entries = [DatalistEntry(image) for image in _nifti_files(source, "image")]
             where = source
         if not entries:
             raise VoCoDataError("no NIfTI files (*.nii, *.nii.gz) found in this folder", where)
@@ -341,18 +324,116 @@ def load_datalist(
     return entries
 
 
-def _read_json_datalist(path: Path, section: str) -> list[DatalistEntry]:
-    if path.suffix.lower() != ".json":
-        raise VoCoDataError("expected a data folder or a Decathlon-style .json datalist", path)
+def read_dataset_json(data) -> dict:
+    """The Decathlon-style JSON behind ``data``: ``data`` itself when it is a ``.json``
+    path, the ``dataset.json`` of a folder, else (a NIfTI path, a folder without one,
+    a list of entries) ``{}``.
+
+    Raises :class:`VoCoDataError` naming the file when it is missing, unreadable,
+    not JSON or not a JSON object.
+    """
+    if not isinstance(data, str | os.PathLike):
+        return {}
+    path = Path(data)
+    if path.is_dir():
+        path = _folder_dataset_json(path)
+    elif path.suffix.lower() != ".json":
+        path = None
+    if path is None:
+        return {}
+    require_file(path, "datalist")
     try:
         spec = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise VoCoDataError(f"not a readable JSON datalist ({err})", path) from err
-    if not isinstance(spec, dict) or not isinstance(spec.get(section), list):
+    if not isinstance(spec, dict):
+        raise VoCoDataError(
+            f"expected a JSON object (a Decathlon datalist), got a JSON {type(spec).__name__}",
+            path,
+        )
+    return spec
+
+
+def dataset_class_names(data) -> tuple[str, ...]:
+    """Class names from the ``labels`` map of the JSON behind ``data`` (see
+    :func:`read_dataset_json`), in class-index order; ``()`` when there is none.
+
+    Both layouts are read: Decathlon ``{"0": "background", "1": "liver"}`` and
+    nnU-Net v2 ``{"background": 0, "liver": 1}``. The indices must be exactly
+    ``0 .. N-1``, else :class:`VoCoDataError` naming the JSON file.
+    """
+    labels = read_dataset_json(data).get("labels")
+    if labels is None:
+        return ()
+    path = Path(data)
+    return _class_names(labels, _folder_dataset_json(path) if path.is_dir() else path)
+
+
+def _class_names(labels, path: Path) -> tuple[str, ...]:
+    """``{index: name}`` or ``{name: index}`` -> names in index order (see above)."""
+    expected = 'a "labels" object like {"0": "background", "1": "liver"}'
+    if not isinstance(labels, dict) or not labels:
+        raise VoCoDataError(f"expected {expected}, got {labels!r}", path)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        pairs = [(value, name) for name, value in labels.items()]  # nnU-Net v2 layout
+    else:
+        pairs = []
+        for key, name in labels.items():
+            if not str(key).isdigit() or not isinstance(name, str) or not name.strip():
+                raise VoCoDataError(f"expected {expected}, got {key!r}: {name!r}", path)
+            pairs.append((int(key), name))
+    by_index = dict(pairs)
+    if sorted(by_index) != list(range(len(pairs))):
+        raise VoCoDataError(
+            f'"labels" indices must be the classes 0..{len(pairs) - 1}, each once, '
+            f"got {sorted(index for index, _ in pairs)}",
+            path,
+        )
+    return tuple(str(by_index[i]) for i in range(len(pairs)))
+
+
+def _require_file_or_folder(source: Path) -> None:
+    if source.is_dir():
+        return
+    if not source.exists() and not source.is_symlink():
+        raise VoCoDataError("datalist or data folder not found", source)
+    require_file(source, "datalist")
+
+
+def _folder_dataset_json(folder: Path) -> Path | None:
+    """``folder/dataset.json`` when it is there (even as a broken link, to be named)."""
+    path = folder / "dataset.json"
+    return path if path.is_file() or path.is_symlink() else None
+
+
+def _nifti_files(folder: Path, kind: str) -> list[Path]:
+    """The ``.nii``/``.nii.gz`` files directly in ``folder``, sorted by name."""
+    try:
+        children = sorted(folder.iterdir())
+    except OSError as err:
+        raise VoCoDataError(f"cannot list this folder ({err.strerror or err})", folder) from err
+    files = [p for p in children if is_nifti_path(p) and not p.is_dir()]
+    for file in files:
+        require_file(file, kind)
+    return files
+
+
+def _paired_label(label: Path) -> Path | None:
+    """The label map paired with an ``imagesTr/`` image, None when there is none."""
+    if not label.is_file() and not label.is_symlink():
+        return None
+    require_file(label, "label map")
+    return label
+
+
+def _read_json_datalist(path: Path, section: str) -> list[DatalistEntry]:
+    if path.suffix.lower() != ".json":
+        raise VoCoDataError("expected a data folder or a Decathlon-style .json datalist", path)
+    spec = read_dataset_json(path)
+    if not isinstance(spec.get(section), list):
         raise VoCoDataError(f'expected a JSON object with a "{section}" list', path)
     if not spec[section]:
         raise VoCoDataError(f'the "{section}" list is empty', path)
-    root = path.parent
     entries = []
     for n, item in enumerate(spec[section]):
         if isinstance(item, str):
@@ -362,13 +443,17 @@ def _read_json_datalist(path: Path, section: str) -> list[DatalistEntry]:
                 f'{section}[{n}] must be a path or an object with an "image" path, got {item!r}',
                 path,
             )
-        image = (root / item["image"]).resolve()
         label = item.get("label")
         if label is not None and not isinstance(label, str):
             raise VoCoDataError(f'{section}[{n}]["label"] must be a path, got {label!r}', path)
-        label = (root / label).resolve() if label else None
-        for file in (image, label):
-            if file is not None and not file.is_file():
-                raise VoCoDataError(f"file listed in {path.name} ({section}[{n}]) not found", file)
-        entries.append(DatalistEntry(image, label))
+        where = f"listed in {path.name} as {section}[{n}]"
+        image = _listed_file(path.parent / item["image"], "image", where)
+        entries.append(DatalistEntry(image, _listed_file(path.parent / label, "label map", where)
+                                     if label else None))
     return entries
+
+
+def _listed_file(file: Path, kind: str, where: str) -> Path:
+    """``file`` checked (its message saying ``where`` it was listed) and made absolute."""
+    require_file(file, kind, where)
+    return file.resolve()

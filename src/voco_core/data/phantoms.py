@@ -259,6 +259,7 @@ def make_phantom_dataset(
     Returns the path of ``dataset.json``. Files are named ``phantom_000.nii.gz``...
     """
     from voco_core.data.io import write_volume
+    from voco_core.errors import VoCoDataError
 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -284,6 +285,10 @@ def make_phantom_dataset(
     }
     dataset_json = out / "dataset.json"
     tmp = dataset_json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(spec, indent=2) + "\n")
-    tmp.replace(dataset_json)
+    try:
+        tmp.write_text(json.dumps(spec, indent=2) + "\n")
+        tmp.replace(dataset_json)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise VoCoDataError(f"cannot write ({err.strerror or err})", dataset_json) from err
     return dataset_json

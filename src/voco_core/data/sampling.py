@@ -15,8 +15,12 @@ shift). This replaces ``K + m`` separate MONAI crop/resize pipelines per volume;
 with augmentation off it equals them (``tests/test_sampling.py`` keeps the
 per-crop MONAI version as the oracle).
 
-All randomness of a step comes from one ``numpy.random.Generator`` whose state is
-checkpointed, so a resumed run draws the same crops as an uninterrupted one.
+Randomness: each volume of a step draws from its own ``numpy.random.Generator``,
+which the trainer seeds from (seed, step, global volume index). A resumed run
+therefore draws the same crops as an uninterrupted one without any sampler state
+in the checkpoint, and a batch does not depend on how it is split over
+gradient-accumulation micro-batches or DDP ranks. The order of volumes comes from
+:class:`ResumableRandomSampler` (permutations seeded by (seed, epoch)).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from voco_core.config import DataConfig, VoCoConfig
-from voco_core.data.io import DatalistEntry, read_volume
+from voco_core.data.io import RAS_LABELS, DatalistEntry, read_volume
 from voco_core.errors import VoCoDataError
 from voco_core.geometry import (
     base_crop_grid,
@@ -45,9 +49,6 @@ from voco_core.geometry import (
 )
 
 # ---------------------------------------------------------------- pre-processing
-
-# nibabel's convention (what read_volume's affine means): axis codes point to R, A, S.
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 class ForegroundSelector:
@@ -89,7 +90,7 @@ def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = No
     """
     key = "image"
     steps: list = [LoadVolumed(key, min_shape)] if load else []
-    steps.append(mt.Orientationd(key, axcodes="RAS", labels=_RAS_LABELS))
+    steps.append(mt.Orientationd(key, axcodes="RAS", labels=RAS_LABELS))
     if data.intensity == "ct":
         low, high = data.ct_window
         steps.append(mt.ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=0.0, b_max=1.0,
@@ -205,6 +206,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.paths = [str(e.image) for e in entries]
         transform = preprocess_transforms(config.data, min_shape=min_raw_shape(config))
         items = [{"image": p} for p in self.paths]
+        if config.data.cache in ("disk", "compact"):
+            _make_cache_folder(config.data.cache_dir)
         if config.data.cache == "memory":
             try:
                 self.inner = CacheDataset(items, transform, num_workers=0, progress=False)
@@ -229,6 +232,18 @@ class PretrainDataset(torch.utils.data.Dataset):
             return self.inner[index]["image"]
         except Exception as err:
             return LoadFailure(_explain(err, self.paths[index]))
+
+
+def _make_cache_folder(folder: str | Path) -> None:
+    """Create ``data.cache_dir`` up front: a one-line error instead of a traceback from
+    inside MONAI or a data-loader worker when it cannot be."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise VoCoDataError(
+            f"data.cache_dir cannot be created ({err.strerror or err}); expected a writable folder",
+            folder,
+        ) from err
 
 
 def min_raw_shape(config: VoCoConfig) -> tuple[int, int, int]:
@@ -400,6 +415,7 @@ class VoCoCropSampler:
         if not self.resize:
             raise ValueError(f"crops of {tuple(crops.shape[2:])} need resizing to {target}")
         return F.interpolate(crops, size=target, mode="trilinear", align_corners=False)
+
 
 def _draw_augmentation(rng: np.random.Generator, n: int, aug) -> dict[str, np.ndarray]:
     """Per-crop parameters for ``n`` crops: ``flips (3, n)`` bool, ``turns (n,)`` in

@@ -9,9 +9,9 @@ voxel grid with MONAI's own inverse.
 
 Training crops (:func:`seg_train_transforms`): pad to the ROI, then
 ``RandCropByPosNegLabeld`` (``samples_per_volume`` crops per volume), flips,
-in-plane rot90 and intensity scale/shift. The random state is re-seeded from
-(seed, step, volume) before each draw, so a resumed run crops what an
-uninterrupted one would.
+in-plane rot90 and intensity scale/shift. The finetuning loop re-seeds their
+random state from (seed, step, volume slot) before each draw, so a resumed run
+crops what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from voco_core.config import SegDataConfig, SegTrainConfig
-from voco_core.data.io import DatalistEntry, VolumeRecord, check_pair, read_volume
+from voco_core.data.io import RAS_LABELS, DatalistEntry, VolumeRecord, check_pair, read_volume
+from voco_core.data.sparse import AnnotatedCropIndicesd
+from voco_core.data.sparse import check_label_range as check_label_range  # re-export
 from voco_core.errors import VoCoDataError
-
-# nibabel's convention (what read_volume's affine means): axis codes point to R, A, S.
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def to_meta_tensor(record: VolumeRecord, dtype: torch.dtype = torch.float32) -> MetaTensor:
@@ -50,15 +49,6 @@ def label_values(label: VolumeRecord) -> np.ndarray:
         raise VoCoDataError(f"label value {bad[0].item()!r} is not a class index (expected whole "
                             "numbers 0, 1, 2, ...)", label.path)
     return values.astype(np.int64)
-
-
-def check_label_range(path, values: np.ndarray, num_classes: int) -> None:
-    """A label value >= ``num_classes`` is an error naming the file and the value."""
-    outside = values[values >= num_classes]
-    if outside.size:
-        raise VoCoDataError(
-            f"label value {int(outside[0])} is outside the declared classes 0..{num_classes - 1} "
-            f"(data.num_classes = {num_classes})", path)
 
 
 @dataclass
@@ -118,16 +108,27 @@ def seg_transforms(data: SegDataConfig, keys: Sequence[str] = ("image", "label")
     return mt.Compose(steps)
 
 
-def seg_train_transforms(train: SegTrainConfig) -> mt.Compose:
+def seg_train_transforms(train: SegTrainConfig, ignore_label: int | None = None) -> mt.Compose:
     """Random training crops and augmentation of a pre-processed pair (a list of
-    ``samples_per_volume`` dicts comes out)."""
+    ``samples_per_volume`` dicts comes out).
+
+    Crop centres are drawn from annotated voxels only (:class:`AnnotatedCropIndicesd`:
+    foreground = a class > 0, background = 0 inside the image's foreground); with
+    ``ignore_label`` set, padding is ignored too rather than labelled background.
+    Without it the crops equal MONAI's own ``RandCropByPosNegLabeld`` bit for bit.
+    """
     keys = ("image", "label")
     pos, neg = train.pos_neg_ratio
+    roi = tuple(train.roi_size)
     steps = [
-        mt.SpatialPadd(keys, spatial_size=tuple(train.roi_size)),
-        mt.RandCropByPosNegLabeld(keys, label_key="label", image_key="image",
-                                  spatial_size=tuple(train.roi_size), pos=pos, neg=neg,
-                                  num_samples=train.samples_per_volume, image_threshold=0),
+        mt.SpatialPadd("image", spatial_size=roi),
+        mt.SpatialPadd("label", spatial_size=roi,
+                       value=ignore_label if ignore_label is not None else 0),
+        AnnotatedCropIndicesd("label", ignore_label, "fg_indices", "bg_indices",
+                              image_key="image", image_threshold=0),
+        mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=roi, pos=pos, neg=neg,
+                                  num_samples=train.samples_per_volume,
+                                  fg_indices_key="fg_indices", bg_indices_key="bg_indices"),
     ]
     if train.flip_prob > 0:
         steps += [mt.RandFlipd(keys, prob=train.flip_prob, spatial_axis=a) for a in (0, 1, 2)]

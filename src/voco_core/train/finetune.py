@@ -1,17 +1,18 @@
 """Finetuning MONAI's SwinUNETR for segmentation, from scratch or a VoCo backbone.
 
-:func:`iter_finetune` is one loop, read top to bottom, yielding a
-:class:`FinetuneEvent` per step (and one per validation), with the same
-stop-flag contract as pretraining: the flag is checked before every step and
-stopping writes a checkpoint first.
+:func:`iter_finetune` is one loop, read top to bottom (build -> restore -> steps ->
+save), yielding a :class:`FinetuneEvent` per step and one per validation, with the
+same stop-flag and folder-lock contract as pretraining: the flag is checked before
+every step and stopping writes a checkpoint first.
 
-Run folder::
+Run folder (:class:`~voco_core.run_folder.RunFolder`)::
 
     RUN_DIR/config.yaml            the full config (classes filled in)
     RUN_DIR/checkpoints/last.pt    model, optimizer, scheduler, scaler, step, RNG, best Dice
     RUN_DIR/checkpoints/best.pt    model + config of the best validation Dice
     RUN_DIR/meta.json              step, best Dice and per-class Dice (plain JSON)
     RUN_DIR/log.jsonl              one record per logged step and per validation
+    RUN_DIR/tensorboard/           loss, lr and validation Dice for TensorBoard
     RUN_DIR/curves.png             loss and validation Dice, written when the run ends
 
 Both checkpoints load with ``weights_only=True`` and feed
@@ -25,85 +26,60 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
-from monai.metrics import compute_dice
-from monai.networks.utils import one_hot
 
 from voco_core import __version__
 from voco_core.checkpoint import (
-    BEST_NAME,
-    CHECKPOINT_NAME,
     SEGMENTATION_FORMAT,
+    SEGMENTATION_RESUME_KEYS,
     atomic_torch_save,
+    find_checkpoint,
+    require_keys,
+    segmentation_payload,
     write_json,
 )
 from voco_core.checkpoint import load_segmentation_checkpoint as load_finetune_checkpoint
 from voco_core.config import FinetuneConfig, finetune_config_from_dict, merge, resolve_device
-from voco_core.data.io import DatalistEntry, load_datalist
+from voco_core.data.io import DatalistEntry, dataset_class_names, load_datalist, read_dataset_json
 from voco_core.data.sampling import ResumableRandomSampler
 from voco_core.data.segmentation import (
     LabelledCase,
-    check_label_range,
     load_labelled_cases,
     seg_train_transforms,
     seg_transforms,
     split_validation,
 )
-from voco_core.errors import VoCoConfigError, VoCoDataError
+from voco_core.data.sparse import check_sparse_label, class_values, masked_dice
+from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoError
 from voco_core.models import BACKBONE_PREFIXES, build_swin_unetr
-from voco_core.train.pretrain import (
+from voco_core.run_folder import RunFolder
+from voco_core.segmentation_loss import MaskedDiceCELoss
+from voco_core.train.common import (
+    StepClock,
     StopFlag,
-    VoCoTrainingError,
-    _restore_backend_flags,
-    _restore_rng,
-    _rng_state,
-    _set_backend_flags,
     amp_dtype,
+    autocast,
+    check_finite,
+    check_weights,
     peak_memory_bytes,
+    restore_state,
+    rng_state,
+    training_settings,
     warmup_cosine,
 )
+from voco_core.train.events import FinetuneEvent, finite_or_none
+from voco_core.train.run_log import RunLogger, plot_finetune_curves
 from voco_core.weights import load_backbone
 
-SEG_FORMAT = SEGMENTATION_FORMAT
-LAST, BEST = CHECKPOINT_NAME, BEST_NAME
-
-
-@dataclass
-class FinetuneEvent:
-    """One progress record.
-
-    ``kind``: ``start``, ``step`` (after each optimizer step), ``validation`` (after
-    a sliding-window validation: ``mean_dice`` and ``class_dice`` set), ``stopped``
-    or ``done``. Dice is over foreground classes, NaN until the first validation.
-    ``message`` carries the pretrained-weights load report on ``start``.
-    """
-
-    kind: Literal["start", "step", "validation", "stopped", "done"]
-    step: int
-    total_steps: int
-    loss: float = math.nan
-    lr: float = math.nan
-    seconds_per_step: float = math.nan
-    eta_seconds: float = math.nan
-    peak_memory_bytes: int = 0
-    mean_dice: float = math.nan
-    class_dice: dict[str, float] = field(default_factory=dict)
-    best_dice: float = math.nan
-    best_step: int = -1
-    checkpoint: str | None = None
-    best_checkpoint: str | None = None
-    run_dir: str = ""
-    message: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["FinetuneEvent", "FinetuneResult", "finetune", "finetune_resume_config",
+           "iter_finetune", "load_finetune_checkpoint", "plot_finetune_curves",
+           "resolve_classes", "validate"]
 
 
 @dataclass
@@ -117,54 +93,33 @@ class FinetuneResult:
     history: list[FinetuneEvent]
 
 
-def _entries(data: str | Path | Sequence[DatalistEntry], section: str) -> list[DatalistEntry]:
-    if not isinstance(data, str | Path):
-        return list(data)
-    return load_datalist(data, section=section, require_labels=True)
-
-
-def _datalist_json(data) -> dict:
-    """The Decathlon JSON behind ``data`` (a JSON file or a folder with dataset.json), or {}."""
-    if isinstance(data, str | Path):
-        path = Path(data)
-        path = path / "dataset.json" if path.is_dir() else path
-        if path.suffix == ".json" and path.is_file():
-            try:
-                spec = json.loads(path.read_text())
-                return spec if isinstance(spec, dict) else {}
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                return {}
-    return {}
-
-
-def _validation_entries(data) -> list[DatalistEntry]:
-    """The datalist's own ``validation`` section, when it is a JSON that has one."""
-    if _datalist_json(data).get("validation"):
-        return load_datalist(data, section="validation", require_labels=True)
-    return []
-
-
-def _dataset_class_names(data, num_classes: int) -> tuple[str, ...]:
-    """Names from a Decathlon JSON's ``labels`` map ({"0": "background", ...}), if complete."""
-    labels = _datalist_json(data).get("labels")
-    if isinstance(labels, dict):
-        names = tuple(str(labels.get(str(i), "")) for i in range(num_classes))
-        if all(names):
-            return names
-    return ()
-
-
 def resolve_classes(config: FinetuneConfig, cases: Sequence[LabelledCase],
-                    dataset_names=lambda num_classes: ()) -> FinetuneConfig:
-    """Fill in ``num_classes``/``class_names`` from the labels (names: the config's,
-    else ``dataset_names(num_classes)``, else ``class_i``), and check every label map
-    against them."""
-    found = max(int(c.values.max()) for c in cases) + 1
-    num_classes = config.data.num_classes or max(found, 2)
-    names = (tuple(config.data.class_names) or dataset_names(num_classes)
+                    declared: Sequence[str] = (), declared_in: str | Path | None = None
+                    ) -> FinetuneConfig:
+    """Fill in ``num_classes``/``class_names`` and check every label map against them.
+
+    ``declared``: the class names a ``dataset.json`` (``declared_in``) lists, background
+    first. The number of classes is the config's, else the declared count, else the
+    largest label value + 1; names are the config's, else the declared ones (when the
+    count matches), else ``class_i``. A label value outside the classes is refused;
+    with ``data.ignore_label`` set, that value is not a class (sparse label maps) and a
+    map with no annotated voxel is refused.
+    """
+    ignore = config.data.ignore_label
+    found = max(int(class_values(c.values, ignore).max(initial=0)) for c in cases) + 1
+    num_classes = config.data.num_classes or len(declared) or max(found, 2)
+    names = (tuple(config.data.class_names)
+             or (tuple(declared) if len(declared) == num_classes else ())
              or ("background", *(f"class_{i}" for i in range(1, num_classes))))
+    from_json = bool(declared) and not config.data.num_classes
     for case in cases:
-        check_label_range(case.entry.label, case.values, num_classes)
+        values = class_values(case.values, ignore)
+        outside = values[values >= num_classes]
+        if from_json and outside.size:
+            raise VoCoDataError(f"label value {int(outside[0])} is outside the classes "
+                                f"0..{num_classes - 1} that {declared_in} declares "
+                                f"({', '.join(declared)})", case.entry.label)
+        check_sparse_label(case.entry.label, case.values, num_classes, ignore)
     return replace(config, data=replace(config.data, num_classes=num_classes, class_names=names))
 
 
@@ -180,20 +135,20 @@ def encoder_parameter_groups(model: torch.nn.Module) -> tuple[list, list]:
 def validate(model: torch.nn.Module, cases: Sequence[dict], config: FinetuneConfig,
              device: torch.device, dtype: torch.dtype | None) -> tuple[float, np.ndarray]:
     """Sliding-window Dice on pre-processed cases: (mean over foreground classes,
-    per-class ``(C-1,)`` averaged over cases; NaN where a class is absent everywhere)."""
+    per-class ``(C-1,)`` averaged over cases; NaN where a class is absent everywhere).
+    Over annotated voxels only when ``data.ignore_label`` is set (sparse label maps)."""
     t = config.train
     model.eval()
     per_case = []
     for case in cases:
         image = case["image"].as_tensor()[None].to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             logits = sliding_window_inference(image, tuple(t.roi_size), t.sw_batch_size, model,
                                               overlap=t.sw_overlap, mode="gaussian")
         prediction = logits.float().argmax(dim=1, keepdim=True)
         truth = case["label"].as_tensor()[None].to(device).round().long()
-        c = config.data.num_classes
-        dice = compute_dice(one_hot(prediction, c), one_hot(truth, c), include_background=False,
-                            ignore_empty=True)
+        dice = masked_dice(prediction, truth, config.data.num_classes,
+                           config.data.ignore_label)
         per_case.append(dice[0].cpu().numpy())
     model.train()
     per_class = np.nanmean(np.stack(per_case), axis=0) if per_case else np.array([])
@@ -210,12 +165,13 @@ def iter_finetune(
     validation: Sequence[DatalistEntry] | None = None,
     resume: str | Path | None = None,
     stop: StopFlag | None = None,
+    initial: str | Path | None = None,
 ) -> Iterator[FinetuneEvent]:
     """Finetune a SwinUNETR, yielding a :class:`FinetuneEvent` per step.
 
     Args:
         config: validated :class:`FinetuneConfig`; when resuming, the run's own
-            (see :func:`finetune_resume_config`); ``train.total_steps`` may grow.
+            (see :func:`voco_core.plan.plan_finetune`); ``train.total_steps`` may grow.
         data: a folder (imagesTr/labelsTr), a Decathlon JSON, or entries with labels.
         run_dir: output folder (default ``config.run.output_dir``).
         pretrained: a VoCo checkpoint (own run or released weights) for the encoder;
@@ -225,37 +181,236 @@ def iter_finetune(
         resume: a finetuning run folder or its ``last.pt``.
         stop: checked before every step; when set, a checkpoint is written and the
             generator ends with a ``stopped`` event.
+        initial: a finetuned checkpoint (run folder: its best.pt, else last.pt) whose
+            whole network starts this new run (continue after correcting labels; see
+            :func:`voco_core.plan.plan_continue`); recorded as ``parent`` in meta.json.
     """
     config.validate()
+    if initial is not None and (resume is not None or pretrained is not None):
+        raise VoCoConfigError("initial weights exclude resume and pretrained: a continued "
+                              "run starts from its parent's whole network")
     device = resolve_device(config.run.device)
-    run_dir = Path(run_dir or config.run.output_dir)
-    t, seed = config.train, config.run.seed
-    train_cases = load_labelled_cases(_entries(data, "training"))
-    val_entries = list(validation) if validation is not None else _validation_entries(data)
-    if val_entries:
-        val_cases = load_labelled_cases(val_entries, kind="validation")
+    folder = RunFolder(run_dir or config.run.output_dir)
+    train_cases, val_cases = _labelled_cases(data, validation, config)
+    declared, declared_in = (), None
+    if isinstance(data, str | Path):
+        declared = dataset_class_names(data)
+        declared_in = Path(data) / "dataset.json" if Path(data).is_dir() else Path(data)
+    config = resolve_classes(config, train_cases + val_cases, declared, declared_in)
+    with folder.lock():
+        yield from _finetune(config, train_cases, val_cases, folder, device, pretrained,
+                             resume, stop, initial)
+
+
+def _labelled_cases(data, validation: Sequence[DatalistEntry] | None,
+                    config: FinetuneConfig) -> tuple[list[LabelledCase], list[LabelledCase]]:
+    """(training, validation) cases: ``validation`` if given, else the JSON's
+    ``validation`` section, else a ``data.val_fraction`` split (maybe empty)."""
+    if isinstance(data, str | Path):
+        train_cases = load_labelled_cases(load_datalist(data, section="training",
+                                                        require_labels=True))
+        if validation is None and read_dataset_json(data).get("validation"):
+            validation = load_datalist(data, section="validation", require_labels=True)
     else:
-        train_cases, val_cases = split_validation(train_cases, config.data.val_fraction, seed)
-    val_source = "validation" if val_cases else "training"
-    config = resolve_classes(config, train_cases + val_cases,
-                             lambda c: _dataset_class_names(data, c))
+        train_cases = load_labelled_cases(list(data))
+    if validation:
+        return train_cases, load_labelled_cases(list(validation), kind="validation")
+    return split_validation(train_cases, config.data.val_fraction, config.run.seed)
+
+
+def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
+              val_cases: list[LabelledCase], folder: RunFolder, device: torch.device,
+              pretrained, resume, stop: StopFlag | None,
+              initial=None) -> Iterator[FinetuneEvent]:
+    t, seed = config.train, config.run.seed
+    folder.remove_stale_temporaries()
     try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
+        config.save(folder.config_file)
     except OSError as err:
         raise VoCoDataError(f"output folder is not writable ({err.strerror or err})",
-                            run_dir) from err
-
+                            folder.root) from err
+    val_source = "validation" if val_cases else "training"
     pre = seg_transforms(config.data)
     train_volumes = [pre({"image": c.image, "label": c.label}) for c in train_cases]
     val_volumes = [pre({"image": c.image, "label": c.label}) for c in (val_cases or train_cases)]
-    crop = seg_train_transforms(t)
+    crop = seg_train_transforms(t, config.data.ignore_label)
 
+    # ---- build
     torch.manual_seed(seed)
     model = build_swin_unetr(config.model, config.data.num_classes).to(device)
     message = ""
     if pretrained is not None and resume is None:
         message = load_backbone(model, pretrained).summary()
+    parent = _previous_parent(folder) if resume is not None else None
+    if initial is not None:
+        parent = _load_initial(model, initial, config)
+        message = f"continuing from {parent['checkpoint']} (its step {parent['step']})"
+    optimizer, lambdas = _optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    dtype = amp_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    masked_dice_ce = MaskedDiceCELoss()
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return masked_dice_ce(logits, labels, config.data.ignore_label)
+
+    # ---- restore
+    step, best = 0, _Best()
+    if resume is not None:
+        resume = find_checkpoint(resume)  # a run folder: its last.pt (never best.pt)
+        state = load_finetune_checkpoint(resume, map_location=device)
+        if state.get("kind") != "last":
+            raise VoCoDataError("is a best-model checkpoint without optimizer state; resume "
+                                "from the run folder or its checkpoints/last.pt", resume)
+        require_keys(state, SEGMENTATION_RESUME_KEYS, resume)
+        saved = finetune_config_from_dict(state["config"], check_device=False)
+        if saved.model != config.model or saved.data.num_classes != config.data.num_classes:
+            raise VoCoConfigError(f"{resume}: the checkpoint's model/classes differ from the "
+                                  "config; resume with the run's own config (plan_finetune)")
+        restore_state(state, resume, device, modules={"model": model}, optimizer=optimizer,
+                      scheduler=scheduler, scaler=scaler)
+        step = int(state["step"])
+        best = _Best(float(state["best_dice"]), int(state["best_step"]),
+                     folder.best if folder.best.is_file() else None)
+        message = f"resumed from {resume} at step {step}"
+        del state
+
+    names = list(config.data.class_names[1:])
+    order = iter(ResumableRandomSampler(len(train_volumes), seed, start=step * t.batch_volumes))
+
+    def save() -> Path:
+        atomic_torch_save(segmentation_payload(
+            "last", step=step, config=config.to_dict(), model=model.state_dict(),
+            best_dice=best.dice, best_step=best.step, optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler.is_enabled() else None,
+            rng=rng_state(device)), folder.last)
+        write_json(folder.meta, {
+            "format": SEGMENTATION_FORMAT, "voco_version": __version__, "step": step,
+            "total_steps": t.total_steps, "best_dice": best.dice, "best_step": best.step,
+            "class_dice_at_best": dict(zip(names, best.per_class, strict=False)),
+            "validated_on": val_source, "num_classes": config.data.num_classes,
+            "class_names": list(config.data.class_names),
+            "ignore_label": config.data.ignore_label, "parent": parent,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return folder.last
+
+    # ---- loop of steps
+    logger = RunLogger(folder, tag="finetune", start_step=step,
+                       tensorboard=config.run.tensorboard, figure=folder.curves_figure,
+                       plot=plot_finetune_curves)
+    last = FinetuneEvent("start", step, t.total_steps, run_dir=str(folder.root), message=message,
+                         best_dice=finite_or_none(best.dice), best_step=best.step)
+    saved_step = step if resume is not None else -1
+    clock = StepClock()
+    try:
+        with training_settings(device, config.run):
+            yield last
+            while step < t.total_steps:
+                if stop is not None and stop.is_set():
+                    if saved_step != step:
+                        save()
+                        saved_step = step
+                    last = replace(last, kind="stopped", checkpoint=str(folder.last))
+                    yield last
+                    return
+                clock.start()
+                images, labels = _crops(train_volumes, order, crop, seed, step,
+                                        t.batch_volumes, device)
+                loss = _train_step(model, loss_fn, images, labels, optimizer, scheduler, scaler,
+                                   t.clip_norm, step, device, dtype)
+                step += 1
+                elapsed, eta = clock.lap(t.total_steps - step)
+                last = replace(last, kind="step", step=step, loss=loss,
+                               lr=optimizer.param_groups[0]["lr"], seconds_per_step=elapsed,
+                               eta_seconds=eta, peak_memory_bytes=peak_memory_bytes(device),
+                               checkpoint=None, message="")
+                if step % config.run.log_every == 0 or step == t.total_steps:
+                    logger.write({"step": step, "loss": loss, "lr": last.lr,
+                                  "seconds_per_step": elapsed}, {"loss": loss, "lr": last.lr})
+                if step % t.val_every == 0 or step == t.total_steps:
+                    # Say so first: validation can take longer than many steps.
+                    yield replace(last, message=f"validating on {len(val_volumes)} "
+                                                f"{val_source} case(s)")
+                    mean_dice, per_class = validate(model, val_volumes, config, device, dtype)
+                    if math.isfinite(mean_dice) and mean_dice > best.dice:
+                        best = _Best(mean_dice, step, atomic_torch_save(segmentation_payload(
+                            "best", step=step, config=config.to_dict(),
+                            model=model.state_dict(), best_dice=mean_dice, best_step=step),
+                            folder.best), [finite_or_none(d) for d in per_class])
+                    class_dice = dict(zip(names, map(finite_or_none, per_class), strict=True))
+                    logger.write({"step": step, "mean_dice": mean_dice,
+                                  "class_dice": class_dice, "on": val_source},
+                                 {"mean_dice": mean_dice})
+                    last = replace(last, kind="validation", mean_dice=mean_dice,
+                                   class_dice=class_dice, best_dice=finite_or_none(best.dice),
+                                   best_step=best.step, message="",
+                                   best_checkpoint=str(best.path) if best.path else None)
+                if step % config.run.checkpoint_every == 0 or step == t.total_steps:
+                    last = replace(last, checkpoint=str(save()))
+                    saved_step = step
+                yield last
+            last = replace(last, kind="done")
+            yield last
+    except BaseException:
+        if step > saved_step and step > 0:
+            try:  # keep the progress made so far
+                save()
+            except VoCoError:
+                pass
+        raise
+    finally:
+        logger.close()
+
+
+def _load_initial(model: torch.nn.Module, initial: str | Path,
+                  config: FinetuneConfig) -> dict[str, Any]:
+    """Load a finetuned checkpoint's whole network into ``model``; returns the parent
+    record for meta.json (run folder, checkpoint, its step and best Dice)."""
+    from voco_core.plan import _segmentation_checkpoint_file
+
+    path = _segmentation_checkpoint_file(Path(initial))
+    state = load_finetune_checkpoint(path)
+    require_keys(state, ("model", "config", "step"), path)
+    saved = finetune_config_from_dict(state["config"], check_device=False)
+    if saved.model != config.model or saved.data.num_classes != config.data.num_classes:
+        raise VoCoConfigError(f"{path}: its model or classes ({saved.data.num_classes}) differ "
+                              f"from this run's ({config.data.num_classes}); continue with "
+                              "plan_continue, which takes the parent's config")
+    check_weights(state["model"], model.state_dict(), f"{path}: entry 'model'")
+    model.load_state_dict(state["model"])
+    folder = RunFolder.of(path)
+    return {"run": str(folder.root) if folder else None, "checkpoint": str(path),
+            "step": int(state["step"]), "best_dice": finite_or_none(state.get("best_dice",
+                                                                              math.nan))}
+
+
+def _previous_parent(folder: RunFolder) -> dict | None:
+    """The parent recorded by the run being resumed (its meta.json), if any."""
+    try:
+        return json.loads(folder.meta.read_text()).get("parent")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@dataclass
+class _Best:
+    """The best validation so far: mean Dice (-inf before any), step, ``best.pt``,
+    per-class Dice (JSON-safe)."""
+
+    dice: float = -math.inf
+    step: int = -1
+    path: Path | None = None
+    per_class: list = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.per_class = self.per_class or []
+
+
+def _optimizer(model: torch.nn.Module, t) -> tuple[torch.optim.Optimizer, list[Callable]]:
+    """AdamW over (decoder, encoder) groups, the encoder at ``lr * encoder_lr_scale``
+    (frozen when 0, at LR 0 for the first ``freeze_encoder_steps``); one LR factor
+    function per group."""
     encoder, decoder = encoder_parameter_groups(model)
     if t.encoder_lr_scale == 0:
         for p in encoder:
@@ -263,212 +418,72 @@ def iter_finetune(
     groups = [{"params": decoder, "lr": t.lr}]
     if t.encoder_lr_scale > 0:
         groups.append({"params": encoder, "lr": t.lr * t.encoder_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     schedule = warmup_cosine(t.warmup_steps, t.total_steps, t.min_lr / t.lr)
 
-    def encoder_schedule(s: int) -> float:  # frozen (lr 0) for the first freeze_encoder_steps
+    def encoder_schedule(s: int) -> float:
         return 0.0 if s < t.freeze_encoder_steps else schedule(s)
 
-    def lambdas():
-        return [schedule, encoder_schedule][: len(groups)]
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas())
-    dtype = amp_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    step, best_dice, best_step, per_class_best = 0, -math.inf, -1, []
-    if resume is not None:
-        state = load_finetune_checkpoint(resume, map_location=device)
-        if state.get("kind") != "last":
-            raise VoCoDataError("is a best-model checkpoint without optimizer state; resume "
-                                "from the run folder or its checkpoints/last.pt", resume)
-        saved = finetune_config_from_dict(state["config"], check_device=False)
-        if saved.model != config.model or saved.data.num_classes != config.data.num_classes:
-            raise VoCoConfigError(f"{resume}: the checkpoint's model/classes differ from the "
-                                  "config; resume with finetune_resume_config")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scheduler.lr_lambdas[:] = lambdas()
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _restore_rng(state["rng"], device)
-        step, best_dice, best_step = int(state["step"]), float(state["best_dice"]), int(
-            state["best_step"])
-        message = f"resumed from {resume} at step {step}"
-
-    names = list(config.data.class_names[1:])
-    order = iter(ResumableRandomSampler(len(train_volumes), seed, start=step * t.batch_volumes))
-    last_path, best_path = run_dir / "checkpoints" / LAST, run_dir / "checkpoints" / BEST
-    best_written = best_path if best_path.is_file() and resume is not None else None
-
-    def payload(kind: str) -> dict:
-        return {"format": SEG_FORMAT, "kind": kind, "voco_version": __version__, "step": step,
-                "config": config.to_dict(), "model": model.state_dict(),
-                "best_dice": best_dice, "best_step": best_step}
-
-    def save() -> Path:
-        atomic_torch_save({**payload("last"), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(),
-                           "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                           "rng": _rng_state(device)}, last_path)
-        write_json(run_dir / "meta.json", {
-            "format": SEG_FORMAT, "voco_version": __version__, "step": step,
-            "total_steps": t.total_steps, "best_dice": _finite(best_dice),
-            "best_step": best_step, "class_dice_at_best": dict(zip(names, per_class_best,
-                                                                   strict=False)),
-            "validated_on": val_source, "num_classes": config.data.num_classes,
-            "class_names": list(config.data.class_names),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        return last_path
-
-    last = FinetuneEvent("start", step, t.total_steps, run_dir=str(run_dir), message=message,
-                         best_dice=_finite(best_dice), best_step=best_step)
-    saved_step = step if resume is not None else -1
-    seconds_per_step = math.nan
-    # Process-wide switches and the log last, right before the try whose finally undoes
-    # them (an error in set-up or a generator closed after "start" must not leak them).
-    log = open(run_dir / "log.jsonl", "a")
-    backend_flags = _set_backend_flags(device, config.run.deterministic)
-    try:
-        yield last
-        while step < t.total_steps:
-            if stop is not None and stop.is_set():
-                if saved_step != step:
-                    save()
-                    saved_step = step
-                last = replace(last, kind="stopped", checkpoint=str(last_path))
-                yield last
-                return
-            started = time.perf_counter()
-            model.train()
-            crops = []
-            for b in range(t.batch_volumes):
-                index = next(order)
-                crop.set_random_state(seed=int(np.random.default_rng(
-                    [seed, step, b]).integers(2**31)))
-                with warnings.catch_warnings():  # crops of all-foreground volumes
-                    warnings.filterwarnings("ignore", message="Num foregrounds")
-                    crops += crop(train_volumes[index])
-            images = torch.stack([c["image"] for c in crops]).to(device)
-            labels = torch.stack([c["label"] for c in crops]).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=dtype or torch.float32,
-                                enabled=dtype is not None):
-                loss = loss_fn(model(images), labels)
-            if not torch.isfinite(loss):
-                raise VoCoTrainingError(f"the loss became {loss.item()} at step {step + 1}; the "
-                                        "last checkpoint is kept (try a lower train.lr)")
-            scaler.scale(loss).backward()
-            if t.clip_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-
-            elapsed = time.perf_counter() - started
-            seconds_per_step = elapsed if math.isnan(seconds_per_step) else (
-                0.8 * seconds_per_step + 0.2 * elapsed)
-            last = replace(last, kind="step", step=step, loss=loss.item(),
-                           lr=optimizer.param_groups[0]["lr"], seconds_per_step=elapsed,
-                           eta_seconds=seconds_per_step * (t.total_steps - step),
-                           peak_memory_bytes=peak_memory_bytes(device), checkpoint=None,
-                           message="")
-            if step % config.run.log_every == 0 or step == t.total_steps:
-                log.write(json.dumps({"step": step, "loss": last.loss, "lr": last.lr}) + "\n")
-            if step % t.val_every == 0 or step == t.total_steps:
-                yield last
-                mean_dice, per_class = validate(model, val_volumes, config, device, dtype)
-                if math.isfinite(mean_dice) and mean_dice > best_dice:
-                    best_dice, best_step, per_class_best = mean_dice, step, [
-                        _finite(d) for d in per_class]
-                    best_written = atomic_torch_save(payload("best"), best_path)
-                class_dice = dict(zip(names, (_finite(d) for d in per_class), strict=True))
-                log.write(json.dumps({"step": step, "mean_dice": _finite(mean_dice),
-                                      "class_dice": class_dice, "on": val_source}) + "\n")
-                last = replace(last, kind="validation", mean_dice=mean_dice,
-                               class_dice=class_dice, best_dice=_finite(best_dice),
-                               best_step=best_step,
-                               best_checkpoint=str(best_written) if best_written else None)
-            log.flush()
-            if step % config.run.checkpoint_every == 0 or step == t.total_steps:
-                last = replace(last, checkpoint=str(save()))
-                saved_step = step
-            yield last
-        last = replace(last, kind="done")
-        yield last
-    except BaseException:
-        if step > saved_step and step > 0:
-            try:  # keep the progress made so far
-                save()
-            except VoCoDataError:
-                pass
-        raise
-    finally:
-        log.close()
-        _restore_backend_flags(backend_flags)
-        try:
-            plot_finetune_curves(run_dir / "log.jsonl", run_dir / "curves.png")
-        except (OSError, ValueError):
-            pass
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return optimizer, [schedule, encoder_schedule][: len(groups)]
 
 
-def _finite(value: float) -> float | None:
-    """JSON-safe: NaN/inf -> None."""
-    value = float(value)
-    return value if math.isfinite(value) else None
+def _crops(volumes: list[dict], order: Iterator[int], crop, seed: int, step: int,
+           batch_volumes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, 1, X, Y, Z)`` image and label crops of the next ``batch_volumes`` volumes,
+    drawn from (seed, step, volume slot): the same crops after a resume."""
+    crops = []
+    for b in range(batch_volumes):
+        index = next(order)
+        crop.set_random_state(seed=int(np.random.default_rng([seed, step, b]).integers(2**31)))
+        with warnings.catch_warnings():  # crops of all-foreground volumes
+            warnings.filterwarnings("ignore", message="Num foregrounds")
+            crops += crop(volumes[index])
+    images = torch.stack([c["image"] for c in crops]).to(device)
+    labels = torch.stack([c["label"] for c in crops]).to(device)
+    return images, labels
+
+
+def _train_step(model, loss_fn, images: torch.Tensor, labels: torch.Tensor, optimizer,
+                scheduler, scaler, clip_norm: float, step: int, device: torch.device,
+                dtype: torch.dtype | None) -> float:
+    """One optimizer step of DiceCE (over annotated voxels) on a batch of crops; returns
+    the loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, dtype):
+        loss = loss_fn(model(images), labels)
+    check_finite(loss, step, "try a lower train.lr")
+    scaler.scale(loss).backward()
+    if clip_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.item()
 
 
 def finetune_resume_config(resume: str | Path, **overrides: Any) -> FinetuneConfig:
     """The config stored in a finetuning run's ``last.pt``, with nested overrides."""
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / LAST
+    path = find_checkpoint(resume)
     state = load_finetune_checkpoint(path)
+    require_keys(state, ("config",), path)
     return finetune_config_from_dict(merge(state["config"], overrides))
 
 
 def finetune(config: FinetuneConfig, data, run_dir=None, *, pretrained=None, validation=None,
-             resume=None, stop: StopFlag | None = None,
+             resume=None, stop: StopFlag | None = None, initial=None,
              callback: Callable[[FinetuneEvent], None] | None = None) -> FinetuneResult:
     """Run :func:`iter_finetune` to the end; ``callback`` receives every event."""
     history: list[FinetuneEvent] = []
     for event in iter_finetune(config, data, run_dir, pretrained=pretrained,
-                               validation=validation, resume=resume, stop=stop):
+                               validation=validation, resume=resume, stop=stop,
+                               initial=initial):
         history.append(event)
         if callback is not None:
             callback(event)
     final = history[-1]
-    folder = Path(final.run_dir) / "checkpoints"
-    return FinetuneResult(Path(final.run_dir), folder / LAST,
-                          folder / BEST if (folder / BEST).is_file() else None,
+    folder = RunFolder(final.run_dir)
+    return FinetuneResult(folder.root, folder.last,
+                          folder.best if folder.best.is_file() else None,
                           final.best_dice, final.step, final.kind == "stopped", history)
-
-
-def plot_finetune_curves(log_path: str | Path, out_png: str | Path) -> Path | None:
-    """Training loss and validation Dice against step (matplotlib, Agg)."""
-    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
-    losses = [r for r in records if "loss" in r]
-    dice = [r for r in records if r.get("mean_dice") is not None]
-    if not losses:
-        return None
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.2), constrained_layout=True)
-    ax = fig.add_subplot()
-    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], "k-", lw=0.8,
-            label="DiceCE loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if dice:
-        right = ax.twinx()
-        right.plot([r["step"] for r in dice], [r["mean_dice"] for r in dice], "C1o-",
-                   label="validation mean Dice")
-        right.set_ylabel("Dice")
-        right.set_ylim(0, 1)
-        right.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    fig.savefig(out_png, dpi=90)
-    return Path(out_png)

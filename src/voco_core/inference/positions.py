@@ -1,4 +1,5 @@
-"""Inference: segmentation on the source grid, and VoCo position predictions.
+"""VoCo position predictions: which base crops a sub-volume overlaps, as the
+pretrained network sees it (the pretext task), beside the true overlap.
 
 Coordinates
 -----------
@@ -15,220 +16,81 @@ sample that the base-crop grid tiles (see :mod:`voco_core.geometry`);
 :class:`PreparedVolume` maps between the two with the MetaTensor affines MONAI
 tracks through orientation, crop and resize.
 
-Checkpoints
------------
-:func:`segment` takes a finetuning checkpoint (``napari-voco/segmentation``);
-:func:`positions` a pretraining one (``napari-voco/pretrain``: the student
-backbone + head). Both load with ``weights_only=True``.
+Predicted overlap
+-----------------
+The prediction is :func:`voco_core.losses.overlap_logits`, the function the
+training loss uses: ``relu(cos(s(x), s(b_k)))`` (student vs student) for a v1
+run, and for a v2 run the loss's own one-direction ``q = relu(cos(s(x), t(b_k)))``
+(student sub-volume vs *teacher* base crop, the teacher stored in the checkpoint;
+student vs student if the checkpoint holds no teacher). A pretraining checkpoint
+(``napari-voco/pretrain``) loads with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai import transforms as mt
-from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
+from torch import nn
 
-from voco_core.checkpoint import load_pretrain_checkpoint, load_segmentation_checkpoint
-from voco_core.config import (
-    FinetuneConfig,
-    VoCoConfig,
-    config_from_dict,
-    finetune_config_from_dict,
-    resolve_device,
-)
-from voco_core.data.io import VolumeRecord, read_volume
+from voco_core.checkpoint import find_checkpoint, load_pretrain_checkpoint
+from voco_core.config import VoCoConfig, config_from_dict, resolve_device
+from voco_core.data.io import VolumeRecord
 from voco_core.data.sampling import preprocess_transforms
-from voco_core.data.segmentation import seg_transforms, to_meta_tensor
-from voco_core.errors import VoCoDataError, VoCoError
+from voco_core.data.segmentation import to_meta_tensor
+from voco_core.errors import VoCoDataError
 from voco_core.geometry import (
     base_crop_grid,
     crop_boxes_from_centres,
     overlap_labels,
     sample_crop_centres,
 )
-from voco_core.models import VoCoNet, build_swin_unetr
-
-
-class InferenceCancelled(VoCoError):
-    """The caller's stop flag was set during inference (nothing was returned)."""
-
-
-def _as_record(volume: VolumeRecord | str | Path) -> VolumeRecord:
-    return volume if isinstance(volume, VolumeRecord) else read_volume(volume)
-
-
-def _check_3d(record: VolumeRecord) -> None:
-    if record.array.ndim != 3:
-        raise VoCoDataError(f"expected a 3-D volume, got shape {record.array.shape}",
-                            record.path)
-
-
-# ---------------------------------------------------------------- segmentation
-
-
-@dataclass
-class Segmenter:
-    """A finetuned SwinUNETR ready for :func:`segment` (load once, segment many)."""
-
-    model: torch.nn.Module
-    config: FinetuneConfig
-    device: torch.device
-    source: str
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return tuple(self.config.data.class_names)
-
-    def release(self) -> None:
-        """Drop the weights (and empty the CUDA cache): the GUI calls this when done."""
-        self.model = None  # type: ignore[assignment]
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def load_segmenter(checkpoint: str | Path, device: str = "auto") -> Segmenter:
-    """Load a finetuning checkpoint (file or run folder: ``best.pt``, else ``last.pt``)."""
-    state = load_segmentation_checkpoint(checkpoint)
-    config = finetune_config_from_dict(state["config"], check_device=False)
-    torch_device = resolve_device(device)
-    model = build_swin_unetr(config.model, config.data.num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as err:
-        raise VoCoDataError(f"weights do not fit the SwinUNETR its config describes ({err})"
-                            [:400], checkpoint) from err
-    model.to(torch_device).eval()
-    return Segmenter(model, config, torch_device, str(checkpoint))
-
-
-@dataclass
-class SegmentationResult:
-    """``labels``: ``(I, J, K)`` class indices on the *source* voxel grid (uint8 when
-    fewer than 256 classes); ``probabilities``: ``(C, I, J, K)`` float32 or None."""
-
-    labels: np.ndarray
-    probabilities: np.ndarray | None
-    class_names: tuple[str, ...]
-
-
-def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
-    """Sliding windows MONAI will run over ``shape`` (for progress fractions)."""
-    count = 1
-    for size, window in zip(shape, roi, strict=True):
-        size = max(size, window)
-        interval = max(int(window * (1 - overlap)), 1)
-        count *= 1 if size <= window else -(-(size - window) // interval) + 1
-    return count
-
-
-def segment(
-    volume: VolumeRecord | str | Path,
-    checkpoint: str | Path | Segmenter,
-    *,
-    device: str = "auto",
-    overlap: float | None = None,
-    sw_batch_size: int | None = None,
-    probabilities: bool = False,
-    progress: Callable[[float], None] | None = None,
-    stop=None,
-) -> SegmentationResult:
-    """Segment one volume with sliding windows; the label map comes back on the
-    volume's own voxel grid (orientation, resampling and foreground crop undone with
-    MONAI's inverse transforms, nearest-neighbour for labels), so writing it with the
-    source affine overlays exactly.
-
-    ``progress`` receives the fraction of windows done (0..1); ``stop`` (anything with
-    ``is_set()``) is checked before every window batch and raises
-    :class:`InferenceCancelled`.
-    """
-    record = _as_record(volume)
-    _check_3d(record)
-    segmenter = checkpoint if isinstance(checkpoint, Segmenter) else load_segmenter(
-        checkpoint, device)
-    config, model, torch_device = segmenter.config, segmenter.model, segmenter.device
-    t = config.train
-    overlap = t.sw_overlap if overlap is None else float(overlap)
-    if not 0 <= overlap < 1:
-        raise VoCoDataError(f"overlap = {overlap} is invalid: expected a fraction in [0, 1)")
-    pre = seg_transforms(config.data, keys=("image",))
-    image = pre({"image": to_meta_tensor(record)})["image"]
-    total = _window_count(image.shape[1:], t.roi_size, overlap)
-    done = 0
-
-    def predictor(windows: torch.Tensor) -> torch.Tensor:
-        nonlocal done
-        if stop is not None and stop.is_set():
-            raise InferenceCancelled("segmentation cancelled")
-        out = model(windows)
-        done += windows.shape[0]
-        if progress is not None:
-            progress(min(done / total, 1.0))
-        return out
-
-    with torch.no_grad():
-        logits = sliding_window_inference(
-            image.as_tensor()[None].to(torch_device), tuple(t.roi_size),
-            sw_batch_size or t.sw_batch_size, predictor, overlap=overlap, mode="gaussian")[0]
-    logits = logits.float().cpu()
-    invert = mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True)
-
-    def to_source_grid(values: torch.Tensor) -> np.ndarray:
-        pred = MetaTensor(values, meta=copy.deepcopy(image.meta))
-        pred.applied_operations = copy.deepcopy(image.applied_operations)
-        return np.asarray(invert({"image": image, "pred": pred})["pred"].as_tensor())
-
-    labels = to_source_grid(logits.argmax(dim=0, keepdim=True).float())[0]
-    num_classes = config.data.num_classes
-    labels = np.rint(labels).astype(np.uint8 if num_classes < 256 else np.int32)
-    probs = None
-    if probabilities:
-        invert = mt.Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
-        probs = to_source_grid(torch.softmax(logits, dim=0)).astype(np.float32)
-        # Voxels outside the foreground crop come back as zeros in every channel: they
-        # are background (as in the label map), so background takes what is missing.
-        probs[0] += np.clip(1.0 - probs.sum(axis=0), 0.0, 1.0)
-    if labels.shape != record.shape:  # MONAI's inverse must land on the source grid exactly
-        raise VoCoError(f"internal error: inverted label map {labels.shape} != {record.shape}")
-    if progress is not None:
-        progress(1.0)
-    return SegmentationResult(labels, probs, segmenter.class_names)
-
-
-# ---------------------------------------------------------------- positions
+from voco_core.inference.common import as_record, check_3d, config_in_checkpoint, load_weights
+from voco_core.losses import overlap_logits
+from voco_core.models import ProjectionHead, VoCoNet
 
 
 @dataclass
 class PositionModel:
-    """A pretrained VoCo student (backbone + head) and its run's config."""
+    """A pretrained VoCo student (backbone + head) and its run's config.
+
+    ``teacher``: for a v2 run, the EMA teacher the loss compared the student with
+    (a :class:`ProjectionHead` fed the student's pooled features for
+    ``model.teacher: head``, a whole :class:`VoCoNet` for ``full``); ``None`` for v1
+    runs, whose inspector compares the student with itself.
+    """
 
     net: VoCoNet
     config: VoCoConfig
     device: torch.device
     source: str
     step: int
+    teacher: nn.Module | None = None
 
 
 def load_position_model(checkpoint: str | Path, device: str = "auto") -> PositionModel:
-    """Load a pretraining checkpoint (file or run folder) for :func:`positions`."""
-    state = load_pretrain_checkpoint(checkpoint)
-    config = config_from_dict(state["config"], check_device=False)
+    """Load a pretraining checkpoint (file or run folder) for :func:`positions`.
+
+    Weights that do not fit the network the stored config describes (a missing key, a
+    wrong shape) are one :class:`VoCoDataError` line naming the file."""
+    path = find_checkpoint(checkpoint)
+    state = load_pretrain_checkpoint(path)
+    config = config_in_checkpoint(state, config_from_dict, path)
     net = VoCoNet(config.model)
-    try:
-        net.load_state_dict(state["student"])
-    except (RuntimeError, KeyError) as err:
-        raise VoCoDataError(f"student weights do not fit the network its config describes "
-                            f"({err})"[:400], checkpoint) from err
+    load_weights(net, state, "student", path)
     torch_device = resolve_device(device)
+    teacher = None
+    if config.loss.variant == "v2" and state.get("teacher") is not None:
+        teacher = (ProjectionHead(net.backbone.out_dim, config.model.head_hidden_dim,
+                                  config.model.head_out_dim)
+                   if config.model.teacher == "head" else VoCoNet(config.model))
+        load_weights(teacher, state, "teacher", path)
+        teacher = teacher.to(torch_device).eval()
     return PositionModel(net.to(torch_device).eval(), config, torch_device, str(checkpoint),
-                         int(state.get("step", 0)))
+                         int(state.get("step", 0)), teacher)
 
 
 def _config_of(source: VoCoConfig | PositionModel | str | Path) -> VoCoConfig:
@@ -278,8 +140,8 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 def prepare_volume(volume: VolumeRecord | str | Path,
                    config: VoCoConfig | PositionModel | str | Path) -> PreparedVolume:
     """Pre-process ``volume`` exactly as pretraining does (without augmentation)."""
-    record = _as_record(volume)
-    _check_3d(record)
+    record = as_record(volume)
+    check_3d(record)
     config = _config_of(config)
     pre = preprocess_transforms(config.data, load=False, track_meta=True)
     out = pre({"image": to_meta_tensor(record)})["image"]
@@ -312,11 +174,11 @@ def base_crop_boxes(volume: VolumeRecord | str | Path | PreparedVolume,
 class PositionResult:
     """Position predictions for ``m`` sub-volumes against ``K`` base crops.
 
-    ``predicted`` ``(m, K)``: relu(cos) of the student's features (what the position
-    loss trains towards the overlap), each sub-volume's row computed beside the base
-    crops alone, so it does not depend on the other sub-volumes of the call;
-    ``true`` ``(m, K)``: x-y overlap fractions from the geometry. Boxes: image
-    coordinates (see module doc) and sample voxels.
+    ``predicted`` ``(m, K)``: the trained network's overlap prediction (see the module
+    doc: v1 student vs student, v2 student vs teacher), each sub-volume's row computed
+    beside the base crops alone, so it does not depend on the other sub-volumes of
+    the call; ``true`` ``(m, K)``: x-y overlap fractions from the geometry. Boxes:
+    image coordinates (see module doc) and sample voxels.
     """
 
     predicted: np.ndarray
@@ -397,17 +259,22 @@ def positions(
     s = config.geometry.input_size
     crops = torch.cat([crops_for_network(base.sample, grid, s),
                        crops_for_network(prepared.sample, sample_boxes, s)])
-    k = grid.shape[0]
+    crops, k = crops.to(model.device), grid.shape[0]
     with torch.no_grad():
-        pooled = model.net.backbone(crops.to(model.device))  # per crop (instance norm)
-        # The head's BatchNorm normalises with the statistics of its batch, so each
+        pooled = model.net.backbone(crops)  # per crop (instance norm)
+        teacher_pooled, teacher_head = pooled, model.teacher
+        if isinstance(model.teacher, VoCoNet):
+            teacher_pooled = model.teacher.backbone(crops)
+            teacher_head = model.teacher.head
+        # The heads' BatchNorm normalises with the statistics of its batch, so each
         # sub-volume goes through it beside the K base crops alone: its prediction
         # then does not depend on which other boxes share the call.
         rows = []
         for i in range(k, pooled.shape[0]):
-            features = F.normalize(model.net.head(
-                torch.cat([pooled[:k], pooled[i:i + 1]])).float(), dim=1)
-            rows.append(F.relu(features[k:] @ features[:k].T))
+            student = model.net.head(torch.cat([pooled[:k], pooled[i:i + 1]]))
+            bases = student[:k] if teacher_head is None else teacher_head(
+                torch.cat([teacher_pooled[:k], teacher_pooled[i:i + 1]]))[:k]
+            rows.append(overlap_logits(student[None, k:], bases[None])[0])
     predicted = torch.cat(rows).cpu().numpy()
     return PositionResult(
         predicted=predicted,

@@ -1,0 +1,46 @@
+"""Inference with trained networks.
+
+- :mod:`voco_core.inference.segmentation`: a finetuned SwinUNETR's label map on the
+  source voxel grid (:func:`segment`, :func:`load_segmenter`);
+- :mod:`voco_core.inference.positions`: the pretrained network's overlap prediction
+  for sub-volumes against the base-crop grid, beside the true overlap
+  (:func:`positions`, :func:`load_position_model`; coordinates documented there).
+"""
+
+from voco_core.inference.positions import (
+    PositionModel,
+    PositionResult,
+    PreparedVolume,
+    base_crop_boxes,
+    crops_for_network,
+    load_position_model,
+    plot_positions,
+    position_report,
+    positions,
+    prepare_volume,
+)
+from voco_core.inference.segmentation import (
+    InferenceCancelled,
+    SegmentationResult,
+    Segmenter,
+    load_segmenter,
+    segment,
+)
+
+__all__ = [
+    "InferenceCancelled",
+    "PositionModel",
+    "PositionResult",
+    "PreparedVolume",
+    "SegmentationResult",
+    "Segmenter",
+    "base_crop_boxes",
+    "crops_for_network",
+    "load_position_model",
+    "load_segmenter",
+    "plot_positions",
+    "position_report",
+    "positions",
+    "prepare_volume",
+    "segment",
+]

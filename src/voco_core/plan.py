@@ -1,0 +1,189 @@
+"""Planning a training run: the one place where a preset, a config file, a resume
+target, overrides and an output folder become a validated config and a run folder.
+
+The CLI (``voco pretrain``/``finetune``/``demo``) and the napari widgets both plan
+with :func:`plan_pretrain`/:func:`plan_finetune`, then run the plan::
+
+    plan = plan_pretrain(preset="tiny", overrides={"optim": {"total_steps": 100}},
+                         out=Path("runs/a"))
+    for event in iter_pretrain(plan.config, data, plan.run_dir, resume=plan.resume):
+        ...
+
+Resuming continues with the run's own config (from its checkpoint) in the run's own
+folder: ``resume`` may be the run folder or a checkpoint inside it, so
+``voco finetune --resume RUN/checkpoints/last.pt`` writes to ``RUN``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from voco_core.checkpoint import (
+    find_checkpoint,
+    load_pretrain_checkpoint,
+    load_segmentation_checkpoint,
+)
+from voco_core.config import (
+    FinetuneConfig,
+    VoCoConfig,
+    config_from_dict,
+    finetune_config_from_dict,
+    load_config,
+    load_finetune_config,
+    make_config,
+    make_finetune_config,
+    merge,
+)
+from voco_core.errors import VoCoConfigError, VoCoDataError
+from voco_core.run_folder import RunFolder
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated run: ``config.run.output_dir == str(run_dir)``; ``resume`` is the
+    checkpoint file to continue from; ``notes`` are one-line remarks for the user."""
+
+    kind: Literal["pretrain", "finetune"]
+    config: VoCoConfig | FinetuneConfig
+    run_dir: Path
+    resume: Path | None
+    pretrained: Path | None = None
+    notes: tuple[str, ...] = ()
+    initial: Path | None = None
+    """finetune: the finetuned checkpoint whose whole network starts this new run
+    (:func:`plan_continue`); its run is recorded as the parent in ``meta.json``."""
+
+
+def default_preset() -> tuple[str, str]:
+    """(preset, note) when none is given: ``base`` with CUDA, else ``tiny``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "base", "preset: base (no preset given; CUDA)"
+    return "tiny", "preset: tiny (no preset given; no CUDA)"
+
+
+def plan_pretrain(*, preset: str | None = None, config_file: Path | None = None,
+                  resume: Path | None = None, overrides: dict | None = None,
+                  out: Path | None = None) -> RunPlan:
+    """Plan ``voco pretrain``: the run's own config when resuming, else the config file,
+    else the preset; then ``overrides`` (nested dicts) and the output folder."""
+    return _plan("pretrain", preset, config_file, resume, overrides, out, None)
+
+
+def plan_finetune(*, preset: str | None = None, config_file: Path | None = None,
+                  resume: Path | None = None, overrides: dict | None = None,
+                  out: Path | None = None, pretrained: Path | None = None) -> RunPlan:
+    """Plan ``voco finetune`` like :func:`plan_pretrain`; ``pretrained`` is the VoCo
+    checkpoint (run folder or file) for the encoder of a new run."""
+    return _plan("finetune", preset, config_file, resume, overrides, out, pretrained)
+
+
+def plan_continue(parent: Path, *, overrides: dict | None = None,
+                  out: Path | None = None) -> RunPlan:
+    """Plan a new finetuning run that continues from ``parent`` (a finetuning run
+    folder: its ``best.pt``, else ``last.pt``; or one of those files): the parent's
+    config (classes, ignore label, model, pre-processing) and whole network, new
+    labels, a new run folder (default: ``PARENT_r2``, ``PARENT_r3``, ... the first
+    free one) and a fresh schedule of ``train.total_steps`` steps. This is the
+    correct-and-retrain loop: it does not restart from the backbone."""
+    parent = Path(parent)
+    state = load_segmentation_checkpoint(parent)
+    checkpoint = _segmentation_checkpoint_file(parent)
+    config = state.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
+        raise VoCoDataError("checkpoint has no usable 'config' entry", checkpoint)
+    folder = RunFolder.of(checkpoint)
+    if out is None:
+        out = next_round_folder(folder.root if folder is not None else checkpoint.parent)
+    config = _from_dict("finetune", merge(config, _with_output(dict(overrides or {}), out)))
+    note = f"continuing from {checkpoint} (step {state.get('step')})"
+    return RunPlan("finetune", config, Path(config.run.output_dir), None, None, (note,),
+                   initial=checkpoint)
+
+
+def _segmentation_checkpoint_file(path: Path) -> Path:
+    """A finetuning run folder's ``best.pt`` (else ``last.pt``), or the file itself."""
+    if path.is_dir():
+        folder = RunFolder(path)
+        return folder.best if folder.best.is_file() else find_checkpoint(path)
+    return find_checkpoint(path)
+
+
+def next_round_folder(parent_root: Path) -> Path:
+    """``RUN_r2`` for ``RUN`` (``RUN_r3`` for ``RUN_r2``, ...): the first that does not
+    exist yet, beside the parent."""
+    stem, _, number = parent_root.name.rpartition("_r")
+    base, start = (stem, int(number) + 1) if stem and number.isdigit() else (
+        parent_root.name, 2)
+    index = start
+    while (parent_root.parent / f"{base}_r{index}").exists():
+        index += 1
+    return parent_root.parent / f"{base}_r{index}"
+
+
+def _plan(kind: Literal["pretrain", "finetune"], preset: str | None,
+          config_file: Path | None, resume: Path | None, overrides: dict | None,
+          out: Path | None, pretrained: Path | None) -> RunPlan:
+    overrides = dict(overrides or {})
+    notes: list[str] = []
+    if resume is not None:
+        for name, value in (("preset", preset), ("config file", config_file)):
+            if value is not None:
+                raise VoCoConfigError(
+                    f"{name} {value}: a resumed run continues with its own config; pass "
+                    "changes as overrides (--set/--steps/--device) instead")
+        resume = find_checkpoint(resume)
+        folder = RunFolder.of(resume)
+        saved = _saved_config(kind, resume)
+        if out is None:
+            out = folder.root if folder is not None else Path(saved["run"]["output_dir"])
+        config = _from_dict(kind, merge(saved, _with_output(overrides, out)))
+        if pretrained is not None:
+            notes.append(f"pretrained {pretrained} not loaded: the resumed run has its weights")
+            pretrained = None
+    elif config_file is not None:
+        if preset is not None:
+            raise VoCoConfigError(f"preset {preset} and config file {config_file}: give one "
+                                  "(the config file names its own preset)")
+        loaded = (load_config if kind == "pretrain" else load_finetune_config)(
+            config_file, check_device=False)
+        values = loaded.to_dict()
+        config = _from_dict(kind, merge(values, _with_output(
+            overrides, out if out is not None else Path(values["run"]["output_dir"]))))
+    else:
+        if preset is None:
+            preset, note = default_preset()
+            notes.append(note)
+        make = make_config if kind == "pretrain" else make_finetune_config
+        config = make(preset, _with_output(overrides, out) if out is not None else overrides)
+    if pretrained is not None and not Path(pretrained).exists():
+        raise VoCoDataError("pretrained checkpoint not found", pretrained)
+    run_dir = Path(config.run.output_dir)
+    return RunPlan(kind, config, run_dir, resume,
+                   Path(pretrained) if pretrained is not None else None, tuple(notes))
+
+
+def _with_output(overrides: dict[str, Any], out: Path) -> dict[str, Any]:
+    return merge(overrides, {"run": {"output_dir": str(out)}})
+
+
+def _from_dict(kind: str, values: dict[str, Any]) -> VoCoConfig | FinetuneConfig:
+    return (config_from_dict if kind == "pretrain" else finetune_config_from_dict)(values)
+
+
+def _saved_config(kind: str, checkpoint: Path) -> dict[str, Any]:
+    """The config dict stored in a resumable checkpoint of the right kind."""
+    if kind == "pretrain":
+        state = load_pretrain_checkpoint(checkpoint)
+    else:
+        state = load_segmentation_checkpoint(checkpoint)
+        if state.get("kind") != "last":
+            raise VoCoDataError("is a best-model checkpoint without optimizer state; resume "
+                                "from the run folder or its checkpoints/last.pt", checkpoint)
+    config = state.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
+        raise VoCoDataError("checkpoint has no usable 'config' entry", checkpoint)
+    return config
