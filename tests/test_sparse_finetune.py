@@ -13,7 +13,7 @@ import torch
 
 from voco_core.checkpoint import load_checkpoint
 from voco_core.data.sparse import slices_to_sparse
-from voco_core.errors import VoCoDataError
+from voco_core.errors import VoCoConfigError, VoCoDataError
 from voco_core.train.finetune import finetune
 
 from conftest import tiny_finetune_config
@@ -60,13 +60,6 @@ def test_the_ignore_value_itself_changes_nothing_in_a_deterministic_run(train_da
     assert a.best_dice == b.best_dice and np.isfinite(a.best_dice)
 
 
-def test_sparse_maps_train_differently_from_dense_ones(train_dataset, tmp_path):
-    dense = _run(train_dataset, tmp_path / "dense", None)
-    sparse = _run(_sparse_copy(train_dataset, tmp_path / "sparse", 255), tmp_path / "run", 255)
-    assert [e.loss for e in dense.history if e.kind == "step"] != [
-        e.loss for e in sparse.history if e.kind == "step"]
-
-
 def test_bad_sparse_input_is_one_line_naming_file_and_value(train_dataset, tmp_path):
     # An ignore value in data whose config declares none: outside the declared classes.
     data = _sparse_copy(train_dataset, tmp_path / "undeclared", 255)
@@ -89,27 +82,50 @@ def test_slices_to_sparse_keeps_painted_slices_whole():
 
 
 def test_continue_starts_from_the_parent_network_in_a_new_folder(train_dataset, tmp_path):
+    import threading
+
     from voco_core.plan import plan_continue
+    from voco_core.train.finetune import iter_finetune
 
     data = _sparse_copy(train_dataset, tmp_path / "data", 255)
     parent = _run(data, tmp_path / "round", 255)
     # More labels painted (a corrected round): one more annotated slice.
     data2 = _sparse_copy(train_dataset, tmp_path / "data2", 255, keep_z=(*ANNOTATED_Z, 30))
-    plan = plan_continue(parent.run_dir, overrides={"train": {"total_steps": 1,
-                                                              "val_every": 1}})
+    plan = plan_continue(parent.run_dir, overrides={"train": {"total_steps": 1}})
     assert plan.run_dir == tmp_path / "round_r2" and plan.initial == parent.best_checkpoint
     assert plan.config.data.ignore_label == 255 and plan.config.data.num_classes == 11
+    # Stopped before its first step, the new run's checkpoint is the parent's network,
+    # decoder included (not the backbone only).
+    stop = threading.Event()
+    stop.set()
+    events = list(iter_finetune(plan.config, data2, plan.run_dir, initial=plan.initial,
+                                stop=stop))
+    assert [e.kind for e in events] == ["start", "stopped"]
+    assert "continuing from" in events[0].message
     start = load_checkpoint(parent.best_checkpoint)["model"]
-    child = finetune(plan.config, data2, plan.run_dir, initial=plan.initial)
-    first = child.history[0]
-    assert first.kind == "start" and "continuing from" in first.message
+    child = load_checkpoint(plan.run_dir / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(start[k], child[k]) for k in start)
     meta = json.loads((plan.run_dir / "meta.json").read_text())
     assert meta["parent"]["checkpoint"] == str(parent.best_checkpoint)
-    assert meta["parent"]["run"] == str(parent.run_dir) and meta["step"] == 1
-    # It trained on from the parent's weights (decoder included), not from scratch.
-    trained = load_checkpoint(child.last_checkpoint)["model"]
-    fresh = _run(data2, tmp_path / "scratch", 255)
-    scratch = load_checkpoint(fresh.last_checkpoint)["model"]
-    key = next(k for k in start if k.startswith("out."))
-    assert (trained[key] - start[key]).abs().max() < (scratch[key] - start[key]).abs().max()
+    assert meta["parent"]["run"] == str(parent.run_dir)
     assert plan_continue(plan.run_dir).run_dir == tmp_path / "round_r3"
+    # Continuing needs the parent's classes: another model or class count is refused.
+    other = tiny_finetune_config({"data": {"num_classes": 12, "ignore_label": 255}})
+    with pytest.raises(VoCoConfigError, match=r"classes \(11\) differ"):
+        list(iter_finetune(other, data2, tmp_path / "bad", initial=plan.initial))
+
+
+def test_continue_from_refuses_other_starts_and_wrong_checkpoints(finetune_run, pretrain_run,
+                                                                   train_dataset, capsys):
+    from voco_core.cli import main
+
+    status = main(["finetune", "--data", str(train_dataset), "--continue-from",
+                   str(finetune_run), "--resume", str(finetune_run)])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and err.startswith("voco: error:") and "\n" not in err
+    assert "--resume and --continue-from" in err
+    status = main(["finetune", "--data", str(train_dataset), "--continue-from",
+                   str(pretrain_run)])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and "not a napari-voco segmentation checkpoint" in err
+    assert "\n" not in err
