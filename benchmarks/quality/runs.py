@@ -1,0 +1,249 @@
+"""Phantom populations, the pretraining run, finetuning runs, and the results file.
+
+The results file is rewritten (atomically) after every finished finetuning run, so an
+interrupted evaluation still yields its paired numbers, and ``--resume-results``
+skips the runs it already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .settings import POPULATION_SEEDS
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file beside ``path``, then rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- phantoms
+
+
+def make_populations(args, work: Path) -> dict[str, Path]:
+    """The three phantom populations (pretrain, heldout, pool) in ``work``; a folder
+    already holding the same population (same n, seed, shape) is reused."""
+    from voco_core.data.phantoms import make_phantom_dataset
+
+    folders = {}
+    for name, n in (("pretrain", args.n_pretrain), ("heldout", args.n_heldout),
+                    ("pool", args.n_pool)):
+        folder = work / name
+        recipe = {"n": n, "seed": POPULATION_SEEDS[name], "shape": list(args.phantom_shape)}
+        marker = folder / "population.json"
+        if not (marker.is_file() and json.loads(marker.read_text()) == recipe):
+            shutil.rmtree(folder, ignore_errors=True)
+            make_phantom_dataset(folder, n=n, seed=recipe["seed"], shape=args.phantom_shape)
+            marker.write_text(json.dumps(recipe))
+        folders[name] = folder
+    return folders
+
+
+# ---------------------------------------------------------------- pretraining
+
+
+def loss_terms(record: dict) -> dict[str, float]:
+    """The loss terms of one ``log.jsonl`` record: a ``terms`` dict where the library
+    logs one, else the flat ``pos``/``neg``/``reg`` keys of the v1 loss."""
+    if isinstance(record.get("terms"), dict):
+        return {k: float(v) for k, v in record["terms"].items() if v is not None}
+    return {k: float(record[k]) for k in ("pos", "neg", "reg") if record.get(k) is not None}
+
+
+def pretraining_record(run_dir: Path, seconds: float, kept: dict[int, str]) -> dict:
+    """Loss curve, terms, time per step and memory of a finished run, from its log."""
+    from voco_core.train.pretrain import read_log
+
+    records = read_log(run_dir / "log.jsonl")
+    walls = [r["seconds_per_step"] for r in records[1:]] or [math.nan]
+    terms = sorted({k for r in records for k in loss_terms(r)})
+    curve = {"loss": [round(float(r["loss"]), 5) for r in records],
+             "lr": [float(r["lr"]) for r in records]}
+    for key in terms:
+        curve[key] = [round(loss_terms(r).get(key, math.nan), 5) for r in records]
+    window = max(1, len(records) // 10)
+    return {
+        "checkpoint": str(run_dir / "checkpoints" / "last.pt"), "kept": kept,
+        "seconds": round(seconds, 1),
+        "median_s_per_step": round(statistics.median(walls), 3),
+        "peak_memory_gib": round(records[-1].get("peak_memory_bytes", 0) / 2**30, 2),
+        "loss_first_mean": round(statistics.fmean(curve["loss"][:window]), 4),
+        "loss_last_mean": round(statistics.fmean(curve["loss"][-window:]), 4),
+        "loss_window": window, "curve": curve,
+    }
+
+
+def pretrain_or_reuse(config, data: Path, work: Path, reuse: bool) -> dict:
+    """Pretrain in ``work/pretrain_run`` keeping the student at every save in
+    ``work/kept``. With ``reuse``, a run of this very config there is taken as it is
+    when finished, and continued from its last checkpoint when interrupted; a run of
+    another config there is an error (one pretraining config per work folder)."""
+    from voco_core.checkpoint import load_pretrain_checkpoint
+    from voco_core.train.pretrain import pretrain
+
+    run_dir, keep_dir = work / "pretrain_run", work / "kept"
+    last = run_dir / "checkpoints" / "last.pt"
+    total = config.optim.total_steps
+    resume = None
+    if last.is_file():
+        state = load_pretrain_checkpoint(last)
+        mine = {k: v for k, v in config.to_dict().items() if k != "run"}
+        theirs = {k: v for k, v in state["config"].items() if k != "run"}
+        if mine != theirs or state["step"] > total:  # never delete another evaluation's run
+            raise SystemExit(f"quality_bench: error: {run_dir} holds a pretraining run of "
+                             "another config; give this evaluation its own --work")
+        if reuse and state["step"] == total and (run_dir / "log.jsonl").is_file():
+            log(f"--reuse: the finished pretraining run in {run_dir}")
+            seconds = sum(r.get("seconds_per_step", 0.0) for r in _log(run_dir))
+            return {**pretraining_record(run_dir, seconds, _kept(keep_dir)),
+                    "reused": str(run_dir)}
+        if reuse:
+            log(f"--reuse: continuing the pretraining run in {run_dir} at step "
+                f"{state['step']}")
+            resume = last
+    if resume is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(keep_dir, ignore_errors=True)
+    keep_dir.mkdir(parents=True, exist_ok=True)
+    kept = _kept(keep_dir)
+
+    def callback(event):
+        if event.kind != "step":
+            return
+        if event.checkpoint:
+            target = keep_dir / f"step_{event.step:05d}.pt"
+            shutil.copyfile(event.checkpoint, target)
+            kept[event.step] = str(target)
+        if event.step % max(1, total // 10) == 0 or event.step == 1:
+            log(f"  pretrain step {event.step}/{total}: loss {event.loss:.4f} "
+                f"({event.seconds_per_step:.2f} s/step)")
+
+    start = time.perf_counter()
+    pretrain(config, data, run_dir, resume=resume, callback=callback)
+    seconds = time.perf_counter() - start
+    if resume is not None:  # the steps before the interruption, as logged
+        seconds = sum(r.get("seconds_per_step", 0.0) for r in _log(run_dir))
+    return pretraining_record(run_dir, seconds, kept)
+
+
+def _kept(keep_dir: Path) -> dict[int, str]:
+    return {int(p.stem.split("_")[1]): str(p) for p in sorted(keep_dir.glob("step_*.pt"))}
+
+
+def _log(run_dir: Path) -> list[dict]:
+    from voco_core.train.pretrain import read_log
+
+    return read_log(run_dir / "log.jsonl")
+
+
+# ---------------------------------------------------------------- finetuning
+
+
+def run_key(mode: str, shots: int, seed: int, init: str) -> str:
+    return f"{mode}/{shots}shot/seed{seed}/{init}"
+
+
+def choose_subjects(pool_size: int, shots: int, seed: int) -> list[int]:
+    """The labelled phantoms of seed ``seed`` (the same for both inits)."""
+    import numpy as np
+
+    return sorted(np.random.default_rng([seed, shots]).choice(
+        pool_size, size=shots, replace=False).tolist())
+
+
+def finetune_run(config, entries, validation, pretrained, run_dir: Path) -> dict:
+    """One finetuning run; its learning curve is the held-out validation Dice at every
+    ``train.val_every`` steps (and the last), on the pre-processed grid."""
+    from voco_core.train.finetune import iter_finetune
+
+    start = time.perf_counter()
+    curve: list[dict] = []
+    step_seconds: list[float] = []
+    load_message, final_loss = "", None
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for event in iter_finetune(config, entries, run_dir, pretrained=pretrained,
+                               validation=validation):
+        if event.kind == "start":
+            load_message = event.message or ""
+        elif event.kind == "step":
+            step_seconds.append(event.seconds_per_step)
+            final_loss = event.loss
+        elif event.kind == "validation":
+            curve.append({"step": event.step, "mean_dice": _round(event.mean_dice),
+                          "class_dice": {k: _round(v) for k, v in event.class_dice.items()}})
+    # A new step event repeats the validation event's fields; keep the first per step.
+    by_step = {}
+    for point in curve:
+        by_step.setdefault(point["step"], point)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "curve": [by_step[s] for s in sorted(by_step)],
+        "final_loss": _round(final_loss),
+        "median_s_per_step": round(statistics.median(step_seconds[1:] or step_seconds), 3),
+        "seconds": round(time.perf_counter() - start, 1),
+        "backbone_load": load_message.splitlines()[0] if load_message else None,
+    }
+
+
+def _round(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, 4) if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------- results file
+
+
+class ResultStore:
+    """The results JSON, rewritten after every finished run.
+
+    ``fingerprint`` (configs and populations) guards ``--resume-results``: runs are
+    only reused from a file written with the same settings."""
+
+    def __init__(self, path: Path, report: dict, resume: bool):
+        self.path, self.report = path, report
+        self.report.setdefault("runs", {})
+        if resume:
+            if not path.is_file():
+                raise SystemExit(f"quality_bench: error: --resume-results {path}: no such file")
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"quality_bench: error: --resume-results {path}: not a "
+                                 f"results file ({err})") from err
+            if old.get("fingerprint") != report["fingerprint"]:
+                differ = sorted(k for k in set(old.get("fingerprint", {})) | set(
+                    report["fingerprint"]) if old.get("fingerprint", {}).get(k)
+                    != report["fingerprint"].get(k))
+                raise SystemExit(f"quality_bench: error: --resume-results {path} was written "
+                                 f"with other settings (differ: {', '.join(differ)})")
+            self.report["runs"] = old.get("runs", {})
+            log(f"--resume-results: {len(self.report['runs'])} finished runs in {path}")
+
+    def done(self, key: str) -> bool:
+        return key in self.report["runs"]
+
+    def add(self, key: str, row: dict) -> None:
+        from .report import summarise
+
+        self.report["runs"][key] = row
+        self.report["summary"] = summarise(self.report)
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.report)
