@@ -1,9 +1,10 @@
 """Screenshots of the napari plugin for docs/gui.md, taken in a real window.
 
-    xvfb-run -s "-screen 0 1680x1050x24" .venv/bin/python scripts/gui_screenshots.py
+    xvfb-run -s "-screen 0 1600x1000x24" nice -n 19 .venv/bin/python scripts/gui_screenshots.py
 
-Opens napari as ``make run`` does (sample loaded, widgets docked, tiny pretraining on
-phantoms running), and saves the whole window: pretraining in progress with the loss
+Opens napari as ``make run`` does (sample loaded, widgets docked with the pretraining
+panel and the inspector side by side, tiny pretraining on phantoms running) in a
+1600 x 1000 window, and saves the whole window: pretraining in progress with the loss
 plot; the positions inspector (grid, placed sub-volume, heat maps, sampled boxes
 coloured by error) with the finished run; a segmentation overlay from a short
 finetuning run. Takes about 5 minutes on 2 CPU cores.
@@ -44,7 +45,7 @@ def main() -> None:
     data = work / "phantoms"
     make_phantom_dataset(data, n=6, seed=0, shape=(128, 128, 80))
     viewer = napari.Viewer(title="napari-voco", show=True)
-    viewer.window._qt_window.resize(1660, 1020)
+    viewer.window._qt_window.resize(1600, 1000)
     app = QApplication.instance()
     launch = _launch.build_parser().parse_args(
         ["--data", str(data), "--out", str(work / "pretrain"), "--steps", str(args.steps)])
@@ -55,13 +56,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     # 1. pretraining in progress: progress bar, ETA, live loss plot
-    wait(app, lambda: pretrain.running, 30)
-    wait(app, lambda: pretrain.last_event is not None and pretrain.last_event.step >= 10, 600)
+    wait(app, lambda: pretrain.run_state.active, 30)
+    wait(app, lambda: pretrain.run_state.step >= 10, 600)
     viewer.screenshot(args.out / "gui_pretraining.png", canvas_only=False)
 
     # 2. the inspector on the finished run: grid, a placed box, sampled boxes
-    wait(app, lambda: not pretrain.running, 900)
-    positions.follow.setChecked(False)
+    wait(app, lambda: not pretrain.run_state.active, 900)
+    positions.follow_run(None)
     _launch.raise_dock_widget(positions)
     positions.show_grid()
     wait(app, lambda: not positions.busy, 300)

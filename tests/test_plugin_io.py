@@ -119,6 +119,19 @@ def test_ct_opens_as_image_with_ct_window_and_rotated_affine(tmp_path, rotated_a
     assert kwargs["contrast_limits"] == CT_WINDOW_HU
 
 
+def test_reader_uses_the_core_image_or_labels_rule(tmp_path):
+    """8-bit MRI-like grey values open as an Image, a 117-region uint8 atlas named as a
+    label map as Labels, int16 CT as an Image (voco_core.data.looks_like_labels)."""
+    rng = np.random.default_rng(4)
+    mri = rng.normal(100, 30, SHAPE).clip(0, 255).astype(np.uint8)  # ~200 grey values
+    atlas = (np.arange(np.prod(SHAPE)).reshape(SHAPE) % 117).astype(np.uint8)
+    cases = [("t1_brain.nii.gz", mri, "image"), ("atlas_labels.nii.gz", atlas, "labels"),
+             ("ct.nii.gz", ct_volume(), "image")]
+    for name, data, expected in cases:
+        [(_, _, layer_type)] = read_nifti(str(save_nifti(tmp_path / name, data)))
+        assert layer_type == expected, name
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [

@@ -135,7 +135,7 @@ def test_grid_aligned_with_anisotropic_image_and_crop_opens_in_place(
 
 def test_placed_box_predicts_true_overlap_and_follows_a_drag(
         make_napari_viewer_proxy, qtbot, checkpoints, phantom, errors, monkeypatch):
-    import napari_voco._positions_widget as module
+    import napari_voco._positions_view as module
     from napari_voco._layers import layer_to_record, rectangle_to_box
     from napari_voco._positions_widget import BOX_LAYER
     from voco_core.geometry import base_crop_grid, overlap_labels
@@ -150,7 +150,7 @@ def test_placed_box_predicts_true_overlap_and_follows_a_drag(
     viewer = make_napari_viewer_proxy()
     image = viewer.add_image(phantom.array, name="phantom", affine=phantom.affine)
     widget = _positions_widget(viewer, qtbot, checkpoints["pretrain"])
-    widget.device.setCurrentText("cpu")
+    widget.device.set_device("cpu")
     widget.place_box()
     _wait(qtbot, widget)
     assert errors() == []
@@ -196,6 +196,7 @@ def test_placed_box_predicts_true_overlap_and_follows_a_drag(
 def test_random_sub_volumes_coloured_by_error(make_napari_viewer_proxy, qtbot, checkpoints,
                                               phantom, errors):
     from napari_voco._layers import layer_to_record
+    from napari_voco._positions_view import heatmap_layout
     from napari_voco._positions_widget import GRID_LAYER, SAMPLES_LAYER
     from voco_core.inference import positions
 
@@ -231,7 +232,7 @@ def test_random_sub_volumes_coloured_by_error(make_napari_viewer_proxy, qtbot, c
         viewer.camera.orientation2d = orientation
         viewer.dims.order = order
         cells = widget.heatmaps.arrange(np.arange(n * n), n,
-                                        widget._heatmap_layout(widget._view))
+                                        heatmap_layout(viewer, widget._view))
         rows, columns = viewer.dims.displayed
         down = np.diff(centres[cells][..., rows], axis=0)  # world change down the heat map
         right = np.diff(centres[cells][..., columns], axis=1)
@@ -250,7 +251,7 @@ def _segment_widget(viewer, checkpoint):
     viewer.window.add_dock_widget(widget, name="VoCo segment")
     if checkpoint is not None:
         widget.checkpoint.set_path(checkpoint)
-    widget.device.setCurrentText("cpu")
+    widget.device.set_device("cpu")
     return widget
 
 

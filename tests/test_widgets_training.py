@@ -35,13 +35,11 @@ TINY_FINETUNE = {
 
 @pytest.fixture
 def notified(monkeypatch):
-    """Errors the widgets report (their ``notify_error``), in order."""
-    import napari_voco._finetune_widget as finetune_module
-    import napari_voco._pretrain_widget as pretrain_module
+    """Errors the widgets report (``napari_voco._notify.notify_error``), in order."""
+    from napari_voco import _notify
 
     seen: list[BaseException] = []
-    monkeypatch.setattr(pretrain_module, "notify_error", seen.append)
-    monkeypatch.setattr(finetune_module, "notify_error", seen.append)
+    monkeypatch.setattr(_notify, "notify_error", seen.append)
     return seen
 
 
@@ -85,12 +83,13 @@ def _click(qtbot, button) -> None:
 
 
 def _wait_idle(qtbot, widget, timeout: int = WAIT_MS) -> None:
-    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+    qtbot.waitUntil(lambda: not widget.panel.running, timeout=timeout)
 
 
 def _assert_usable(widget) -> None:
-    assert not widget.running
-    assert widget.start_button.isEnabled() and widget.start_button.text() == "Start"
+    assert not widget.panel.running and not widget.run_state.active
+    button = widget.panel.start_button
+    assert button.isEnabled() and button.text() == "Start"
     assert widget.settings.isEnabled()
 
 
@@ -101,13 +100,8 @@ def _task_status(viewer) -> list[str]:
 
 
 def test_text_helpers_and_lr_field(qtbot):
-    from napari_voco._training import (
-        ScientificSpinBox,
-        device_choices,
-        format_bytes,
-        format_duration,
-        progress_format,
-    )
+    from napari_voco._inputs import ScientificSpinBox, device_choices
+    from napari_voco._text import format_bytes, format_duration, progress_format
 
     assert format_duration(42.2) == "42 s" and format_duration(185) == "3 min 05 s"
     assert format_duration(2 * 3600 + 7 * 60) == "2 h 07 min"
@@ -116,6 +110,8 @@ def test_text_helpers_and_lr_field(qtbot):
     assert progress_format(12, 40, 65) == "12 / 40 steps · ETA 1 min 05 s"
     assert progress_format(40, 40, 0) == "40 / 40 steps"
     assert device_choices()[0] == ("CPU", "cpu")
+    assert device_choices(auto=True)[:2] == [("auto (CUDA when available)", "auto"),
+                                             ("CPU", "cpu")]
 
     lr = ScientificSpinBox(3e-4)
     qtbot.addWidget(lr)
@@ -127,6 +123,25 @@ def test_text_helpers_and_lr_field(qtbot):
     assert lr.value() == pytest.approx(2e-3)
 
 
+def test_loss_plot_axes_follow_the_run_whatever_draws_come_between(qtbot):
+    """Run length, new loss terms and the first points share one full redraw at the next
+    plot tick, also when something else (a resize) draws the canvas in between."""
+    from napari_voco._run_panel import LossPlot
+
+    plot = LossPlot(("total",))
+    qtbot.addWidget(plot)
+    draws = plot.full_draws
+    plot.set_steps(24)
+    plot.append(1, {"total": 0.6, "pos": 0.3, "neg": float("nan")})  # inside the y range
+    assert plot.full_draws == draws  # nothing drawn yet, in the caller's time
+    plot.canvas.draw()  # e.g. the dock was resized before the plot's timer fired
+    qtbot.waitUntil(lambda: plot.redraws > 0, timeout=5_000)
+    assert plot.full_draws == draws + 1
+    assert plot.axes.get_xlim() == (0.0, 24.0)
+    assert set(plot.series) == {"total", "pos"} and plot.series["pos"] == ([1.0], [0.3])
+    assert [t.get_text() for t in plot._legend.get_texts()] == ["total", "pos"]
+
+
 def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot, train_dataset,
                                                 tmp_path, notified):
     from voco_core.checkpoint import load_checkpoint
@@ -135,23 +150,27 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     run = tmp_path / "run"
     widget = _pretrain_widget(viewer, run, train_dataset, steps=3)
     assert widget.lr.text() == "3.0e-04"  # the tiny preset's, in scientific notation
-    assert widget.latest_checkpoint is None
+    panel, state = widget.panel, widget.run_state
+    assert state.status == "idle" and state.checkpoint == ""
     written: list[str] = []
+    statuses: list[str] = []
     events = []
     tasks: list[list[str]] = []
-    widget.checkpoint_written.connect(written.append)
+    state.checkpoint_written.connect(written.append)
+    state.events.status.connect(statuses.append)
 
     def on_event(event):
         events.append(event)
         if event.kind == "step":
             tasks.append(_task_status(viewer))
-            if widget.start_button.text() == "Stop":
-                _click(qtbot, widget.start_button)  # Stop after the first step
+            if panel.start_button.text() == "Stop":
+                _click(qtbot, panel.start_button)  # Stop after the first step
 
-    widget.progressed.connect(on_event)
-    _click(qtbot, widget.start_button)
-    assert widget.running and widget.start_button.text() == "Stop"
+    panel.progressed.connect(on_event)
+    _click(qtbot, panel.start_button)
+    assert panel.running and panel.start_button.text() == "Stop"
     assert not widget.settings.isEnabled()
+    assert state.status == "running" and state.run_dir == str(run)
     _wait_idle(qtbot, widget)
     assert not notified, notified
 
@@ -161,11 +180,16 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     assert 1 <= stopped < 3
     checkpoint = run / "checkpoints" / "last.pt"
     assert load_checkpoint(checkpoint)["step"] == stopped  # weights_only load
-    assert widget.latest_checkpoint == checkpoint and written[-1] == str(checkpoint)
-    assert widget.progress.value() == stopped and widget.progress.maximum() == 3
-    assert len(widget.plot.series["total"][0]) == stopped
-    assert all(np.isfinite(widget.plot.series[k][1]).all() for k in ("total", "pos", "neg"))
-    assert f"stopped at step {stopped}" in widget.status.text()
+    assert state.checkpoint == str(checkpoint) and written[-1] == str(checkpoint)
+    assert statuses == ["running", "stopping", "stopped"]
+    assert (state.step, state.total) == (stopped, 3)
+    assert panel.progress.value() == stopped and panel.progress.maximum() == 3
+    assert len(panel.plot.series["total"][0]) == stopped
+    # the loss terms of the v1 loss, as the events name them
+    assert set(panel.plot.series) == {"total", *events[-2].terms} == {"total", "pos", "neg",
+                                                                       "reg"}
+    assert all(np.isfinite(panel.plot.series[k][1]).all() for k in ("total", "pos", "neg"))
+    assert f"stopped at step {stopped}" in panel.status.text()
     # napari listed the run as a task (so closing the window asks first)
     assert any(any("VoCo pretraining" in line for line in status) for status in tasks)
     _assert_usable(widget)
@@ -175,8 +199,8 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     widget.resume.set_path(run)
     assert not widget.preset.isEnabled()  # taken from the run being resumed
     widget.checkpoint_every.setValue(1)  # fresh weights every step for live inspection
-    widget.progressed.disconnect(on_event)
-    widget.progressed.connect(events.append)
+    panel.progressed.disconnect(on_event)
+    panel.progressed.connect(events.append)
     assert widget.start()
     _wait_idle(qtbot, widget)
     assert not notified, notified
@@ -184,8 +208,14 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     assert [e.step for e in events if e.kind == "step"] == list(range(stopped + 1, 4))
     assert events[-1].kind == "done" and load_checkpoint(checkpoint)["step"] == 3
     assert written == [str(checkpoint)] * (1 + 3 - stopped)  # stop, then every step
-    assert widget.progress.value() == 3 and "done: 3 steps" in widget.status.text()
-    assert widget.plot.series["total"][0] == [float(s) for s in range(1, 4)]
+    assert panel.progress.value() == 3 and "done: 3 steps" in panel.status.text()
+    assert panel.plot.series["total"][0] == [float(s) for s in range(1, 4)]
+    # what is on screen: the x axis spans the run, the y axis holds every loss
+    panel.plot.redraw()
+    assert panel.plot.axes.get_xlim() == (0.0, 3.0)
+    low, high = panel.plot.axes.get_ylim()
+    assert all(low <= value <= high for value in panel.plot.series["total"][1])
+    assert state.status == "done" and state.step == 3
     _assert_usable(widget)
 
 
@@ -203,13 +233,13 @@ def test_gui_stays_responsive_during_pretraining(make_napari_viewer_proxy, qtbot
     timer.start()
     qtbot.wait(100)
     clicked = time.perf_counter()
-    _click(qtbot, widget.start_button)
+    _click(qtbot, widget.panel.start_button)
     start_call = time.perf_counter() - clicked
     _wait_idle(qtbot, widget)
     qtbot.wait(100)
     timer.stop()
     assert not notified, notified
-    assert widget.last_event.kind == "done" and widget.last_event.step == 2
+    assert widget.panel.last_event.kind == "done" and widget.panel.last_event.step == 2
     gaps = np.diff(ticks)
     longest = float(gaps.max())
     print(f"\nGUI responsiveness: {len(ticks)} ticks of a 10 ms timer over "
@@ -250,7 +280,8 @@ def test_pretrain_on_image_layers_and_napari_cancel(make_napari_viewer_proxy, qt
     unwrap(viewer).window._task_status_manager.cancel_all()  # as when napari closes
     _wait_idle(qtbot, widget)
     assert not notified, notified
-    assert widget.last_event.kind == "stopped" and widget.last_event.step == 0
+    assert widget.panel.last_event.kind == "stopped" and widget.panel.last_event.step == 0
+    assert widget.run_state.status == "stopped"
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 0
     first = read_volume(run / "layers" / "phantom_000.nii")
     np.testing.assert_allclose(first.affine, kwargs["affine"])
@@ -273,7 +304,7 @@ def test_pretrain_bad_inputs_notify_and_leave_gui_usable(make_napari_viewer_prox
     assert widget.start()  # the folder is read in the worker
     _wait_idle(qtbot, widget)
     assert isinstance(notified[-1], VoCoDataError) and "no NIfTI files" in str(notified[-1])
-    assert "failed" in widget.status.text()
+    assert "failed" in widget.panel.status.text() and widget.run_state.status == "failed"
     _assert_usable(widget)
 
     widget.data_path.set_path(train_dataset)
@@ -334,9 +365,9 @@ def test_finetune_layer_pairs_dice_and_segment(make_napari_viewer_proxy, qtbot, 
     assert len(widget.pairs) == 2 and widget.pair_list.count() == 2
 
     events = []
-    widget.progressed.connect(events.append)
-    _click(qtbot, widget.start_button)
-    assert widget.running
+    widget.panel.progressed.connect(events.append)
+    _click(qtbot, widget.panel.start_button)
+    assert widget.panel.running
     _wait_idle(qtbot, widget)
     assert not notified, notified
     kinds = [e.kind for e in events]
@@ -346,7 +377,8 @@ def test_finetune_layer_pairs_dice_and_segment(make_napari_viewer_proxy, qtbot, 
     assert widget.dice_table.rowCount() == 10  # foreground classes, named from dataset.json
     assert widget.dice_table.item(0, 0).text() == "body"
     assert "validation Dice at step 2" in widget.dice_label.text()
-    assert len(widget.plot.series["loss"][0]) == 2 and len(widget.plot.series["val Dice"][0])
+    plot = widget.panel.plot
+    assert len(plot.series["loss"][0]) == 2 and len(plot.series["val Dice"][0])
     best = tmp_path / "ft" / "checkpoints" / "best.pt"
     assert widget.best_checkpoint == best and load_checkpoint(best)["kind"] == "best"
     _assert_usable(widget)
@@ -428,8 +460,13 @@ def test_positions_widget_follows_the_running_pretraining(make_napari_viewer_pro
         if positions._view is not None:
             seen_models.append(positions._view.model_key)
 
-    positions.follow.setChecked(True)
-    assert positions.follow.isChecked() and "waiting" in positions.status.text()
+    # the user opens Follow and picks the pretrain widget docked in this viewer
+    positions.follow.refresh()
+    index = positions.follow.findText("VoCo pretrain")
+    assert index > 0 and positions.follow.itemData(index) is pretrain.run_state
+    positions.follow.activated.emit(index)
+    assert positions.followed is pretrain.run_state
+    assert "waiting" in positions.status.text()
     boxes_placed = []
 
     def place_once(path: str) -> None:  # after the first checkpoint, place a box
@@ -438,17 +475,17 @@ def test_positions_widget_follows_the_running_pretraining(make_napari_viewer_pro
             qtbot.waitUntil(lambda: not positions.busy, timeout=WAIT_MS)
             positions.place_box()
 
-    pretrain.checkpoint_written.connect(place_once)
-    pretrain.checkpoint_written.connect(on_checkpoint)
+    pretrain.run_state.checkpoint_written.connect(place_once)
+    pretrain.run_state.checkpoint_written.connect(on_checkpoint)
     assert pretrain.start()
     _wait_idle(qtbot, pretrain)
     qtbot.waitUntil(lambda: not positions.busy, timeout=WAIT_MS)
     assert not notified, notified
     last = tmp_path / "run" / "checkpoints" / "last.pt"
-    assert positions.checkpoint.path() == str(last)
+    assert positions.checkpoint.path() == last
     assert positions.box_result is not None
     # the box was re-predicted with later checkpoints: the cached model changed with them
     model_keys = {key for key in seen_models} | {positions._view.model_key}
     assert len(model_keys) >= 2, model_keys
-    positions.follow.setChecked(False)
-    assert not positions._followed
+    positions.follow.activated.emit(0)  # "off"
+    assert positions.followed is None and positions.follow.currentText() == "off"

@@ -28,12 +28,11 @@ Every layer read here carries ``metadata["voco"]``, a dict of plain types:
 
 Image or labels
 ---------------
-A file becomes a **Labels** layer when :func:`looks_like_label_map` holds: its
-data type is integer or boolean (:attr:`VolumeRecord.is_label_map`), no voxel
-is negative and it has at most :data:`MAX_LABEL_VALUES` distinct values.
-Everything else is an **Image**. The extra conditions keep integer CT scans
-(``int16`` Hounsfield units, with negative air values) and integer MR scans
-(thousands of grey values) out of the Labels layer type.
+A file becomes a **Labels** layer when :func:`voco_core.data.looks_like_labels`
+says it is a label map (the one rule, also ``voco info``'s: the NIfTI intent or a
+label-like file or folder name with label values, else unambiguous data: booleans,
+or non-negative integers with few distinct values); everything else is an
+**Image** (8-bit MRI, integer CT in Hounsfield units, floating-point data).
 
 Images whose values span :data:`CT_WINDOW_HU` (minimum <= -175 and maximum >=
 250, as any CT in Hounsfield units does) open with that soft-tissue window as
@@ -57,15 +56,13 @@ from typing import Any
 
 import numpy as np
 
+from voco_core.data import looks_like_labels
 from voco_core.data.io import VolumeRecord, is_nifti_path, read_volume, write_volume
 from voco_core.errors import VoCoDataError
 
 # (data, layer keyword arguments, layer type name): what npe2 readers return.
 LayerDataTuple = tuple[np.ndarray, dict[str, Any], str]
 ReaderFunction = Callable[[str | Sequence[str]], list[LayerDataTuple]]
-
-MAX_LABEL_VALUES = 256
-"""Most distinct values an integer volume may have and still open as a label map."""
 
 CT_WINDOW_HU = (-175.0, 250.0)
 """Contrast limits (Hounsfield units) for images whose values span this range."""
@@ -119,29 +116,10 @@ def read_nifti(path: str | Sequence[str]) -> list[LayerDataTuple]:
     layers = []
     for file in paths:
         record = read_volume(file)
-        as_labels = looks_like_label_map(record)
+        as_labels, _reason = looks_like_labels(record)
         label_names = _decathlon_label_names(record.path) if as_labels else None
         layers.append(volume_layer_data(record, as_labels=as_labels, label_names=label_names))
     return layers
-
-
-def looks_like_label_map(record: VolumeRecord) -> bool:
-    """True when the volume should open as a napari Labels layer.
-
-    That is: integer or boolean data (:attr:`VolumeRecord.is_label_map`), no
-    negative voxel, and at most :data:`MAX_LABEL_VALUES` distinct values.
-    """
-    if not record.is_label_map:
-        return False
-    data = record.array
-    if data.dtype == np.bool_:
-        return True
-    if data.size == 0 or data.min() < 0:
-        return False
-    # A coarse subsample rejects grey-value images (thousands of values) cheaply.
-    if np.unique(data[::4, ::4, ::4]).size > MAX_LABEL_VALUES:
-        return False
-    return np.unique(data).size <= MAX_LABEL_VALUES
 
 
 def volume_metadata(
@@ -173,13 +151,13 @@ def volume_layer_data(
         record: the volume; its array is used as is (no copy) unless it must
             become integer for a Labels layer.
         as_labels: force a ``"labels"`` (True) or ``"image"`` (False) layer;
-            default: :func:`looks_like_label_map`.
+            default: :func:`voco_core.data.looks_like_labels`.
         name: layer name; default ``record.name``.
         label_names: ``{value: class name}`` for a label map, stored in the
             metadata and as the layer's ``features``.
     """
     if as_labels is None:
-        as_labels = looks_like_label_map(record)
+        as_labels, _reason = looks_like_labels(record)
     kwargs: dict[str, Any] = {
         "name": name if name is not None else record.name,
         "affine": np.asarray(record.affine, dtype=np.float64),
@@ -293,31 +271,44 @@ def label_storage_dtype(data: np.ndarray) -> np.dtype:
     return dtype
 
 
-def _image_storage_array(data: np.ndarray) -> np.ndarray:
-    """``data`` in a type NIfTI stores: 64-bit integers narrowed (or float64 when they
-    do not fit 32 bits), float16 widened to float32; other types unchanged."""
-    if data.dtype in (np.int64, np.uint64):
-        dtype = _integer_dtype_for_range(int(data.min()), int(data.max())) if data.size else None
-        return data.astype(dtype if dtype is not None else np.float64)
-    if data.dtype == np.float16:
-        return data.astype(np.float32)
-    return data
+def storage_array(array: np.ndarray, labels: bool = False) -> np.ndarray:
+    """``array`` in a type NIfTI stores, the one rule for every volume the plugin writes
+    (writers and training data): labels as :func:`label_storage_dtype`; images keep
+    their type except 64-bit integers (narrowed to the smallest integer type that
+    holds them, else float64) and float16 (widened to float32)."""
+    if labels:
+        return array.astype(label_storage_dtype(array), copy=False)
+    if array.dtype in (np.int64, np.uint64):
+        low_high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        dtype = _integer_dtype_for_range(*low_high)
+        return array.astype(dtype if dtype is not None else np.float64)
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    return array
 
 
-def _layer_volume(path: str, data: Any, meta: Mapping[str, Any], kind: str) -> np.ndarray:
-    """The layer's full-resolution data as a 3-D numpy array, or VoCoDataError."""
+def layer_volume(data: Any, meta: Mapping[str, Any], kind: str = "image",
+                 name: str | None = None, path: str | Path | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(array, affine)`` of a single-channel 3-D layer given as napari hands it to
+    writers (``data`` and the ``meta`` keyword dict): the full-resolution level as a
+    numpy array, unchanged, and the voxel -> world affine of
+    :func:`layer_voxel_to_world`. The one layer -> volume helper of the plugin (the
+    widgets pass a layer's data and transform, see :func:`napari_voco._layers.layer_meta`).
+
+    Raises :class:`VoCoDataError` naming the layer (``name``) or the file (``path``)
+    for an RGB or non-3-D layer."""
+    what = f"layer {name!r}" if name is not None else f"the {kind} layer"
     if meta.get("multiscale"):
         data = data[0]
     if meta.get("rgb"):
-        raise VoCoDataError(f"cannot save an RGB {kind} layer as a NIfTI volume", path)
+        raise VoCoDataError(f"{what} is an RGB image: expected a 3-D {kind} layer "
+                            "(one channel)", path)
     array = np.asarray(data)
     if array.ndim != 3:
-        raise VoCoDataError(
-            f"the {kind} layer is {array.ndim}-D with shape {array.shape}; "
-            "NIfTI export needs a 3-D layer",
-            path,
-        )
-    return array
+        raise VoCoDataError(f"{what} is {array.ndim}-D with shape {array.shape}: expected "
+                            f"a 3-D {kind} layer", path)
+    return array, layer_voxel_to_world(meta, array.shape)
 
 
 def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
@@ -327,9 +318,8 @@ def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     widened); the geometry is :func:`layer_voxel_to_world`. Returns ``[path]``.
     Raises :class:`VoCoDataError` for a non-3-D or RGB layer or an unwritable path.
     """
-    array = _image_storage_array(_layer_volume(path, data, meta, "image"))
-    affine = layer_voxel_to_world(meta, array.shape)
-    return [str(write_volume(path, array, affine=affine))]
+    array, affine = layer_volume(data, meta, "image", path=path)
+    return [str(write_volume(path, storage_array(array), affine=affine))]
 
 
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
@@ -340,7 +330,5 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     Raises :class:`VoCoDataError` for a non-3-D layer, labels outside the
     ``int32`` range or an unwritable path.
     """
-    array = _layer_volume(path, data, meta, "labels")
-    array = array.astype(label_storage_dtype(array), copy=False)
-    affine = layer_voxel_to_world(meta, array.shape)
-    return [str(write_volume(path, array, affine=affine))]
+    array, affine = layer_volume(data, meta, "labels", path=path)
+    return [str(write_volume(path, storage_array(array, labels=True), affine=affine))]

@@ -4,7 +4,13 @@ What ``make run`` starts: the phantom sample in the viewer, the four VoCo widget
 docked (pretrain, positions, finetune, segment), the pretrain widget set to the
 embedded default (the tiny preset on the synthetic phantoms in ``--data``, written
 there first when absent) and started, and the positions inspector following its
-checkpoints. ``voco demo`` is the headless twin of this job.
+checkpoints (wired explicitly: ``positions.follow_run(pretrain.run_state)``):
+from the first checkpoint on it shows sampled sub-volumes and their predicted
+positions. The pretraining panel and the inspector show at once, side by side on a
+wide screen and one above the other on a narrower one (finetune and segment are tabs
+behind the inspector), and the window fits a 1280 x 1024 or 1600 x 1000 screen (the
+widgets scroll). ``voco demo`` is the headless twin of this
+job.
 """
 
 from __future__ import annotations
@@ -40,12 +46,48 @@ def has_display() -> bool:
                 or sys.platform in ("darwin", "win32"))
 
 
+SAMPLED_SUB_VOLUMES = 12
+"""Sub-volumes the inspector samples from the first checkpoint on."""
+
+
+def dock_of(widget):
+    """The dock holding a docked widget (napari's documented way: its Qt parent)."""
+    return (widget.native if hasattr(widget, "native") else widget).parent()
+
+
 def raise_dock_widget(widget) -> None:
     """Show a docked widget's tab in front (napari's documented way: the Qt parent of
     the inner widget is its dock)."""
-    dock = (widget.native if hasattr(widget, "native") else widget).parent()
+    dock = dock_of(widget)
     dock.show()
     dock.raise_()
+
+
+SIDE_BY_SIDE_WIDTH = 1500
+"""Screens at least this wide (pixels) get the pretraining panel and the inspector side
+by side; narrower ones (1280 x 1024) one above the other, leaving the canvas room."""
+
+
+def show_both(first, second) -> None:
+    """Dock ``second`` beside ``first`` on a wide screen, else below it, so both show at
+    once (each scrolls when its dock is shorter than its content)."""
+    from qtpy.QtCore import Qt, QTimer
+    from qtpy.QtWidgets import QApplication
+
+    first_dock, second_dock = dock_of(first), dock_of(second)
+    screen = QApplication.primaryScreen()
+    wide = screen is None or screen.availableGeometry().width() >= SIDE_BY_SIDE_WIDTH
+    orientation = Qt.Orientation.Horizontal if wide else Qt.Orientation.Vertical
+    window = first_dock.parentWidget()
+    window.splitDockWidget(first_dock, second_dock, orientation)
+    if not wide:  # share the height (Qt would squeeze the first dock to its minimum)
+
+        def share_height() -> None:
+            height = max(window.height() - 120, 200)  # menu, tab bar, status bar
+            window.resizeDocks([first_dock, second_dock],
+                               [int(height * 0.55), int(height * 0.45)], orientation)
+
+        QTimer.singleShot(0, share_height)  # once the window has its size
 
 
 def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
@@ -61,11 +103,13 @@ def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
     viewer.open_sample("napari-voco", "voco_phantom")
     widgets = {}
     for name in ("VoCo pretrain", "VoCo positions", "VoCo finetune", "VoCo segment"):
-        _dock, widget = viewer.window.add_plugin_dock_widget("napari-voco", name,
-                                                            tabify=name != "VoCo pretrain")
+        _dock, widget = viewer.window.add_plugin_dock_widget(
+            "napari-voco", name, tabify=name not in ("VoCo pretrain", "VoCo positions"))
         widgets[name] = widget
-    pretrain = widgets["VoCo pretrain"]
-    raise_dock_widget(pretrain)  # the others are tabs behind it
+        if name == "VoCo positions":  # with the pretraining; finetune/segment tab behind
+            show_both(widgets["VoCo pretrain"], widget)
+    pretrain, positions = widgets["VoCo pretrain"], widgets["VoCo positions"]
+    raise_dock_widget(positions)
     pretrain.overrides = DEMO_OVERRIDES
     pretrain.preset.setCurrentText("tiny")
     pretrain.steps.setValue(args.steps)
@@ -74,10 +118,16 @@ def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
     pretrain.source.setCurrentText("Folder or datalist JSON")
     pretrain.data_path.set_path(args.data)
     pretrain.output.set_path(args.out or Path("runs") / f"gui-{time.strftime('%Y%m%d-%H%M%S')}")
-    positions = widgets["VoCo positions"]
     positions.image_combo.setCurrentText("VoCo phantom CT")
     widgets["VoCo segment"].image_combo.setCurrentText("VoCo phantom CT")
-    positions.follow.setChecked(True)
+    positions.count.setValue(SAMPLED_SUB_VOLUMES)
+    positions.follow_run(pretrain.run_state)  # live inspection of the run below
+
+    def sample_once(path: str) -> None:  # then following re-samples at each checkpoint
+        pretrain.run_state.checkpoint_written.disconnect(sample_once)
+        positions.sample()
+
+    pretrain.run_state.checkpoint_written.connect(sample_once)
     if not args.no_start:
         QTimer.singleShot(500, pretrain.start)
     return widgets

@@ -24,22 +24,16 @@ rectangle spanning its extent on ``a`` and ``b``, placed on one slice of ``c``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Signal
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFileDialog,
-    QHBoxLayout,
-    QLineEdit,
-    QPushButton,
-    QWidget,
-)
 
-from voco_core.data.io import VolumeRecord
+from napari_voco._io import layer_volume as _layer_volume
+from napari_voco._io import layer_voxel_to_world, storage_array, volume_metadata
+from voco_core.data.io import VolumeRecord, write_volume
 from voco_core.errors import VoCoDataError
 
 if TYPE_CHECKING:
@@ -56,61 +50,49 @@ def unwrap(obj: Any) -> Any:
 # --------------------------------------------------------------------------- geometry
 
 
+def layer_meta(layer: Layer) -> dict[str, Any]:
+    """The parts of a layer's keyword dict (``layer.as_layer_data_tuple()[1]``) that place
+    its data: transform, ``metadata``, ``multiscale``, ``rgb``; without copying data."""
+    return {
+        "metadata": layer.metadata,
+        "scale": np.asarray(layer.scale, dtype=np.float64),
+        "translate": np.asarray(layer.translate, dtype=np.float64),
+        "rotate": np.asarray(layer.rotate, dtype=np.float64),
+        "shear": np.asarray(layer.shear, dtype=np.float64),
+        "affine": np.asarray(layer.affine.affine_matrix, dtype=np.float64),
+        "multiscale": bool(getattr(layer, "multiscale", False)),
+        "rgb": bool(getattr(layer, "rgb", False)),
+    }
+
+
 def layer_data_to_world(layer: Layer) -> np.ndarray:
     """The layer's ``(D+1, D+1)`` data -> world matrix as napari applies it:
     ``affine @ (rotate @ shear @ diag(scale) + translate)``."""
-    from napari.utils.transforms import CompositeAffine
-
-    ndim = layer.ndim
-    data_to_physical = CompositeAffine(
-        scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear,
-        ndim=ndim,
-    ).affine_matrix
-    return np.asarray(layer.affine.affine_matrix, dtype=np.float64) @ data_to_physical
+    meta = {key: value for key, value in layer_meta(layer).items() if key != "metadata"}
+    return layer_voxel_to_world(meta, (0,) * layer.ndim)
 
 
-def _metadata_affine(layer: Layer, shape: Sequence[int]) -> np.ndarray | None:
-    """``metadata["voco"]["affine"]`` (the reader's source-file affine) when it is valid
-    for an array of ``shape``, else None."""
-    source = (layer.metadata or {}).get("voco") or {}
-    if source.get("affine") is None or tuple(source.get("shape", shape)) != tuple(shape):
-        return None
-    try:
-        affine = np.asarray(source["affine"], dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        return None
-    return affine
+def layer_volume(layer: Layer, kind: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """``(array, affine)`` of a single-channel 3-D layer: its full-resolution data and
+    the source file's affine (``metadata["voco"]``, layers from this plugin's reader)
+    or else its own data -> world transform (see
+    :func:`napari_voco._io.layer_volume`, the one rule). :class:`VoCoDataError`
+    names the layer otherwise."""
+    return _layer_volume(layer.data, layer_meta(layer), kind, name=getattr(layer, "name", "?"))
 
 
 def layer_to_record(layer: Any) -> VolumeRecord:
-    """A :class:`VolumeRecord` of a 3-D image layer.
-
-    ``array`` is the layer's (full-resolution) data; ``affine`` the source file's
-    affine from ``metadata["voco"]`` (layers from this plugin's reader), else the
-    layer's own data -> world transform (scale/translate/affine). Raises
-    :class:`VoCoDataError` for anything but a single-channel 3-D image layer.
-    """
+    """A :class:`VolumeRecord` of a 3-D image layer (:func:`layer_volume`; the path from
+    ``metadata["voco"]`` when the layer came from a file). :class:`VoCoDataError` for
+    anything but a single-channel 3-D image layer."""
     from napari.layers import Image
 
     if layer is None:
         raise VoCoDataError("no image layer chosen: open a 3-D image first")
-    name = getattr(layer, "name", "?")
     if not isinstance(layer, Image):
-        raise VoCoDataError(f"layer {name!r} is a {type(layer).__name__} layer: "
+        raise VoCoDataError(f"layer {layer.name!r} is a {type(layer).__name__} layer: "
                             "expected a 3-D image layer")
-    if layer.rgb:
-        raise VoCoDataError(f"layer {name!r} is an RGB image: expected a 3-D image layer "
-                            "(one channel)")
-    data = layer.data[0] if layer.multiscale else layer.data
-    array = np.asarray(data)
-    if array.ndim != 3:
-        raise VoCoDataError(f"layer {name!r} is {array.ndim}-D with shape {array.shape}: "
-                            "expected a 3-D image layer")
-    affine = _metadata_affine(layer, array.shape)
-    if affine is None:
-        affine = layer_data_to_world(layer)
+    array, affine = layer_volume(layer)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     path = ((layer.metadata or {}).get("voco") or {}).get("path")
     return VolumeRecord(array, affine, spacing, Path(path) if path else None)  # type: ignore[arg-type]
@@ -244,128 +226,59 @@ def show_plane(viewer: napari.Viewer, layer: Layer, axes: tuple[int, int]) -> No
     viewer.dims.order = tuple(order)
 
 
-# --------------------------------------------------------------------------- widgets
+# --------------------------------------------------------------------------- layers -> files
 
 
-class LayerCombo(QComboBox):
-    """A combo box listing the viewer's layers of one type (by name), kept in sync."""
-
-    def __init__(self, viewer: napari.Viewer, layer_type: type | None = None,
-                 parent: QWidget | None = None):
-        super().__init__(parent)
-        if layer_type is None:
-            from napari.layers import Image
-
-            layer_type = Image
-        self._viewer = viewer
-        self._type = layer_type
-        self.setToolTip(f"{layer_type.__name__} layer to work on")
-        events = viewer.layers.events
-        events.inserted.connect(self._on_inserted)
-        events.removed.connect(self.refresh)
-        events.reordered.connect(self.refresh)
-        for layer in viewer.layers:
-            layer.events.name.connect(self.refresh)
-        self.refresh()
-
-    def _on_inserted(self, event=None) -> None:
-        layer = getattr(event, "value", None)
-        if layer is not None:
-            layer.events.name.connect(self.refresh)
-        self.refresh()
-
-    def refresh(self, event=None) -> None:
-        """Rebuild the list, keeping the current layer selected while it exists."""
-        current = self.layer()
-        layers = [unwrap(layer) for layer in self._viewer.layers
-                  if isinstance(layer, self._type)]
-        self.blockSignals(True)
-        try:
-            self.clear()
-            for layer in layers:
-                self.addItem(layer.name, unwrap(layer))
-            if current is not None and current in layers:
-                self.setCurrentIndex(layers.index(current))
-        finally:
-            self.blockSignals(False)
-        if current is None or current not in layers:
-            self.currentIndexChanged.emit(self.currentIndex())
-
-    def layer(self) -> Layer | None:
-        """The chosen layer (None when the list is empty)."""
-        return self.currentData() if self.count() else None
-
-    def set_layer(self, layer: Layer) -> None:
-        for index in range(self.count()):
-            if self.itemData(index) is unwrap(layer):
-                self.setCurrentIndex(index)
-                return
-        raise ValueError(f"layer {getattr(layer, 'name', layer)!r} is not in the list")
+def safe_file_stem(name: str, taken: set[str]) -> str:
+    """A file-name stem from a layer name (letters, digits, ``._-``), unique in ``taken``
+    (which it is added to)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "layer"
+    candidate, index = stem, 1
+    while candidate.lower() in taken:
+        index += 1
+        candidate = f"{stem}_{index}"
+    taken.add(candidate.lower())
+    return candidate
 
 
-class CheckpointEdit(QWidget):
-    """A checkpoint path: a text field plus *File…* (a ``.pt`` file) and *Folder…*
-    (a run folder) pickers."""
-
-    changed = Signal(str)
-
-    def __init__(self, placeholder: str = "run folder or .pt checkpoint",
-                 parent: QWidget | None = None):
-        super().__init__(parent)
-        self.line = QLineEdit()
-        self.line.setPlaceholderText(placeholder)
-        self.line.textChanged.connect(self.changed.emit)
-        self.file_button = QPushButton("File…")
-        self.folder_button = QPushButton("Folder…")
-        self.file_button.setToolTip("choose a checkpoint file (.pt)")
-        self.folder_button.setToolTip("choose a run folder (its checkpoints/ are used)")
-        self.file_button.clicked.connect(self._choose_file)
-        self.folder_button.clicked.connect(self._choose_folder)
-        layout = QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.line, 1)
-        layout.addWidget(self.file_button)
-        layout.addWidget(self.folder_button)
-
-    def path(self) -> str:
-        return self.line.text().strip()
-
-    def set_path(self, path: str | Path) -> None:
-        self.line.setText(str(path))
-
-    def _choose_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "Choose a checkpoint", self.path(),
-            "PyTorch checkpoints (*.pt *.pth);;All files (*)")
-        if path:
-            self.set_path(path)
-
-    def _choose_folder(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Choose a run folder", self.path())
-        if path:
-            self.set_path(path)
+def write_training_volume(path: Path, array: np.ndarray, affine: np.ndarray,
+                          labels: bool = False) -> Path:
+    """Write a layer's volume as NIfTI for training, stored as the writers store it
+    (:func:`napari_voco._io.storage_array`). An unwritable folder is a
+    :class:`VoCoDataError`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise VoCoDataError(f"output folder is not writable ({err.strerror or err})",
+                            path.parent) from err
+    return write_volume(path, storage_array(array, labels=labels), affine=affine)
 
 
-def checkpoint_path(edit: CheckpointEdit, kind: str) -> Path:
-    """The edit's path, or :class:`VoCoDataError` when it is empty or does not exist."""
-    text = edit.path()
-    if not text:
-        raise VoCoDataError(f"no checkpoint chosen: pick a {kind} run folder or .pt file")
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise VoCoDataError("checkpoint or run folder not found", path)
-    return path
+# --------------------------------------------------------------------------- results -> layers
 
 
-def device_combo() -> QComboBox:
-    """``auto`` (CUDA when available, else CPU), ``cpu`` and the accelerators torch sees."""
-    import torch
+def show_segmentation(viewer: napari.Viewer, image: Layer, record: VolumeRecord,
+                      result: Any) -> Layer:
+    """Show a :class:`~voco_core.inference.SegmentationResult` of ``image`` as the Labels
+    layer ``"<image> segmentation"`` with the image's transform (the label map is on the
+    image's voxel grid), class names in ``features`` (napari shows the class under the
+    cursor) and ``metadata["voco"]["label_names"]`` (the NIfTI writer keeps them). An
+    existing layer of that name and shape is updated in place. Returns the layer."""
+    from napari.layers import Labels
 
-    combo = QComboBox()
-    combo.addItems(["auto", "cpu"])
-    if torch.cuda.is_available():
-        combo.addItems(["cuda"] + [f"cuda:{i}" for i in range(1, torch.cuda.device_count())])
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        combo.addItem("mps")
-    combo.setToolTip("where the network runs (auto: CUDA when available, else CPU)")
-    return combo
+    names = list(result.class_names)
+    labels_record = VolumeRecord(result.labels, record.affine, record.spacing, None)
+    metadata = {"voco": volume_metadata(labels_record, dict(enumerate(names)))}
+    features = {"index": np.arange(len(names)), "name": np.asarray(names, dtype=object)}
+    name = f"{image.name} segmentation"
+    existing = next((unwrap(layer) for layer in viewer.layers
+                     if layer.name == name and isinstance(layer, Labels)
+                     and layer.data.shape == result.labels.shape), None)
+    if existing is None:
+        return unwrap(viewer.add_labels(result.labels, name=name, features=features,
+                                        metadata=metadata, **transform_kwargs(image)))
+    copy_transform(existing, image)
+    existing.data = result.labels
+    existing.features = features
+    existing.metadata = metadata
+    return existing

@@ -6,19 +6,21 @@ so the Labels layer ``"<image> segmentation"`` gets the image layer's transform
 and overlays it exactly. Class names go into the layer's ``features`` (napari
 shows the class under the cursor) and ``metadata["voco"]["label_names"]`` (the
 NIfTI writer keeps them). Inference runs in a napari thread worker with a
-progress bar; *Cancel* stops it before the next window batch. The model is
-released when the run ends (and the CUDA cache emptied), whatever the outcome.
+progress bar (:class:`~napari_voco._jobs.JobRunner`); *Cancel* stops it before the
+next window batch. The model is released when the run ends (and the CUDA cache
+emptied), whatever the outcome. :func:`segmentation_job` is also what the finetune
+widget's *Segment with best checkpoint* runs.
 """
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
@@ -29,22 +31,21 @@ from qtpy.QtWidgets import (
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
-from napari_voco._io import volume_metadata
-from napari_voco._layers import (
-    CheckpointEdit,
+from napari_voco import _notify
+from napari_voco._inputs import (
+    DeviceCombo,
     LayerCombo,
+    checkpoint_edit,
     checkpoint_path,
-    copy_transform,
-    device_combo,
-    layer_to_record,
-    transform_kwargs,
-    unwrap,
+    release_viewer_events_on_close,
+    scrolling_layout,
 )
-from napari_voco._notify import notify_error
+from napari_voco._jobs import JobContext, JobRunner
+from napari_voco._layers import layer_to_record, show_segmentation
+from napari_voco._tooltips import TOOLTIPS
 from voco_core.data.io import VolumeRecord
 from voco_core.inference import (
     InferenceCancelled,
@@ -74,46 +75,37 @@ def model_info(segmenter: Segmenter) -> dict[str, Any]:
 
 
 @dataclass
-class _Outcome:
-    result: SegmentationResult | None = None
-    info: dict | None = None
-    seconds: float = 0.0
-    error: Exception | None = None
+class SegmenterLoaded:
+    """Event: the checkpoint is loaded (:func:`model_info`)."""
 
-    @property
-    def cancelled(self) -> bool:
-        return isinstance(self.error, InferenceCancelled)
+    info: dict
 
 
-class _Relay(QObject):
-    """Carries the worker thread's news to the GUI thread (queued signals)."""
+@dataclass
+class SegmentProgress:
+    """Event: the fraction of sliding windows done, 0..1."""
 
-    progressed = Signal(float)
-    loaded = Signal(object)
+    fraction: float
 
 
-def _run_segmentation(record: VolumeRecord, checkpoint: str, device: str,
-                      overlap: float | None, stop: threading.Event, relay: _Relay) -> _Outcome:
-    """The worker's body. Never raises: errors (and cancellation) come back in the outcome.
-    The segmenter is released in every case."""
-    start = time.perf_counter()
-    outcome = _Outcome()
-    segmenter = None
+def segmentation_job(record: VolumeRecord, checkpoint: str, device: str,
+                     overlap: float | None, context: JobContext) -> Iterator[Any]:
+    """Job body: :class:`SegmenterLoaded`, :class:`SegmentProgress` events (emitted from
+    the window loop), then the :class:`~voco_core.inference.SegmentationResult`.
+    Cancelling (the stop flag) ends it without a result; the segmenter is released in
+    every case."""
+    segmenter = load_segmenter(checkpoint, device)
     try:
-        segmenter = load_segmenter(checkpoint, device)
-        outcome.info = model_info(segmenter)
-        relay.loaded.emit(outcome.info)
-        if stop.is_set():
-            raise InferenceCancelled("segmentation cancelled")
-        outcome.result = segment(record, segmenter, overlap=overlap,
-                                 progress=relay.progressed.emit, stop=stop)
-    except Exception as err:  # reported in the GUI thread
-        outcome.error = err
+        yield SegmenterLoaded(model_info(segmenter))
+        if context.stop.is_set():
+            return
+        result = segment(record, segmenter, overlap=overlap, stop=context.stop,
+                         progress=lambda fraction: context.emit(SegmentProgress(fraction)))
+    except InferenceCancelled:
+        return
     finally:
-        if segmenter is not None:
-            segmenter.release()
-    outcome.seconds = time.perf_counter() - start
-    return outcome
+        segmenter.release()
+    yield result
 
 
 class SegmentWidget(QWidget):
@@ -122,25 +114,24 @@ class SegmentWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
-        self._worker = None
-        self._stop = threading.Event()
         self._job_image = None
         self._job_record: VolumeRecord | None = None
+        self._started = 0.0
         self.labels_layer = None
         self.info: dict | None = None
         self.counts: dict[str, int] = {}
         self.last_status = ""
 
         self.image_combo = LayerCombo(napari_viewer)
-        self.checkpoint = CheckpointEdit("finetuning run folder, best.pt or last.pt")
-        self.device = device_combo()
+        self.checkpoint = checkpoint_edit("finetuning run folder, best.pt or last.pt")
+        self.device = DeviceCombo(auto=True)
         self.overlap = QDoubleSpinBox()
         self.overlap.setRange(-0.05, 0.95)
         self.overlap.setSingleStep(0.05)
         self.overlap.setDecimals(2)
         self.overlap.setSpecialValueText("from checkpoint")
         self.overlap.setValue(-0.05)
-        self.overlap.setToolTip("sliding-window overlap (more: smoother, slower)")
+        self.overlap.setToolTip(TOOLTIPS["overlap"])
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("Checkpoint", self.checkpoint)
@@ -171,7 +162,7 @@ class SegmentWidget(QWidget):
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_layout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
@@ -179,19 +170,21 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.model_label)
         layout.addWidget(self.table, 1)
 
-        self._relay = _Relay(self)
-        self._relay.progressed.connect(self._on_progress)
-        self._relay.loaded.connect(self._on_loaded)
+        self.runner = JobRunner("segment", self)
+        self.runner.event.connect(self._on_event)
+        self.runner.failed.connect(self._fail)
+        self.runner.finished.connect(self._on_finished)
+        release_viewer_events_on_close(self)
 
     # ------------------------------------------------------------------ actions
 
     @property
     def busy(self) -> bool:
-        return self._worker is not None
+        return self.runner.running
 
     def run(self) -> None:
         """Start segmenting the chosen image (nothing happens while a run is going)."""
-        if self._worker is not None:
+        if self.busy:
             return
         try:
             layer = self.image_combo.layer()
@@ -200,40 +193,40 @@ class SegmentWidget(QWidget):
         except Exception as err:
             self._fail(err)
             return
-        from napari.qt.threading import create_worker
-
         overlap = self.overlap.value()
         overlap = None if overlap < 0 else float(overlap)
-        self._stop = threading.Event()
         self._job_image, self._job_record = layer, record
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.progress.setValue(0)
         self._set_status("loading model…")
-        worker = create_worker(_run_segmentation, record, str(path),
-                               self.device.currentText(), overlap, self._stop, self._relay,
-                               _ignore_errors=True)
-        worker.returned.connect(self._on_returned)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        worker.start()
+        self._started = time.perf_counter()
+        self.runner.start(
+            lambda context: segmentation_job(record, str(path), self.device.device(), overlap,
+                                             context),
+            f"VoCo segmentation of {layer.name}")
 
     def cancel(self) -> None:
         """Ask the running segmentation to stop (before its next window batch)."""
-        if self._worker is None:
+        if not self.busy:
             return
-        self._stop.set()
+        self.runner.stop()
         self.cancel_button.setEnabled(False)
         self._set_status("cancelling…")
 
-    # ------------------------------------------------------------------ worker signals
+    # ------------------------------------------------------------------ job events
 
-    def _on_progress(self, fraction: float) -> None:
-        if self._worker is not None and not self._stop.is_set():
-            self.progress.setValue(round(float(fraction) * _PROGRESS_STEPS))
-            self._set_status(f"segmenting… {100 * float(fraction):.0f} %")
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, SegmenterLoaded):
+            self._show_model(event.info)
+        elif isinstance(event, SegmentProgress):
+            if not self.runner.stopping:
+                self.progress.setValue(round(float(event.fraction) * _PROGRESS_STEPS))
+                self._set_status(f"segmenting… {100 * float(event.fraction):.0f} %")
+        elif isinstance(event, SegmentationResult):
+            self._show_result(event)
 
-    def _on_loaded(self, info: dict) -> None:
+    def _show_model(self, info: dict) -> None:
         self.info = info
         classes = info["classes"]
         spacing = ("the file's own spacing" if info["spacing"] is None
@@ -242,31 +235,21 @@ class SegmentWidget(QWidget):
             f"{len(classes)} classes: {', '.join(classes)}\n"
             f"SwinUNETR, feature size {info['feature_size']}, windows "
             f"{' × '.join(str(s) for s in info['roi_size'])} at {spacing}, on {info['device']}")
-        if self._worker is not None and not self._stop.is_set():
+        if not self.runner.stopping:
             self._set_status("segmenting…")
 
-    def _on_returned(self, outcome: _Outcome) -> None:
-        if outcome.cancelled:
+    def _on_finished(self) -> None:
+        if self.runner.state.status == "stopped" and self.runner.last_error is None:
             self.progress.setValue(0)
             self._set_status("cancelled")
-            return
-        try:
-            if outcome.error is not None:
-                raise outcome.error
-            self._show_result(outcome)
-        except Exception as err:
-            self._fail(err)
-
-    def _on_finished(self) -> None:
-        self._worker = None
         self._job_image = self._job_record = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
 
     def _fail(self, err: BaseException) -> None:
-        notify_error(err)
+        _notify.notify_error(err)
         self.progress.setValue(0)
-        self._set_status(f"failed: {err}")
+        self._set_status(f"failed: {_notify.error_message(err)}")
 
     def _set_status(self, text: str) -> None:
         self.last_status = text
@@ -274,32 +257,15 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------ results
 
-    def _show_result(self, outcome: _Outcome) -> None:
-        from napari.layers import Labels
-
-        result, image, record = outcome.result, self._job_image, self._job_record
-        names = list(result.class_names)
-        label_names = dict(enumerate(names))
-        labels_record = VolumeRecord(result.labels, record.affine, record.spacing, None)
-        metadata = {"voco": volume_metadata(labels_record, label_names)}
-        features = {"index": np.arange(len(names)), "name": np.asarray(names, dtype=object)}
-        name = f"{image.name} segmentation"
-        existing = next((unwrap(layer) for layer in self.viewer.layers
-                         if layer.name == name and isinstance(layer, Labels)
-                         and layer.data.shape == result.labels.shape), None)
-        if existing is not None:
-            copy_transform(existing, image)
-            existing.data = result.labels
-            existing.features = features
-            existing.metadata = metadata
-            layer = existing
-        else:
-            layer = unwrap(self.viewer.add_labels(result.labels, name=name, features=features,
-                                                  metadata=metadata, **transform_kwargs(image)))
-        self.labels_layer = layer
+    def _show_result(self, result: SegmentationResult) -> None:
+        if self.runner.stopping:  # cancelled after the last window: keep nothing
+            return
+        image, record = self._job_image, self._job_record
+        self.labels_layer = show_segmentation(self.viewer, image, record, result)
         self._show_counts(result, record)
         self.progress.setValue(_PROGRESS_STEPS)
-        self._set_status(f"done in {outcome.seconds:.1f} s: {name!r}, "
+        self._set_status(f"done in {time.perf_counter() - self._started:.1f} s: "
+                         f"{self.labels_layer.name!r}, "
                          f"{' × '.join(str(s) for s in result.labels.shape)} voxels")
 
     def _show_counts(self, result: SegmentationResult, record: VolumeRecord) -> None:

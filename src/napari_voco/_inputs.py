@@ -1,0 +1,385 @@
+"""Input fields shared by the VoCo widgets, and the release of their viewer events.
+
+* :class:`PathEdit`: a path typed or picked (*Folder…* and/or *File…*);
+* :class:`DeviceCombo`: where a network runs (CPU, each CUDA device with its free
+  memory, Apple MPS; optionally *auto*);
+* :class:`LayerCombo`: the viewer's layers of one type, kept in sync;
+* :class:`ScientificSpinBox`: a learning rate shown as ``3.0e-04``;
+* :class:`CompactStack`: a stacked widget as tall as its current page;
+* :func:`scrolling_layout`: a widget's content in a scroll area, so a tall widget
+  never makes napari's window taller than the screen;
+* :class:`ViewerEvents` / :func:`release_viewer_events_on_close`: connections to
+  napari's viewer and layer events that a widget drops when it is closed or taken
+  out of its dock, so a closed widget leaves nothing connected to the viewer
+  (napari-animation's pattern).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qtpy.QtCore import QEvent, QObject, Qt, Signal
+from qtpy.QtGui import QValidator
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QScrollArea,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_voco._layers import unwrap
+from napari_voco._text import format_bytes, format_lr
+from napari_voco._tooltips import TOOLTIPS
+from voco_core.errors import VoCoDataError
+
+if TYPE_CHECKING:
+    import napari
+    from napari.layers import Layer
+
+
+# --------------------------------------------------------------------------- viewer events
+
+
+class ViewerEvents:
+    """Mixin for widgets that listen to napari events: :meth:`listen` connects and
+    remembers, :meth:`release_viewer_events` disconnects all of them."""
+
+    def listen(self, emitter: Any, callback: Callable) -> None:
+        emitter.connect(callback)
+        self.__dict__.setdefault("_viewer_connections", []).append((emitter, callback))
+
+    def release_viewer_events(self) -> None:
+        for emitter, callback in self.__dict__.pop("_viewer_connections", []):
+            try:
+                emitter.disconnect(callback)
+            except (RuntimeError, ValueError, TypeError):  # already gone with its layer
+                pass
+
+
+class _ReleaseOnClose(QObject):
+    """Event filter: on close, or when napari takes the widget out of its dock (its
+    parent becomes None), release the viewer events of the widget and its children."""
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        kind = event.type()
+        if kind == QEvent.Type.Close or (kind == QEvent.Type.ParentChange
+                                         and watched.parent() is None):
+            for widget in (watched, *watched.findChildren(QWidget)):
+                if isinstance(widget, ViewerEvents):
+                    widget.release_viewer_events()
+        return False
+
+
+def release_viewer_events_on_close(widget: QWidget) -> None:
+    """Make ``widget`` drop its (and its children's) viewer connections when it closes
+    or is removed from napari's dock (``viewer.window.remove_dock_widget``, the dock's
+    close button)."""
+    widget._release_filter = _ReleaseOnClose(widget)
+    widget.installEventFilter(widget._release_filter)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+class PathEdit(QWidget):
+    """A path: a text field plus *Folder…* and/or *File…* pickers.
+
+    ``file_filter`` (e.g. ``"Checkpoints (*.pt *.pth)"``) adds a *File…* button,
+    ``folder`` a *Folder…* button. :meth:`path` is the path (``~`` expanded) or None.
+    """
+
+    changed = Signal(str)
+
+    def __init__(self, placeholder: str = "", *, folder: bool = True,
+                 file_filter: str | None = None, file_button: str = "File…",
+                 parent: QWidget | None = None):
+        super().__init__(parent)
+        self.line = QLineEdit()
+        self.line.setPlaceholderText(placeholder)
+        self.line.setToolTip(placeholder)
+        self.line.textChanged.connect(self.changed.emit)
+        self._filter = file_filter
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.line, 1)
+        self.folder_button = self.file_button = None
+        if file_filter is not None:
+            self.file_button = QPushButton(file_button)
+            self.file_button.setToolTip(f"choose a file ({file_filter})")
+            self.file_button.clicked.connect(self._choose_file)
+            layout.addWidget(self.file_button)
+        if folder:
+            self.folder_button = QPushButton("Folder…")
+            self.folder_button.setToolTip("choose a folder")
+            self.folder_button.clicked.connect(self._choose_folder)
+            layout.addWidget(self.folder_button)
+
+    def text(self) -> str:
+        return self.line.text().strip()
+
+    def path(self) -> Path | None:
+        """The path typed or chosen (``~`` expanded), or None when the field is empty."""
+        return Path(self.text()).expanduser() if self.text() else None
+
+    def set_path(self, path: str | Path | None) -> None:
+        self.line.setText("" if path is None else str(path))
+
+    def _choose_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Choose a folder", self.text())
+        if path:
+            self.set_path(path)
+
+    def _choose_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a file", self.text(),
+                                              f"{self._filter};;All files (*)")
+        if path:
+            self.set_path(path)
+
+
+def checkpoint_edit(placeholder: str) -> PathEdit:
+    """A :class:`PathEdit` for a run folder or a ``.pt`` checkpoint."""
+    return PathEdit(placeholder, file_filter="Checkpoints (*.pt *.pth)")
+
+
+def checkpoint_path(edit: PathEdit, kind: str) -> Path:
+    """The edit's path, or :class:`VoCoDataError` when it is empty or does not exist
+    (``kind``: "pretraining", "finetuning")."""
+    path = edit.path()
+    if path is None:
+        raise VoCoDataError(f"no checkpoint chosen: pick a {kind} run folder or .pt file")
+    if not path.exists():
+        raise VoCoDataError("checkpoint or run folder not found", path)
+    return path
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def device_choices(auto: bool = False) -> list[tuple[str, str]]:
+    """``(label, device)`` pairs: with ``auto`` first ``("auto (CUDA when available)",
+    "auto")``; then ``("CPU", "cpu")``; every CUDA device as ``("cuda:0 · NVIDIA H200 ·
+    130.2 GiB free of 139.8 GiB", "cuda:0")`` (``torch.cuda.mem_get_info``); Apple
+    ``mps`` when available."""
+    import torch
+
+    choices = [("auto (CUDA when available)", "auto")] if auto else []
+    choices.append(("CPU", "cpu"))
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            try:
+                name = torch.cuda.get_device_name(index)
+            except (RuntimeError, AssertionError):
+                name = "CUDA device"
+            try:
+                free, total = torch.cuda.mem_get_info(index)
+                memory = f"{format_bytes(free)} free of {format_bytes(total)}"
+            except (RuntimeError, AssertionError):
+                memory = "free memory unknown"
+            choices.append((f"cuda:{index} · {name} · {memory}", f"cuda:{index}"))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        choices.append(("Apple MPS", "mps"))
+    return choices
+
+
+class DeviceCombo(QComboBox):
+    """Where a network runs: CPU and each CUDA device (name, free memory, re-read every
+    time the list opens). With ``auto`` (inference widgets) *auto* comes first and is
+    chosen; otherwise (training) the first CUDA device is chosen when there is one.
+    :meth:`device` is the ``run.device`` value (``"auto"``, ``"cpu"``, ``"cuda:0"``…)."""
+
+    def __init__(self, auto: bool = False, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._auto = auto
+        self.setToolTip(TOOLTIPS["device"])
+        self.refresh()
+        if not auto and self.count() > 1 and str(self.itemData(1)).startswith("cuda"):
+            self.setCurrentIndex(1)
+
+    def refresh(self) -> None:
+        """Re-read the devices and their free memory, keeping the chosen one."""
+        current = self.device() if self.count() else None
+        self.blockSignals(True)
+        try:
+            self.clear()
+            for label, spec in device_choices(self._auto):
+                self.addItem(label, spec)
+            if current is not None:
+                self.set_device(current, add=False)
+        finally:
+            self.blockSignals(False)
+
+    def showPopup(self) -> None:
+        self.refresh()
+        super().showPopup()
+
+    def device(self) -> str:
+        """The chosen device value."""
+        return str(self.currentData()) if self.count() else "cpu"
+
+    def set_device(self, spec: str, add: bool = True) -> None:
+        """Choose ``spec`` (e.g. ``"cuda:0"``); with ``add``, list it when the machine
+        does not have it (starting a job then reports the missing device)."""
+        index = self.findData(spec)
+        if index < 0:
+            if not add:
+                return
+            self.addItem(f"{spec} (not found on this machine)", spec)
+            index = self.count() - 1
+        self.setCurrentIndex(index)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class LayerCombo(ViewerEvents, QComboBox):
+    """A combo box listing the viewer's layers of one type (by name), kept in sync."""
+
+    def __init__(self, viewer: napari.Viewer, layer_type: type | None = None,
+                 parent: QWidget | None = None):
+        super().__init__(parent)
+        if layer_type is None:
+            from napari.layers import Image
+
+            layer_type = Image
+        self._viewer = viewer
+        self._type = layer_type
+        self.setToolTip(f"{layer_type.__name__} layer to work on")
+        events = viewer.layers.events
+        self.listen(events.inserted, self._on_inserted)
+        self.listen(events.removed, self.refresh)
+        self.listen(events.reordered, self.refresh)
+        for layer in viewer.layers:
+            self.listen(layer.events.name, self.refresh)
+        self.refresh()
+
+    def _on_inserted(self, event: Any = None) -> None:
+        layer = getattr(event, "value", None)
+        if layer is not None:
+            self.listen(layer.events.name, self.refresh)
+        self.refresh()
+
+    def refresh(self, event: Any = None) -> None:
+        """Rebuild the list, keeping the current layer selected while it exists."""
+        current = self.layer()
+        layers = [unwrap(layer) for layer in self._viewer.layers
+                  if isinstance(layer, self._type)]
+        self.blockSignals(True)
+        try:
+            self.clear()
+            for layer in layers:
+                self.addItem(layer.name, layer)
+            if current is not None and current in layers:
+                self.setCurrentIndex(layers.index(current))
+        finally:
+            self.blockSignals(False)
+        if current is None or current not in layers:
+            self.currentIndexChanged.emit(self.currentIndex())
+
+    def layer(self) -> Layer | None:
+        """The chosen layer (None when the list is empty)."""
+        return self.currentData() if self.count() else None
+
+    def set_layer(self, layer: Layer) -> None:
+        for index in range(self.count()):
+            if self.itemData(index) is unwrap(layer):
+                self.setCurrentIndex(index)
+                return
+        raise ValueError(f"layer {getattr(layer, 'name', layer)!r} is not in the list")
+
+
+# --------------------------------------------------------------------------- numbers, pages
+
+
+class ScientificSpinBox(QDoubleSpinBox):
+    """A positive number shown in scientific notation (``3.0e-04``); typing any float
+    (``0.0003``, ``3e-4``) works, the arrows multiply or divide by 2."""
+
+    def __init__(self, value: float = 1e-4, minimum: float = 1e-9, maximum: float = 10.0,
+                 parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setDecimals(15)
+        self.setRange(minimum, maximum)
+        self.setValue(value)
+        self.setKeyboardTracking(False)
+
+    def textFromValue(self, value: float) -> str:
+        return format_lr(value)
+
+    def valueFromText(self, text: str) -> float:
+        try:
+            return float(text.strip())
+        except ValueError:
+            return self.value()
+
+    def validate(self, text: str, pos: int):
+        stripped = text.strip()
+        try:
+            value = float(stripped)
+        except ValueError:
+            if re.fullmatch(r"[0-9.eE+-]*", stripped):
+                return QValidator.State.Intermediate, text, pos
+            return QValidator.State.Invalid, text, pos
+        if self.minimum() <= value <= self.maximum():
+            return QValidator.State.Acceptable, text, pos
+        return QValidator.State.Intermediate, text, pos
+
+    def fixup(self, text: str) -> str:
+        return self.textFromValue(self.value())
+
+    def stepBy(self, steps: int) -> None:
+        self.setValue(min(self.maximum(), max(self.minimum(), self.value() * 2.0**steps)))
+
+
+class CompactStack(QStackedWidget):
+    """A stacked widget as large as its current page (not its largest one)."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.currentChanged.connect(lambda index: self.updateGeometry())
+
+    def sizeHint(self):
+        page = self.currentWidget()
+        return page.sizeHint() if page is not None else super().sizeHint()
+
+    def minimumSizeHint(self):
+        page = self.currentWidget()
+        return page.minimumSizeHint() if page is not None else super().minimumSizeHint()
+
+
+class _VerticalScroll(QScrollArea):
+    """Scrolls vertically only: as wide as its content needs, as short as wanted."""
+
+    def minimumSizeHint(self):
+        hint = super().minimumSizeHint()
+        content = self.widget()
+        if content is not None:
+            bar = self.verticalScrollBar().sizeHint().width()
+            hint.setWidth(content.minimumSizeHint().width() + bar)
+        return hint
+
+
+def scrolling_layout(widget: QWidget) -> QVBoxLayout:
+    """The layout to fill with ``widget``'s content, inside a vertical scroll area that
+    fills ``widget``. A docked widget is then as short as napari's window allows (it
+    scrolls), instead of stretching the window past the bottom of the screen (the
+    dims slider and status bar off screen on a 1280 x 1024 or 1600 x 1000 display)."""
+    content = QWidget()
+    scroll = _VerticalScroll()
+    scroll.setWidget(content)
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scroll)
+    return QVBoxLayout(content)

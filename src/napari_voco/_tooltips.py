@@ -1,0 +1,42 @@
+"""Tooltips of the widgets' fields, in one place (the config key each field sets)."""
+
+from __future__ import annotations
+
+TOOLTIPS: dict[str, str] = {
+    # shared
+    "device": "where the network runs (free GPU memory is read when the list opens)",
+    "output": "run folder: config.yaml, checkpoints/, log.jsonl, figures",
+    "resume": "continue a run folder (or a checkpoint inside it) with its own config",
+    "resumed": "taken from the run being resumed",
+    "start": "start; while it runs: stop at the next step (a checkpoint is written)",
+    # pretraining
+    "pretrain_layers": "3-D image layers to pretrain on (written to RUN_DIR/layers/)",
+    "pretrain_steps": "optimizer steps in total (optim.total_steps)",
+    "batch": "volumes per step (optim.batch_size)",
+    "pretrain_lr": "peak learning rate (optim.lr), after warm-up",
+    "teacher": "EMA teacher (model.teacher): full (backbone + head), head only, or none",
+    "variant": "loss (loss.variant): v1, the VoCo paper's position loss; v2, intra- and "
+               "inter-volume consistency (needs an EMA teacher: head or full)",
+    "checkpoint_every": "steps between checkpoints (run.checkpoint_every): fresh weights for "
+                        "live inspection; one is also written at the end and on Stop",
+    # finetuning
+    "pairs": "training cases; when empty, the pair chosen above is used",
+    "add_pair": "add the chosen image and labels layers to the list",
+    "pretrained": "VoCo pretraining run, checkpoint or released weights for the encoder",
+    "finetune_steps": "optimizer steps in total (train.total_steps)",
+    "finetune_lr": "peak learning rate (train.lr)",
+    "val_every": "steps between validations (train.val_every); one is also run at the end",
+    # inference
+    "overlap": "sliding-window overlap (more: smoother, slower)",
+    "follow": "follow a VoCo pretrain widget of this viewer: use each checkpoint it writes "
+              "and re-predict (lower its 'Checkpoint every' for fresh weights)",
+    "grid": "load the model, pre-process the image and draw the base-crop grid",
+    "place": "put one training-sized sub-volume in the centre of the 'VoCo sub-volume' "
+             "layer; drag or resize it and the prediction follows",
+    "predict": "predict for the selected (or last) shape in 'VoCo sub-volume'",
+    "sample": "draw N random sub-volumes as in training and colour them by the error of "
+              "their predicted overlap",
+    "show_sample": "show this sampled sub-volume's overlap in the heat maps",
+    "crop": "the crop exactly as the network sees it (resampled to the input size, "
+            "intensities normalised), in place",
+}
