@@ -17,6 +17,14 @@ progress with ETA, live loss and validation Dice curves); the Dice of every clas
 at the latest validation is listed in a table. When a run ends with a best
 checkpoint, *Segment <image> with best checkpoint* segments the chosen image layer
 with it (the segment widget's job) into the Labels layer ``"<image> segmentation"``.
+
+Sparse labels and the correct-and-retrain loop (:mod:`napari_voco._sparse`):
+*annotated slices only* turns each pair's labels into a sparse map (painted slices
+along the chosen axis, the rest ``data.ignore_label``) before they are written;
+*Copy prediction to training labels* copies the segmentation into the pair's Labels
+layer for correcting; *Continue finetuning* starts a new run (``RUN_r2``, ...) from
+the last run's best checkpoint with the current labels
+(:func:`voco_core.plan.plan_continue`); each round's best Dice is listed.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
@@ -58,6 +67,7 @@ from napari_voco._inputs import (
 )
 from napari_voco._jobs import JobContext, JobRunner, RunState
 from napari_voco._layers import (
+    current_slice,
     layer_to_record,
     layer_volume,
     safe_file_stem,
@@ -67,13 +77,23 @@ from napari_voco._layers import (
 )
 from napari_voco._run_panel import RunPanel, TrainingJob, check_new_run_dir, default_run_dir
 from napari_voco._segment_widget import segmentation_job
+from napari_voco._sparse import (
+    COPY_SLICE,
+    COPY_VOLUME,
+    SLICING_AXIS,
+    RoundsTable,
+    copy_prediction,
+    ignore_value,
+    slicing_axis,
+    sparse_labels,
+)
 from napari_voco._text import format_dice
 from napari_voco._tooltips import TOOLTIPS
 from voco_core.config import FINETUNE_PRESETS, make_finetune_config, merge
 from voco_core.data.io import DatalistEntry
 from voco_core.errors import VoCoDataError
 from voco_core.inference import SegmentationResult
-from voco_core.plan import plan_finetune
+from voco_core.plan import next_round_folder, plan_continue, plan_finetune
 from voco_core.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -89,6 +109,9 @@ class FinetuneJob(TrainingJob):
 
     pairs: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     """``(name, (image, affine), (labels, affine))`` to write first."""
+    continue_from: Path | None = None
+    """A finetuning run folder to continue from (:func:`voco_core.plan.plan_continue`,
+    planned in the worker: it loads the checkpoint); ``out`` is the new run folder."""
 
 
 def class_names_of(label_names: Any, max_label: int) -> list[str] | None:
@@ -110,7 +133,12 @@ def finetune_job(job: FinetuneJob, context: JobContext) -> Iterator[Any]:
     :func:`~voco_core.train.iter_finetune`'s events."""
     from voco_core.train import iter_finetune
 
-    plan = job.plan or plan_finetune(resume=job.resume, overrides=job.overrides, out=job.out)
+    if job.plan is not None:
+        plan = job.plan
+    elif job.continue_from is not None:
+        plan = plan_continue(job.continue_from, overrides=job.overrides, out=job.out)
+    else:
+        plan = plan_finetune(resume=job.resume, overrides=job.overrides, out=job.out)
     data: Any = job.data
     if job.pairs:
         taken: set[str] = set()
@@ -123,7 +151,7 @@ def finetune_job(job: FinetuneJob, context: JobContext) -> Iterator[Any]:
                 write_training_volume(folder / "labelsTr" / f"{stem}.nii", labels,
                                       labels_affine, labels=True)))
     yield from iter_finetune(plan.config, data, plan.run_dir, pretrained=plan.pretrained,
-                             resume=plan.resume, stop=context.stop)
+                             resume=plan.resume, stop=context.stop, initial=plan.initial)
 
 
 class FinetuneWidget(ViewerEvents, QWidget):
@@ -148,7 +176,11 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.best_checkpoint: Path | None = None
         self.class_dice: dict[str, float] = {}
         self.labels_layer = None
+        self.segmented_image = None  # the image layer self.labels_layer segments
+        self.last_run_dir: Path | None = None
         self._segment_job: tuple[Any, Any] | None = None  # (image layer, its record)
+        self._continuing = False  # the running run continues the previous one
+        self._run_note = ""  # parent and annotated slices, shown with the status
 
         # -- data
         self.source = QComboBox()
@@ -202,6 +234,14 @@ class FinetuneWidget(ViewerEvents, QWidget):
                                file_filter="Checkpoints (*.pt)")
         self.resume.setToolTip(TOOLTIPS["resume"])
         self.resume.changed.connect(self._on_resume_changed)
+        self.sparse = QCheckBox("annotated slices only")
+        self.sparse.setToolTip(TOOLTIPS["sparse"])
+        self.sparse_axis = QComboBox()
+        self.sparse_axis.addItems([SLICING_AXIS, "axis 0", "axis 1", "axis 2"])
+        self.sparse_axis.setToolTip(TOOLTIPS["sparse_axis"])
+        sparse_row = QHBoxLayout()
+        sparse_row.addWidget(self.sparse)
+        sparse_row.addWidget(self.sparse_axis, 1)
         self.preset.currentTextChanged.connect(self.apply_preset)
         self.preset.setCurrentText("base" if self.device.device().startswith("cuda")
                                    else "tiny")
@@ -210,6 +250,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
         form = QFormLayout()
         form.addRow("Data", self.source)
         form.addRow("", self.data_stack)
+        form.addRow("Sparse labels", sparse_row)
         form.addRow("Pretrained", self.pretrained)
         form.addRow("Preset", self.preset)
         form.addRow("Steps", self.steps)
@@ -246,6 +287,23 @@ class FinetuneWidget(ViewerEvents, QWidget):
         segment_row = QFormLayout()
         segment_row.addRow("Segment image", self.segment_combo)
         segment_row.addRow(self.segment_button)
+
+        # -- correct and retrain
+        self.copy_scope = QComboBox()
+        self.copy_scope.addItems([COPY_VOLUME, COPY_SLICE])
+        self.copy_button = QPushButton("Copy prediction to training labels")
+        self.copy_button.setToolTip(TOOLTIPS["copy_prediction"])
+        self.copy_button.clicked.connect(self.copy_prediction)
+        self.continue_button = QPushButton("Continue finetuning")
+        self.continue_button.setToolTip(TOOLTIPS["continue"])
+        self.continue_button.clicked.connect(self.continue_finetuning)
+        self.rounds = RoundsTable()
+        copy_row = QHBoxLayout()
+        copy_row.addWidget(self.copy_button, 1)
+        copy_row.addWidget(self.copy_scope)
+        segment_row.addRow(copy_row)
+        segment_row.addRow(self.continue_button)
+        segment_row.addRow("Rounds", self.rounds)
 
         layout = scrolling_layout(self)
         layout.addWidget(self.settings)
@@ -345,18 +403,43 @@ class FinetuneWidget(ViewerEvents, QWidget):
             self.add_pair(image, labels)
         return list(self.pairs)
 
-    def make_job(self) -> FinetuneJob:
-        """Check the inputs and plan the run (GUI thread; typed errors for bad input)."""
-        resume = self.resume.path()
+    def sparse_axis_of(self, layer: Any) -> int:
+        """The axis of *annotated slices only* (and of *current slice only*) for ``layer``."""
+        text = self.sparse_axis.currentText()
+        return slicing_axis(self.viewer, layer) if text == SLICING_AXIS else int(text[-1])
+
+    def _sparse_pairs(self, layer_pairs: list, pairs: list, num_classes: int) -> dict:
+        """Turn ``pairs``' labels into "annotated slices only" maps, in place; returns the
+        ``data`` overrides (the ignore label) and notes the slice counts for the status."""
+        max_label = max(int(labels.max()) if labels.size else 0 for _, _, (labels, _) in pairs)
+        ignore = ignore_value(max_label, num_classes)
+        counts = []
+        for row, ((_, labels_layer), (name, image, (labels, affine))) in enumerate(
+                zip(layer_pairs, pairs, strict=True)):
+            axis = self.sparse_axis_of(labels_layer)
+            sparse, count = sparse_labels(labels_layer.name, labels, axis, ignore)
+            pairs[row] = (name, image, (sparse, affine))
+            counts.append(f"{labels_layer.name} {count}/{labels.shape[axis]} (axis {axis})")
+        self._run_note = f"annotated slices: {', '.join(counts)}; ignore label {ignore}"
+        return {"ignore_label": ignore}
+
+    def make_job(self, continue_from: Path | None = None) -> FinetuneJob:
+        """Check the inputs and plan the run (GUI thread; typed errors for bad input);
+        ``continue_from``: a finished run folder this run continues (new folder beside it)."""
+        resume = None if continue_from is not None else self.resume.path()
         if resume is not None and not resume.exists():
             raise VoCoDataError("finetuning run folder or checkpoint to resume not found",
                                 resume)
-        pretrained = self.pretrained.path() if resume is None else None  # plan checks it
+        fresh = resume is None and continue_from is None
+        pretrained = self.pretrained.path() if fresh else None  # plan checks it
         out = self.output.path()
-        if out is None and resume is None:
+        if continue_from is not None:
+            out = next_round_folder(continue_from)
+        elif out is None and resume is None:
             out = default_run_dir("finetune")
             self.output.set_path(out)
         overrides = self.field_overrides(resuming=resume is not None)
+        self._run_note = ""
         pairs = []
         if self.source.currentText() == SOURCE_PAIRS:
             layer_pairs = self._layer_pairs()
@@ -367,19 +450,26 @@ class FinetuneWidget(ViewerEvents, QWidget):
             max_label = max(int(labels.max()) if labels.size else 0
                             for _, _, (labels, _) in pairs)
             names = class_names_of(label_names, max_label)
-            if names and resume is None:
+            if names and fresh:
                 overrides["data"] = {"num_classes": len(names), "class_names": names}
+            if self.sparse.isChecked():
+                overrides = merge(overrides, {"data": self._sparse_pairs(
+                    layer_pairs, pairs, len(names) if names else 0)})
+        if continue_from is not None:
+            self._run_note = "; ".join(filter(None, (
+                f"continues {continue_from.name} → {out.name}", self._run_note)))
         overrides = merge(overrides, self.overrides)
-        if resume is None:
+        if fresh:
             check_new_run_dir(out)
             job = FinetuneJob(plan_finetune(preset=self.preset.currentText(),
                                             overrides=overrides, out=out,
                                             pretrained=pretrained))
-        else:
+        else:  # resumed or continued: planned in the worker (it loads a checkpoint)
             from voco_core.config import resolve_device
 
             resolve_device(self.device.device())  # a missing GPU is reported at once
-            job = FinetuneJob(resume=resume, overrides=overrides, out=out)
+            job = FinetuneJob(resume=resume, overrides=overrides, out=out,
+                              continue_from=continue_from)
         job.pairs = pairs
         if not pairs:
             job.data = self.data_path.path()
@@ -390,21 +480,78 @@ class FinetuneWidget(ViewerEvents, QWidget):
 
     # ------------------------------------------------------------------ actions
 
-    def start(self) -> bool:
-        """Start finetuning; False (and a notification) when the inputs are bad."""
+    def start(self, continue_from: Path | None = None) -> bool:
+        """Start finetuning (``continue_from``: see :meth:`make_job`); False (and a
+        notification) when the inputs are bad."""
         if self.panel.running or self.segmenting:
             return False
         try:
-            job = self.make_job()
+            job = self.make_job(continue_from)
         except Exception as err:
             self.panel.fail(err)
             return False
         self.best_checkpoint = None
+        self.last_run_dir = job.run_dir
+        self._continuing = continue_from is not None
         self.report.setPlainText("")
         self.panel.launch(functools.partial(finetune_job, job),
                           f"VoCo finetuning → {job.run_dir}", job.run_dir,
                           resumed=job.resume is not None)
+        if self._run_note:
+            self.panel.status.setText(self._run_note)
+        self._update_segment_button()
         return True
+
+    def can_continue(self) -> bool:
+        """A previous run of this widget left a best.pt or last.pt to continue from."""
+        if self.last_run_dir is None:
+            return False
+        folder = RunFolder(self.last_run_dir)
+        return folder.best.is_file() or folder.last.is_file()
+
+    def continue_finetuning(self) -> bool:
+        """*Continue finetuning*: a new run (``RUN_r2``, ...) from the last run's best
+        checkpoint, with the current labels and the widget's steps."""
+        if not self.can_continue():
+            self.panel.fail(VoCoDataError("nothing to continue: finetune first (a run "
+                                          "folder with best.pt or last.pt)"))
+            return False
+        return self.start(continue_from=self.last_run_dir)
+
+    def _copy_target(self) -> Any:
+        """The training Labels layer paired with the segmented image."""
+        image = self.segmented_image
+        for pair_image, labels in self.pairs:
+            if pair_image is image:
+                return labels
+        if image is not None and self.image_combo.layer() is image:
+            if self.labels_combo.layer() is not None:
+                return self.labels_combo.layer()
+        raise VoCoDataError(f"no training labels layer is paired with image "
+                            f"{getattr(image, 'name', '?')!r}: add its image + labels pair")
+
+    def copy_prediction(self) -> int:
+        """*Copy prediction to training labels* (whole volume or the current slice);
+        returns the number of voxels changed (-1 and a notification on failure)."""
+        try:
+            if self.labels_layer is None or not any(
+                    unwrap(layer) is self.labels_layer for layer in self.viewer.layers):
+                raise VoCoDataError("no prediction to copy: segment an image with the best "
+                                    "checkpoint first")
+            target = self._copy_target()
+            axis = index = None
+            if self.copy_scope.currentText() == COPY_SLICE:
+                axis = self.sparse_axis_of(target)
+                index = current_slice(self.viewer, target, axis)
+            changed = copy_prediction(self.labels_layer, target, axis, index)
+        except Exception as err:
+            self.panel.fail(err)
+            return -1
+        where = "" if axis is None else f" (slice {index} of axis {axis})"
+        self.panel.status.setText(f"copied {self.labels_layer.name!r} into {target.name!r}"
+                                  f"{where}: {changed} voxels changed; correct them, then "
+                                  "Continue finetuning")
+        return changed
 
     def stop(self) -> None:
         """Stop the run before its next step (a checkpoint is written)."""
@@ -438,7 +585,8 @@ class FinetuneWidget(ViewerEvents, QWidget):
         if event.kind == "start":
             self.report.setPlainText(event.message or "no pretrained weights: the SwinUNETR "
                                      "starts from random weights")
-            self.panel.status.setText(f"step {event.step}: training…")
+            self.panel.status.setText("; ".join(filter(None, (
+                f"step {event.step}: training…", self._run_note))))
         elif event.kind == "validation":
             self.panel.plot.append(event.step, {DICE_SERIES: event.mean_dice})
             self._show_dice(event)
@@ -462,10 +610,13 @@ class FinetuneWidget(ViewerEvents, QWidget):
             self.dice_table.setItem(row, 1, item)
 
     def _on_finished(self) -> None:
-        if self.best_checkpoint is None and self.panel.last_event is not None:
+        last = self.panel.last_event
+        if self.best_checkpoint is None and last is not None:
             best = RunFolder(self.panel.state.run_dir).best
             if best.is_file():
                 self.best_checkpoint = best
+        if last is not None and last.kind in ("done", "stopped") and self.last_run_dir:
+            self.rounds.add(self.last_run_dir, last.step, last.best_dice, self._continuing)
         self._update_segment_button()
 
     def _on_segment_event(self, event: Any) -> None:
@@ -473,6 +624,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
             return
         image, record = self._segment_job
         self.labels_layer = show_segmentation(self.viewer, image, record, event)
+        self.segmented_image = image
         self.panel.status.setText(f"segmented {image.name!r} into {self.labels_layer.name!r}")
         self.segmented.emit(self.labels_layer)
 
@@ -489,5 +641,8 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.segment_button.setToolTip(
             str(self.best_checkpoint) if self.best_checkpoint else
             "available when a finetuning run has written a best checkpoint")
+        idle = not self.panel.running and not self.segmenting
         self.segment_button.setEnabled(self.best_checkpoint is not None and image is not None
-                                       and not self.panel.running and not self.segmenting)
+                                       and idle)
+        self.continue_button.setEnabled(idle and self.can_continue())
+        self.copy_button.setEnabled(idle and self.labels_layer is not None)

@@ -26,6 +26,17 @@ TOOLTIPS: dict[str, str] = {
     "finetune_steps": "optimizer steps in total (train.total_steps)",
     "finetune_lr": "peak learning rate (train.lr)",
     "val_every": "steps between validations (train.val_every); one is also run at the end",
+    "sparse": "annotated slices only (data.ignore_label): along the axis, a slice with any "
+              "painted voxel is fully annotated (its unpainted voxels are background); all "
+              "other slices are ignored by the loss and the validation Dice",
+    "sparse_axis": "the axis whose slices you paint; default: the axis napari is slicing "
+                   "(the slider's axis in 2-D view, else axis 0), read when the run starts",
+    "copy_prediction": "copy the segmentation into the training labels layer of the pair whose "
+                       "image was segmented (whole volume or the slice shown; Ctrl+Z on that "
+                       "layer undoes it), then correct it and continue",
+    "continue": "start a new run (RUN_r2, RUN_r3, ...) from the last run's best checkpoint "
+                "(else last.pt) with the current labels and the steps above; its meta.json "
+                "records the parent",
     # inference
     "overlap": "sliding-window overlap (more: smoother, slower)",
     "follow": "follow a VoCo pretrain widget of this viewer: use each checkpoint it writes "
