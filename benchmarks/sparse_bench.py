@@ -1,0 +1,429 @@
+"""Sparse labels: how much annotation effort does VoCo pretraining save?
+
+Held-out Dice against annotation effort on phantoms: each labelled training volume
+is annotated on ``k`` whole axial slices only (``--slices``, default 1, 3, 10; the
+other slices carry the ignore label 255, ``data.ignore_label``), or on every slice
+(``whole``). Each setting is finetuned from scratch and from the VoCo backbone with
+the same step budget, over paired seeds: seed ``s`` picks the labelled phantoms
+(:func:`quality.runs.choose_subjects`, as the quality benchmark does), which slices
+are annotated, and seeds the finetuning run; both inits get the same ``s``.
+
+Slices: ``k`` evenly spaced axial slices through the labelled foreground with one
+random offset per phantom and seed (systematic sampling: slice ``i`` lies in the
+``i``-th of ``k`` equal stretches of the foreground, at the same relative place in
+each), turned into a sparse map by :func:`voco_core.data.sparse.slices_to_sparse`,
+the rule the GUI applies to painted slices.
+
+Reuses the quality benchmark's parts: its phantom populations and seeds, its
+pretraining config (``--backbone CKPT`` takes a finished VoCo checkpoint instead),
+its finetuning runs, incremental results file and paired statistics. Every run is
+validated once, at its last step, on the dense held-out phantoms.
+
+Usage:
+    python benchmarks/sparse_bench.py --quick                  # smoke test, < 3 minutes
+    python benchmarks/sparse_bench.py --work W                 # CPU default, see the docs
+    python benchmarks/sparse_bench.py --work W --backbone /path/to/pretrain/last.pt
+    python benchmarks/sparse_bench.py --resume-results benchmarks/results/sparse_bench_cpu.json
+    python benchmarks/sparse_bench.py --summarize benchmarks/results/sparse_bench_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from quality.runs import (
+    ResultStore,
+    choose_subjects,
+    finetune_run,
+    log,
+    make_populations,
+    pretrain_or_reuse,
+    run_key,
+)
+from quality.settings import (
+    POPULATION_SEEDS,
+    dotted,
+    fill_defaults,
+    finetune_config,
+    pretrain_config,
+)
+from sparse.report import EFFORT_WHOLE, markdown, plot_dice_vs_slices, summarise, summary_line
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORE_LABEL = 255  # nnU-Net's convention: above every class
+INITS = ("scratch", "voco")
+
+SETTINGS = {  # CPU, 2 idle cores: about 60 minutes (the arithmetic is in the docs)
+    "phantom_shape": (96, 96, 64), "n_pretrain": 16, "n_heldout": 4, "n_pool": 6,
+    "pretrain_steps": 250, "eval_every": 50, "seeds": 3, "shots": 2, "slices": "1,3,10",
+    "steps": 50, "finetune_samples": None,
+}
+QUICK = {  # every path once: 2 paired seeds, 1 slice and whole, small phantoms, 2 steps
+    "phantom_shape": (64, 64, 48), "n_pretrain": 3, "n_heldout": 1, "n_pool": 3,
+    "pretrain_steps": 3, "eval_every": 3, "seeds": 2, "shots": 2, "slices": "1",
+    "steps": 2, "finetune_samples": 1,
+}
+
+
+class SparseStore(ResultStore):
+    """The quality benchmark's results file, summarised the sparse way after each run."""
+
+    def add(self, key: str, row: dict) -> None:
+        self.report["runs"][key] = row
+        self.report["summary"] = summarise(self.report)
+        self.save()
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sparse_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (preset tiny)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test (small sizes; outputs go to the work folder)")
+    parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/"
+                        "sparse_bench_<device>.json)")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="figure path (default docs/figures/<results stem>.png; --quick: "
+                             "the work folder)")
+    parser.add_argument("--work", type=Path, help="folder for phantoms, sparse label maps "
+                        "and the pretraining run (default: a new temp folder)")
+    parser.add_argument("--backbone", type=Path, metavar="CKPT",
+                        help="a finished VoCo pretraining checkpoint to finetune from (copied "
+                             "into --work) instead of pretraining here")
+    parser.add_argument("--resume-results", type=Path, metavar="FILE",
+                        help="continue FILE: skip its finished runs (same settings only)")
+    parser.add_argument("--summarize", type=Path, metavar="FILE",
+                        help="only print the tables of FILE and write its figure")
+    parser.add_argument("--seed", type=int, default=0, help="pretraining run seed")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d = argparse.SUPPRESS  # filled from SETTINGS (and QUICK)
+    sizes = parser.add_argument_group("sizes (defaults: SETTINGS, --quick: QUICK)")
+    sizes.add_argument("--phantom-shape", type=int, nargs=3, default=d)
+    sizes.add_argument("--n-pretrain", type=int, default=d, help="unlabelled phantoms")
+    sizes.add_argument("--n-heldout", type=int, default=d, help="held-out phantoms (dense)")
+    sizes.add_argument("--n-pool", type=int, default=d, help="labelled pool")
+    sizes.add_argument("--pretrain-steps", type=int, default=d)
+    sizes.add_argument("--eval-every", type=int, default=d,
+                       help="pretraining checkpoint every N steps")
+    sizes.add_argument("--seeds", type=int, default=d, help="paired seeds per setting")
+    sizes.add_argument("--first-seed", type=int, default=0)
+    sizes.add_argument("--shots", type=int, default=d, help="labelled phantoms per run")
+    sizes.add_argument("--slices", default=d,
+                       help="comma list of annotated axial slices per phantom (whole volumes "
+                            "always run too)")
+    sizes.add_argument("--steps", type=int, default=d, help="finetuning steps of every run")
+    sizes.add_argument("--finetune-samples", type=int, default=d,
+                       help="crops per step (train.samples_per_volume; default the preset's)")
+    sizes.add_argument("--finetune-set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="any finetuning config override (repeatable)")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        return args
+    for key, value in {**SETTINGS, **(QUICK if args.quick else {})}.items():
+        if not hasattr(args, key):  # not given on the command line
+            setattr(args, key, value)
+    args.phantom_shape = tuple(args.phantom_shape)
+    try:
+        args.slices = sorted({int(s) for s in str(args.slices).split(",") if s.strip()})
+    except ValueError:
+        parser.error(f"--slices {args.slices!r}: expected a comma list of integers, e.g. 1,3,10")
+    if not args.slices or args.slices[0] < 1 or args.slices[-1] >= args.phantom_shape[2]:
+        parser.error(f"--slices {args.slices}: each must be in 1..{args.phantom_shape[2] - 1} "
+                     f"(fewer than the {args.phantom_shape[2]} axial slices of a phantom)")
+    for name in ("seeds", "steps", "pretrain_steps", "eval_every", "n_pretrain", "n_pool",
+                 "n_heldout", "shots"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    if args.shots > args.n_pool:
+        parser.error(f"--shots {args.shots}: expected at most --n-pool ({args.n_pool})")
+    try:
+        dotted(args.finetune_set, "--finetune-set")
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
+    if args.backbone is not None and not args.backbone.is_file():
+        parser.error(f"--backbone {args.backbone}: no such file (expected a VoCo pretraining "
+                     "checkpoint, e.g. RUN/checkpoints/last.pt)")
+    if args.resume_results:
+        if args.out and args.out.resolve() != args.resume_results.resolve():
+            parser.error("--out and --resume-results name different files; give one")
+        args.out = args.resume_results
+    return args
+
+
+def quality_args(args) -> argparse.Namespace:
+    """The quality benchmark's arguments for these sizes: its pretraining config and its
+    ``full`` finetuning config (preset tiny, flips/rot90 off in pretraining), with the
+    ignore label declared, one validation at the last step, and ``--finetune-set``."""
+    q = argparse.Namespace(preset="tiny", quick=args.quick)
+    fill_defaults(q)
+    q.__dict__.update(
+        device=args.device, seed=args.seed, phantom_shape=args.phantom_shape,
+        n_pretrain=args.n_pretrain, n_heldout=args.n_heldout, n_pool=args.n_pool,
+        eval_every=args.eval_every, full_steps=args.steps, full_curve_every=args.steps,
+        finetune_samples=args.finetune_samples, pretrain_lr=None, loss_variant=None,
+        align_scales=False, align_spacing=None, encoder_lr_scale=None,
+        freeze_encoder_steps=None, pretrain_set=None,
+        finetune_set=[f"data.ignore_label={IGNORE_LABEL}", *(args.finetune_set or [])])
+    return q
+
+
+# ---------------------------------------------------------------- sparse label maps
+
+
+def axial_axis(affine) -> int:
+    """The array axis running inferior-superior (the axial slices' normal)."""
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(affine)).replace("I", "S").index("S")
+
+
+def chosen_slices(foreground: list[int], k: int, offset: float) -> list[int]:
+    """``k`` evenly spaced slices of the ``foreground`` slice indices: slice ``i`` at
+    ``(i + offset) / k`` of the way through, ``offset`` in [0, 1) (systematic sampling;
+    distinct while ``k <= len(foreground)``)."""
+    n = len(foreground)
+    return [foreground[min(n - 1, int((i + offset) * n / k))] for i in range(k)]
+
+
+def sparse_entries(pool, chosen: list[int], k: int | None, seed: int, folder: Path):
+    """Training entries of one setting: the chosen pool phantoms with ``k`` annotated
+    axial slices each (``None``: the dense maps as they are), and what was annotated."""
+    import nibabel as nib
+    import numpy as np
+
+    from voco_core.data.io import DatalistEntry
+    from voco_core.data.sparse import annotated_slices, slices_to_sparse
+
+    entries, annotation = [], []
+    for index in chosen:
+        entry = pool[index]
+        if k is None:
+            entries.append(entry)
+            annotation.append({"subject": f"pool/phantom_{index:03d}", "slices": "all"})
+            continue
+        image = nib.load(entry.label)
+        dense = np.asarray(image.dataobj)
+        axis = axial_axis(image.affine)
+        foreground = np.flatnonzero(annotated_slices(dense, axis)).tolist()
+        offset = float(np.random.default_rng([seed, index]).random())  # same for every k
+        keep = chosen_slices(foreground, k, offset)
+        painted = np.zeros_like(dense)
+        where = [slice(None)] * dense.ndim
+        where[axis] = keep
+        painted[tuple(where)] = dense[tuple(where)]
+        sparse = slices_to_sparse(painted, axis=axis, ignore_label=IGNORE_LABEL)
+        path = folder / f"seed{seed}" / f"k{k}" / entry.label.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(sparse.astype(np.uint8), image.affine, image.header), path)
+        entries.append(DatalistEntry(entry.image, path))
+        annotation.append({"subject": f"pool/phantom_{index:03d}", "axis": axis,
+                           "slices": keep, "annotated_fraction": round(
+                               float(np.mean(sparse != IGNORE_LABEL)), 4)})
+    return entries, annotation
+
+
+# ---------------------------------------------------------------- backbone
+
+
+def backbone(args, config, folders, work: Path) -> dict:
+    """The VoCo checkpoint: ``--backbone`` copied into ``work``, else pretrained here
+    (or reused from an earlier invocation with the same config)."""
+    if args.backbone is None:
+        log(f"pretraining: {args.pretrain_steps} steps (the quality benchmark's tiny config)")
+        record = pretrain_or_reuse(config, folders["pretrain"], work, reuse=True)
+        return {"source": "pretrained here", "checkpoint": record["checkpoint"],
+                "steps": args.pretrain_steps, "seconds": record["seconds"],
+                "loss_first_mean": record["loss_first_mean"],
+                "loss_last_mean": record["loss_last_mean"]}
+    from voco_core.checkpoint import load_pretrain_checkpoint
+
+    target = work / "backbone.pt"
+    if not (target.is_file() and target.samefile(args.backbone)):
+        shutil.copyfile(args.backbone, target)  # a copy: the source may be overwritten later
+    state = load_pretrain_checkpoint(target)
+    digest = sha256_16(target)
+    differ = config_differences(config.to_dict(), state["config"])
+    log(f"backbone: {args.backbone} (step {state['step']}, sha256 {digest}); config vs "
+        f"this benchmark's pretraining: {', '.join(differ) or 'the same'}")
+    return {"source": str(args.backbone), "checkpoint": str(target), "steps": state["step"],
+            "sha256_16": digest, "config_differences": differ, "config": state["config"]}
+
+
+def config_differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
+    """Dotted keys (``run`` aside) whose values differ; a key the checkpoint lacks (a
+    field added to the library since) is listed as ``key (absent, default here: v)``."""
+    out = []
+    for key in sorted(mine):
+        name = f"{prefix}{key}"
+        if name == "run":
+            continue
+        if key not in theirs:
+            out.append(f"{name} (absent, default here: {mine[key]!r})")
+        elif isinstance(mine[key], dict) and isinstance(theirs[key], dict):
+            out += config_differences(mine[key], theirs[key], f"{name}.")
+        elif mine[key] != theirs[key]:
+            out.append(f"{name} ({theirs[key]!r}, here {mine[key]!r})")
+    return out
+
+
+# ---------------------------------------------------------------- main
+
+
+def sha256_16(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def fingerprint(args, q) -> dict:
+    """What must match for ``--resume-results`` to reuse finished runs (checked before
+    anything in the work folder is changed)."""
+    finetune = {k: v for k, v in finetune_config(q, "full", 0).to_dict().items() if k != "run"}
+    return json.loads(json.dumps({
+        "finetune": finetune, "backbone": sha256_16(args.backbone) if args.backbone else {
+            "pretrain_steps": args.pretrain_steps, "seed": args.seed},
+        "shots": args.shots, "ignore_label": IGNORE_LABEL,
+        "populations": {"seeds": POPULATION_SEEDS, "shape": list(args.phantom_shape),
+                        "n_pretrain": args.n_pretrain, "n_heldout": args.n_heldout,
+                        "n_pool": args.n_pool}}))
+
+
+def summarize_file(args) -> None:
+    try:
+        report = json.loads(args.summarize.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"sparse_bench: error: --summarize {args.summarize}: cannot read a "
+                         f"results file ({err})") from err
+    report["summary"] = summarise(report)
+    print(markdown(report))
+    figure = args.figure or ROOT / "docs" / "figures" / f"{args.summarize.stem}.png"
+    if plot_dice_vs_slices(report, figure):
+        print(f"figure: {figure}")
+    print(summary_line(report))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.summarize:
+        summarize_file(args)
+        return
+    started = time.perf_counter()
+
+    import monai
+    import torch
+
+    # Everything up front: one version of the package for the whole run.
+    import voco_core
+    import voco_core.checkpoint
+    import voco_core.data.sparse
+    import voco_core.train.finetune
+    import voco_core.train.pretrain
+    from voco_core.data.io import DatalistEntry, load_datalist
+    from voco_core.errors import VoCoError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.resume_results and args.resume_results.is_file():
+        recorded = json.loads(args.resume_results.read_text())
+        if args.work is None and recorded.get("work"):
+            args.work = Path(recorded["work"])
+        copied = args.work / "backbone.pt" if args.work else None
+        if args.backbone is None and recorded.get("settings", {}).get("backbone") and (
+                copied and copied.is_file()):
+            args.backbone = copied  # the run's own copy of its --backbone
+    temporary = args.work is None
+    work = args.work or Path(tempfile.mkdtemp(prefix="voco-sparse-"))
+    work.mkdir(parents=True, exist_ok=True)
+    device_name = "cuda" if args.device.startswith("cuda") else args.device
+    out = args.out or (work / "sparse_bench_quick.json" if args.quick else
+                       ROOT / "benchmarks" / "results" / f"sparse_bench_{device_name}.json")
+    figure = args.figure or (work if args.quick else ROOT / "docs" / "figures") / (
+        f"{out.stem}.png")
+
+    try:
+        q = quality_args(args)
+        config = pretrain_config(q, args.pretrain_steps)
+        report = {
+            "benchmark": "sparse_bench (held-out Dice against annotated slices per volume)",
+            "status": "running", "work": None if temporary else str(work.resolve()),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "torch": torch.__version__, "monai": monai.__version__,
+                        "voco_core_path": str(Path(voco_core.__file__).parent),
+                        "threads": torch.get_num_threads(),
+                        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
+            "settings": {k: (list(v) if isinstance(v, tuple) else
+                             str(v) if isinstance(v, Path) else v)
+                         for k, v in vars(args).items()},
+            "fingerprint": fingerprint(args, q),
+            "finetune_config": finetune_config(q, "full", 0).to_dict(),
+            "dice": "held-out mean Dice over the 10 foreground classes on the finetuning "
+                    "pre-processed grid (the run's own sliding-window validation on the "
+                    "dense held-out phantoms), at the last step",
+            "efforts": [*args.slices, EFFORT_WHOLE],
+            "axial_slices": args.phantom_shape[2],
+        }
+        try:
+            store = SparseStore(out, report, resume=args.resume_results is not None)
+        except SystemExit as err:  # the shared store names the quality benchmark
+            raise SystemExit(str(err).replace("quality_bench:", "sparse_bench:", 1)) from err
+        folders = make_populations(q, work)
+        record = backbone(args, config, folders, work)
+        report["backbone"] = {k: v for k, v in record.items() if k != "config"}
+        store.save()
+        log(f"sparse_bench: work {work}, results {out}")
+
+        heldout = [DatalistEntry(folders["heldout"] / "imagesTr" / f"phantom_{i:03d}.nii.gz",
+                                 folders["heldout"] / "labelsTr" / f"phantom_{i:03d}.nii.gz")
+                   for i in range(args.n_heldout)]
+        pool = load_datalist(folders["pool"], require_labels=True)
+        # Seeds outermost, so a partial results file holds whole paired curves, and the
+        # whole volumes first in each: every fraction needs its whole-volume reference.
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            chosen = choose_subjects(len(pool), args.shots, seed)
+            for k in [None, *args.slices]:
+                effort = EFFORT_WHOLE if k is None else f"k{k}"
+                entries, annotation = sparse_entries(pool, chosen, k, seed, work / "sparse")
+                for init in INITS:
+                    key = run_key(effort, args.shots, seed, init)
+                    if store.done(key):
+                        continue
+                    row = finetune_run(finetune_config(q, "full", seed), entries, heldout,
+                                       record["checkpoint"] if init == "voco" else None,
+                                       work / "finetune_run")
+                    row["annotation"] = annotation
+                    row["loadavg_1min"] = round(os.getloadavg()[0], 2)
+                    store.add(key, row)
+                    log(f"  {key}: Dice {row['curve'][-1]['mean_dice']} ({row['seconds']} s, "
+                        f"{row['median_s_per_step']} s/step)")
+    except VoCoError as err:
+        raise SystemExit(f"sparse_bench: error: {err}") from err
+
+    report["status"] = "finished"
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["summary"] = summarise(report)
+    store.save()
+    made = plot_dice_vs_slices(report, figure)
+    if temporary and not args.quick:
+        shutil.rmtree(work, ignore_errors=True)
+    print(markdown(report))
+    if made:
+        print(f"figure: {figure}")
+    print(summary_line(report))
+    print(f"sparse_bench ({args.device}, {report['total_s'] / 60:.1f} min) -> {out}")
+
+
+if __name__ == "__main__":
+    main()
