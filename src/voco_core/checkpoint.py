@@ -171,15 +171,21 @@ def load_pretrain_checkpoint(path: str | Path, map_location: str | torch.device 
     return state
 
 
-def load_segmentation_checkpoint(path: str | Path,
-                                 map_location: str | torch.device = "cpu") -> dict:
-    """A finetuning checkpoint: a run folder (its ``best.pt``, else ``last.pt``) or a file."""
+def find_segmentation_checkpoint(path: str | Path) -> Path:
+    """The finetuning checkpoint a path names: a run folder's ``best.pt``, else its
+    ``last.pt``; or the file itself (typed error when neither exists)."""
     path = Path(path)
     if path.is_dir():
         for name in (BEST_NAME, CHECKPOINT_NAME):
             if (path / "checkpoints" / name).is_file():
-                path = path / "checkpoints" / name
-                break
+                return path / "checkpoints" / name
+    return find_checkpoint(path)
+
+
+def load_segmentation_checkpoint(path: str | Path,
+                                 map_location: str | torch.device = "cpu") -> dict:
+    """A finetuning checkpoint: a run folder (its ``best.pt``, else ``last.pt``) or a file."""
+    path = find_segmentation_checkpoint(path)
     state = load_checkpoint(path, map_location=map_location)
     if state.get("format") != SEGMENTATION_FORMAT:
         hint = (" (a pretraining checkpoint: pass it as the pretrained backbone to "

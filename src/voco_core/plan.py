@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from voco_core.checkpoint import (
     find_checkpoint,
+    find_segmentation_checkpoint,
     load_pretrain_checkpoint,
     load_segmentation_checkpoint,
 )
@@ -90,8 +91,8 @@ def plan_continue(parent: Path, *, overrides: dict | None = None,
     free one) and a fresh schedule of ``train.total_steps`` steps. This is the
     correct-and-retrain loop: it does not restart from the backbone."""
     parent = Path(parent)
-    state = load_segmentation_checkpoint(parent)
-    checkpoint = _segmentation_checkpoint_file(parent)
+    checkpoint = find_segmentation_checkpoint(parent)
+    state = load_segmentation_checkpoint(checkpoint)
     config = state.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
         raise VoCoDataError("checkpoint has no usable 'config' entry", checkpoint)
@@ -102,14 +103,6 @@ def plan_continue(parent: Path, *, overrides: dict | None = None,
     note = f"continuing from {checkpoint} (step {state.get('step')})"
     return RunPlan("finetune", config, Path(config.run.output_dir), None, None, (note,),
                    initial=checkpoint)
-
-
-def _segmentation_checkpoint_file(path: Path) -> Path:
-    """A finetuning run folder's ``best.pt`` (else ``last.pt``), or the file itself."""
-    if path.is_dir():
-        folder = RunFolder(path)
-        return folder.best if folder.best.is_file() else find_checkpoint(path)
-    return find_checkpoint(path)
 
 
 def next_round_folder(parent_root: Path) -> Path:

@@ -40,6 +40,7 @@ from voco_core.checkpoint import (
     SEGMENTATION_RESUME_KEYS,
     atomic_torch_save,
     find_checkpoint,
+    find_segmentation_checkpoint,
     require_keys,
     segmentation_payload,
     write_json,
@@ -367,9 +368,7 @@ def _load_initial(model: torch.nn.Module, initial: str | Path,
                   config: FinetuneConfig) -> dict[str, Any]:
     """Load a finetuned checkpoint's whole network into ``model``; returns the parent
     record for meta.json (run folder, checkpoint, its step and best Dice)."""
-    from voco_core.plan import _segmentation_checkpoint_file
-
-    path = _segmentation_checkpoint_file(Path(initial))
+    path = find_segmentation_checkpoint(initial)
     state = load_finetune_checkpoint(path)
     require_keys(state, ("model", "config", "step"), path)
     saved = finetune_config_from_dict(state["config"], check_device=False)
