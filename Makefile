@@ -10,6 +10,8 @@ PIP := $(BIN)/python -m pip
 # Pins the test/dev environment (torch==2.13.0); the package itself keeps ranges.
 CONSTRAINTS := constraints.txt
 DEMO_DATA ?= data/phantoms
+# Parallel test processes (pytest-xdist), one torch thread each; CI has 2 cores.
+TEST_WORKERS ?= 2
 
 .PHONY: run demo test install install-gui install-test lint clean
 
@@ -40,7 +42,8 @@ lint: install-test
 
 test: install-test
 	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,9 +45,12 @@ from quality.runs import (
     ResultStore,
     choose_subjects,
     finetune_run,
+    heldout_entries,
+    import_package,
     log,
     make_populations,
     pretrain_or_reuse,
+    report_header,
     run_key,
 )
 from quality.settings import (
@@ -164,22 +165,8 @@ def main(argv=None) -> None:
         return
     started = time.perf_counter()
 
-    import monai
-    import numpy as np
-    import torch
-
-    # Everything up front: one consistent version of the package for the whole run
-    # (a lazy import an hour in could meet a source tree edited meanwhile).
-    import voco_core
-    import voco_core.checkpoint
-    import voco_core.inference
-    import voco_core.models
-    import voco_core.train.finetune
-    import voco_core.train.pretrain
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from voco_core.data.io import DatalistEntry, load_datalist
+    import_package("voco_core.inference", "voco_core.models", threads=args.threads)
+    from voco_core.data.io import load_datalist
     from voco_core.errors import VoCoError
 
     if args.resume_results and args.work is None and args.resume_results.is_file():
@@ -199,22 +186,8 @@ def main(argv=None) -> None:
     try:
         config = pretrain_config(args, args.pretrain_steps)
         report = {
-            "benchmark": "quality_bench (paired evaluation)",
-            "status": "running", "work": None if temporary else str(work.resolve()),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "monai": monai.__version__, "numpy": np.__version__,
-                        "voco_core": getattr(voco_core, "__version__", None),
-                        "voco_core_path": str(Path(voco_core.__file__).parent),
-                        "threads": torch.get_num_threads(),
-                        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-                        "cuda": (torch.cuda.get_device_name(0)
-                                 if torch.cuda.is_available() else None)},
-            "settings": {k: (list(v) if isinstance(v, tuple) else
-                             str(v) if isinstance(v, Path) else v)
-                         for k, v in vars(args).items() if k not in ("figures",)},
+            **report_header("quality_bench (paired evaluation)", args, work, temporary,
+                            skip=("figures",)),
             "fingerprint": fingerprint(args, config),
             "dice": "held-out Dice on the finetuning pre-processed grid (the run's own "
                     "sliding-window validation), per class over the 10 foreground classes, "
@@ -242,9 +215,7 @@ def main(argv=None) -> None:
             f"{pretraining['loss_last_mean']}, {pretraining['median_s_per_step']} s/step")
         store.save()
 
-        heldout = [DatalistEntry(folders["heldout"] / "imagesTr" / f"phantom_{i:03d}.nii.gz",
-                                 folders["heldout"] / "labelsTr" / f"phantom_{i:03d}.nii.gz")
-                   for i in range(args.n_heldout)]
+        heldout = heldout_entries(folders["heldout"], args.n_heldout)
         pool = load_datalist(folders["pool"], require_labels=True)
         for mode in [m for m in ("probe", "full") if m in args.sections]:
             t = time.perf_counter()
@@ -285,10 +256,7 @@ def main(argv=None) -> None:
     timings["total"] = round(time.perf_counter() - started, 1)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     timings["cpu_user_plus_system"] = round(usage.ru_utime + usage.ru_stime, 1)
-    report["status"] = "finished"
-    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["summary"] = reporting.summarise(report)
-    store.save()
+    store.finish(reporting.summarise(report))
     made = reporting.write_figures(report, Path(figures), out.stem) if figures else []
     if temporary and not args.quick:
         shutil.rmtree(work, ignore_errors=True)

@@ -33,9 +33,7 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,9 +42,12 @@ from quality.runs import (
     ResultStore,
     choose_subjects,
     finetune_run,
+    heldout_entries,
+    import_package,
     log,
     make_populations,
     pretrain_or_reuse,
+    report_header,
     run_key,
 )
 from quality.settings import (
@@ -62,10 +63,11 @@ ROOT = Path(__file__).resolve().parent.parent
 IGNORE_LABEL = 255  # nnU-Net's convention: above every class
 INITS = ("scratch", "voco")
 
-SETTINGS = {  # CPU, 2 idle cores: about 60 minutes (the arithmetic is in the docs)
+SETTINGS = {  # CPU, one thread: about 55 minutes of finetuning (arithmetic in the docs);
+    # one 64^3 crop per step, as the quality benchmark (two crops doubled the time)
     "phantom_shape": (96, 96, 64), "n_pretrain": 16, "n_heldout": 4, "n_pool": 6,
     "pretrain_steps": 250, "eval_every": 50, "seeds": 3, "shots": 2, "slices": "1,3,10",
-    "steps": 50, "finetune_samples": None,
+    "steps": 50, "finetune_samples": 1,
 }
 QUICK = {  # every path once: 2 paired seeds, 1 slice and whole, small phantoms, 2 steps
     "phantom_shape": (64, 64, 48), "n_pretrain": 3, "n_heldout": 1, "n_pool": 3,
@@ -319,20 +321,10 @@ def main(argv=None) -> None:
         return
     started = time.perf_counter()
 
-    import monai
-    import torch
-
-    # Everything up front: one version of the package for the whole run.
-    import voco_core
-    import voco_core.checkpoint
-    import voco_core.data.sparse
-    import voco_core.train.finetune
-    import voco_core.train.pretrain
-    from voco_core.data.io import DatalistEntry, load_datalist
+    import_package("voco_core.data.sparse", threads=args.threads)
+    from voco_core.data.io import load_datalist
     from voco_core.errors import VoCoError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.resume_results and args.resume_results.is_file():
         recorded = json.loads(args.resume_results.read_text())
         if args.work is None and recorded.get("work"):
@@ -354,18 +346,8 @@ def main(argv=None) -> None:
         q = quality_args(args)
         config = pretrain_config(q, args.pretrain_steps)
         report = {
-            "benchmark": "sparse_bench (held-out Dice against annotated slices per volume)",
-            "status": "running", "work": None if temporary else str(work.resolve()),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "torch": torch.__version__, "monai": monai.__version__,
-                        "voco_core_path": str(Path(voco_core.__file__).parent),
-                        "threads": torch.get_num_threads(),
-                        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
-            "settings": {k: (list(v) if isinstance(v, tuple) else
-                             str(v) if isinstance(v, Path) else v)
-                         for k, v in vars(args).items()},
+            **report_header("sparse_bench (held-out Dice against annotated slices per "
+                            "volume)", args, work, temporary),
             "fingerprint": fingerprint(args, q),
             "finetune_config": finetune_config(q, "full", 0).to_dict(),
             "dice": "held-out mean Dice over the 10 foreground classes on the finetuning "
@@ -374,19 +356,15 @@ def main(argv=None) -> None:
             "efforts": [*args.slices, EFFORT_WHOLE],
             "axial_slices": args.phantom_shape[2],
         }
-        try:
-            store = SparseStore(out, report, resume=args.resume_results is not None)
-        except SystemExit as err:  # the shared store names the quality benchmark
-            raise SystemExit(str(err).replace("quality_bench:", "sparse_bench:", 1)) from err
+        store = SparseStore(out, report, resume=args.resume_results is not None,
+                            prog="sparse_bench")
         folders = make_populations(q, work)
         record = backbone(args, config, folders, work)
         report["backbone"] = {k: v for k, v in record.items() if k != "config"}
         store.save()
         log(f"sparse_bench: work {work}, results {out}")
 
-        heldout = [DatalistEntry(folders["heldout"] / "imagesTr" / f"phantom_{i:03d}.nii.gz",
-                                 folders["heldout"] / "labelsTr" / f"phantom_{i:03d}.nii.gz")
-                   for i in range(args.n_heldout)]
+        heldout = heldout_entries(folders["heldout"], args.n_heldout)
         pool = load_datalist(folders["pool"], require_labels=True)
         # Seeds outermost, so a partial results file holds whole paired curves, and the
         # whole volumes first in each: every fraction needs its whole-volume reference.
@@ -410,11 +388,8 @@ def main(argv=None) -> None:
     except VoCoError as err:
         raise SystemExit(f"sparse_bench: error: {err}") from err
 
-    report["status"] = "finished"
     report["total_s"] = round(time.perf_counter() - started, 1)
-    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["summary"] = summarise(report)
-    store.save()
+    store.finish(summarise(report))
     made = plot_dice_vs_slices(report, figure)
     if temporary and not args.quick:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -9,6 +12,12 @@ import numpy as np
 import pytest
 
 SMALL_SHAPE = (48, 48, 32)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one compute thread each (also
+    # in the CLI subprocesses the tests start), or the workers oversubscribe the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
@@ -42,19 +51,44 @@ def rotated_affine() -> np.ndarray:
     return affine
 
 
+def shared_folder(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``make(folder)`` once per test session: under
+    pytest-xdist the first worker that needs it makes it (holding a file lock in the
+    session's common temporary folder) and the other workers reuse it. Tests treat it
+    as read-only (copy it to change it)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # one folder for all the workers of this session
+    folder = root / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def phantom_dataset(tmp_path_factory) -> Path:
     """Three small phantoms in Decathlon layout (returns the folder)."""
     from voco_core.data.phantoms import make_phantom_dataset
 
-    out = tmp_path_factory.mktemp("phantoms")
-    make_phantom_dataset(out, n=3, seed=0, shape=SMALL_SHAPE)
-    return out
+    return shared_folder(tmp_path_factory, "phantoms",
+                         lambda out: make_phantom_dataset(out, n=3, seed=0, shape=SMALL_SHAPE))
 
 
-def tiny_config(overrides: dict | None = None):
+EXACT = {"run": {"deterministic": True}}
+"""Bit-reproducible runs (oneDNN off, one thread: about 30% slower on CPU), for the
+tests that compare two runs value for value; the others train in the faster mode."""
+
+
+def tiny_config(overrides: dict | None = None, exact: bool = False):
     """The smallest VoCo config that runs: feature size 12, 40^3 crops at native size,
-    a 2 x 2 grid over an 80 x 80 x 40 sample, m = 2, a 64-wide head."""
+    a 2 x 2 grid over an 80 x 80 x 40 sample, m = 2, a 64-wide head. ``exact``:
+    deterministic mode (see :data:`EXACT`)."""
     from voco_core.config import make_config, merge
 
     base = {
@@ -63,11 +97,10 @@ def tiny_config(overrides: dict | None = None):
                      "resize_crops": False},
         "model": {"feature_size": 12, "head_hidden_dim": 64, "head_out_dim": 64},
         "optim": {"total_steps": 4, "warmup_steps": 1, "batch_size": 1, "lr": 3e-4},
-        # deterministic: repeated runs must agree bit for bit in the exact-resume tests
         "run": {"device": "cpu", "checkpoint_every": 100, "log_every": 1, "tensorboard": False,
-                "deterministic": True},
+                "deterministic": False},
     }
-    return make_config("tiny", merge(base, overrides or {}))
+    return make_config("tiny", merge(merge(base, EXACT if exact else {}), overrides or {}))
 
 
 @pytest.fixture(scope="session")
@@ -75,20 +108,21 @@ def train_dataset(tmp_path_factory) -> Path:
     """Three 64 x 64 x 48 phantoms for training tests (returns the folder)."""
     from voco_core.data.phantoms import make_phantom_dataset
 
-    out = tmp_path_factory.mktemp("train_phantoms")
-    make_phantom_dataset(out, n=3, seed=1, shape=(64, 64, 48))
-    return out
+    return shared_folder(tmp_path_factory, "train_phantoms", lambda out: make_phantom_dataset(
+        out, n=3, seed=1, shape=(64, 64, 48)))
 
 
-def tiny_finetune_config(overrides: dict | None = None):
-    """The smallest finetuning config: SwinUNETR feature size 12, 64^3 crops, 2 steps."""
+def tiny_finetune_config(overrides: dict | None = None, exact: bool = False):
+    """The smallest finetuning config: SwinUNETR feature size 12, 64^3 crops, 2 steps.
+    ``exact``: deterministic mode (see :data:`EXACT`)."""
     from voco_core.config import make_finetune_config, merge
 
     base = {"train": {"total_steps": 2, "val_every": 2, "warmup_steps": 1,
                       "samples_per_volume": 1},
-            "run": {"device": "cpu", "checkpoint_every": 100, "deterministic": True,
+            "run": {"device": "cpu", "checkpoint_every": 100, "deterministic": False,
                     "tensorboard": False}}
-    return make_finetune_config("tiny", merge(base, overrides or {}))
+    return make_finetune_config("tiny", merge(merge(base, EXACT if exact else {}),
+                                              overrides or {}))
 
 
 @pytest.fixture(scope="session")
@@ -96,10 +130,11 @@ def finetune_run(train_dataset, tmp_path_factory) -> Path:
     """A 2-step tiny finetuning run folder on ``train_dataset`` (best.pt and last.pt)."""
     from voco_core.train.finetune import finetune
 
-    run_dir = tmp_path_factory.mktemp("finetune") / "run"
-    result = finetune(tiny_finetune_config(), train_dataset, run_dir)
-    assert result.step == 2 and not result.stopped
-    return run_dir
+    def make(folder: Path) -> None:
+        result = finetune(tiny_finetune_config(), train_dataset, folder / "run")
+        assert result.step == 2 and not result.stopped
+
+    return shared_folder(tmp_path_factory, "finetune", make) / "run"
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +142,5 @@ def pretrain_run(train_dataset, tmp_path_factory) -> Path:
     """A 1-step tiny pretraining run folder on ``train_dataset``."""
     from voco_core.train.pretrain import pretrain
 
-    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    pretrain(tiny_config({"optim": {"total_steps": 1}}), train_dataset, run_dir)
-    return run_dir
+    return shared_folder(tmp_path_factory, "pretrain", lambda folder: pretrain(
+        tiny_config({"optim": {"total_steps": 1}}), train_dataset, folder / "run")) / "run"

@@ -54,8 +54,9 @@ def assert_same_weights(a, b, steps=2, lr=3e-4):
 
 def test_two_gloo_ranks_equal_one_process_and_resume_across_world_sizes(tmp_path,
                                                                            train_dataset):
-    single = tiny_config({**CONSTANT_LR, "optim": {**CONSTANT_LR["optim"], "grad_accum": 2}})
-    ranks = tiny_config(CONSTANT_LR)  # batch 1 per rank, no accumulation
+    single = tiny_config({**CONSTANT_LR, "optim": {**CONSTANT_LR["optim"], "grad_accum": 2}},
+                         exact=True)
+    ranks = tiny_config(CONSTANT_LR, exact=True)  # batch 1 per rank, no accumulation
     config_file = ranks.save(tmp_path / "ddp.yaml")
 
     # One process: stop after step 1 (keep a copy of that run), resume to step 2.

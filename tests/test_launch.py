@@ -51,8 +51,9 @@ def test_launcher_window_fits_the_screen_with_both_panels(make_napari_viewer_pro
                                                           height, wide):
     """The pretraining panel and the inspector show at once (side by side on a wide
     screen, else one above the other) and the window fits: dims slider, status bar and
-    dock tab bar on screen."""
-    from qtpy.QtWidgets import QApplication
+    dock tab bar on screen; no widget is wider than its dock (its right side would be
+    cut off: the docks scroll vertically only)."""
+    from qtpy.QtWidgets import QApplication, QScrollArea
 
     from napari_voco import _launch
     from napari_voco._layers import unwrap
@@ -84,6 +85,13 @@ def test_launcher_window_fits_the_screen_with_both_panels(make_napari_viewer_pro
     for widget in (window.statusBar(), qt_viewer.dims, positions):
         bottom = widget.mapTo(window, widget.rect().bottomRight()).y()
         assert widget.isVisible() and bottom < height, (widget, bottom)
+    for name, widget in widgets.items():
+        _launch.raise_dock_widget(widget)  # finetune and segment are tabs
+        qtbot.wait(50)
+        scroll = unwrap(widget).findChild(QScrollArea)
+        content = scroll.widget()
+        assert content.minimumSizeHint().width() <= scroll.viewport().width(), (
+            name, content.minimumSizeHint().width(), scroll.viewport().width())
 
 
 def test_launcher_without_display_says_so(monkeypatch, capsys):

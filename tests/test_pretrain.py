@@ -33,7 +33,7 @@ def step_losses(history):
 
 
 def test_resume_is_exact(tmp_path, train_dataset):
-    config = tiny_config({"optim": {"total_steps": 2 * N}})
+    config = tiny_config({"optim": {"total_steps": 2 * N}}, exact=True)
     straight = pretrain(config, train_dataset, tmp_path / "straight")
 
     stopper = StopAt(N)
@@ -116,9 +116,11 @@ def test_gradient_accumulation_and_longer_resume(tmp_path, train_dataset):
 
 
 def test_dataloader_workers_give_the_same_losses(tmp_path, train_dataset):
-    config = tiny_config({"optim": {"total_steps": 1}, "run": {"tensorboard": True}})
+    config = tiny_config({"optim": {"total_steps": 1}, "run": {"tensorboard": True}},
+                         exact=True)
     in_process = pretrain(config, train_dataset, tmp_path / "a")
-    workers = tiny_config({"optim": {"total_steps": 1}, "data": {"num_workers": 1}})
+    workers = tiny_config({"optim": {"total_steps": 1}, "data": {"num_workers": 1}},
+                          exact=True)
     with_workers = pretrain(workers, train_dataset, tmp_path / "b")
     assert step_losses(with_workers.history) == step_losses(in_process.history)
     assert list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
@@ -127,7 +129,8 @@ def test_dataloader_workers_give_the_same_losses(tmp_path, train_dataset):
 def test_deterministic_mode_restores_the_backend_flags(tmp_path, train_dataset):
     assert torch.backends.mkldnn.enabled
     threads_before = torch.get_num_threads()
-    pretrain(tiny_config({"optim": {"total_steps": 1}}), train_dataset, tmp_path / "run")
+    pretrain(tiny_config({"optim": {"total_steps": 1}}, exact=True), train_dataset,
+             tmp_path / "run")
     assert torch.backends.mkldnn.enabled  # switched off only while training
     assert torch.get_num_threads() == threads_before
 
@@ -136,8 +139,8 @@ def test_closing_after_start_restores_the_backend_flags(tmp_path, train_dataset)
     from voco_core.train.pretrain import iter_pretrain
 
     threads = torch.get_num_threads()
-    events = iter_pretrain(tiny_config({"optim": {"total_steps": 1}}), train_dataset,
-                           tmp_path / "run")
+    events = iter_pretrain(tiny_config({"optim": {"total_steps": 1}}, exact=True),
+                           train_dataset, tmp_path / "run")
     assert next(events).kind == "start"
     events.close()
     assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads

@@ -26,21 +26,21 @@ from voco_core.inference import (
 from voco_core.losses import overlap_logits
 from voco_core.models import ProjectionHead, VoCoNet
 
-from conftest import tiny_config
+from conftest import shared_folder, tiny_config
 
 
 @pytest.fixture(scope="module")
 def v2_run(train_dataset, tmp_path_factory) -> Path:
     """Two tiny v2 steps through the CLI: two volumes per step (so the inter-volume
     term pairs different volumes), teacher head, feature dropout."""
-    folder = tmp_path_factory.mktemp("v2")
-    config_file = tiny_config({"optim": {"batch_size": 2}}).save(folder / "config.yaml")
-    run = folder / "run"
-    assert main(["pretrain", "--data", str(train_dataset), "--out", str(run),
-                 "--config", str(config_file), "--steps", "2",
-                 "--set", "loss.variant=v2", "--set", "model.teacher=head",
-                 "--set", "model.feature_dropout=0.2"]) == 0
-    return run
+    def make(folder: Path) -> None:
+        config_file = tiny_config({"optim": {"batch_size": 2}}).save(folder / "config.yaml")
+        assert main(["pretrain", "--data", str(train_dataset), "--out", str(folder / "run"),
+                     "--config", str(config_file), "--steps", "2",
+                     "--set", "loss.variant=v2", "--set", "model.teacher=head",
+                     "--set", "model.feature_dropout=0.2"]) == 0
+
+    return shared_folder(tmp_path_factory, "v2", make) / "run"
 
 
 def test_v2_pretraining_logs_its_terms(v2_run):

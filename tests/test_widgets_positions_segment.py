@@ -14,26 +14,15 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
-from conftest import tiny_config  # noqa: E402
 
 WAIT_MS = 60_000
 ANISOTROPIC = (2.5, 1.0, 3.0)
 
 
 @pytest.fixture(scope="session")
-def checkpoints(train_dataset, tmp_path_factory) -> dict[str, Path]:
-    """A pretraining run folder and a finetuning run folder (one step each)."""
-    from voco_core.config import make_finetune_config
-    from voco_core.train.finetune import finetune
-    from voco_core.train.pretrain import pretrain
-
-    root = tmp_path_factory.mktemp("widget_runs")
-    pre = pretrain(tiny_config({"optim": {"total_steps": 1}}), train_dataset, root / "pre")
-    config = make_finetune_config("tiny", {
-        "train": {"total_steps": 1, "val_every": 1, "samples_per_volume": 1},
-        "run": {"device": "cpu", "tensorboard": False}})
-    seg = finetune(config, train_dataset, root / "seg")
-    return {"pretrain": pre.run_dir, "segment": seg.run_dir, "data": train_dataset}
+def checkpoints(train_dataset, pretrain_run, finetune_run) -> dict[str, Path]:
+    """A pretraining run folder and a finetuning run folder (the shared tiny runs)."""
+    return {"pretrain": pretrain_run, "segment": finetune_run, "data": train_dataset}
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,7 @@ def test_helpers_ignore_value_and_copy_one_slice(make_napari_viewer_proxy):
     np.testing.assert_array_equal(target.data, labels)
 
 
+@pytest.mark.serial
 def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy, qtbot,
                                                        train_dataset, tmp_path, notified):
     from qtpy.QtCore import QTimer

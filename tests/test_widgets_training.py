@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gui
 WAIT_MS = 180_000
 GAP_LIMIT_S = 0.25
 
-# As tests/conftest.py::tiny_config (without deterministic, which forces one thread).
+# As tests/conftest.py::tiny_config.
 TINY_PRETRAIN = {
     "data": {"target_size": [80, 80, 40]},
     "geometry": {"grid_size": 2, "num_random_crops": 2, "input_size": 40,
@@ -219,6 +219,7 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     _assert_usable(widget)
 
 
+@pytest.mark.serial
 def test_gui_stays_responsive_during_pretraining(make_napari_viewer_proxy, qtbot,
                                                  train_dataset, tmp_path, notified):
     """The longest gap between ticks of a 10 ms QTimer while a tiny pretraining runs."""

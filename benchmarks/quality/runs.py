@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import shutil
 import statistics
 import sys
@@ -21,6 +22,59 @@ from .settings import POPULATION_SEEDS
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def import_package(*modules: str, threads: int | None = None) -> None:
+    """Import the package (and ``modules``) up front, so one consistent version serves
+    the whole run (a lazy import an hour in could meet a source tree edited meanwhile),
+    then set torch's CPU threads."""
+    import importlib
+
+    import torch
+
+    for name in ("voco_core", "voco_core.checkpoint", "voco_core.data.io",
+                 "voco_core.train.finetune", "voco_core.train.pretrain", *modules):
+        importlib.import_module(name)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def report_header(benchmark: str, args, work: Path, temporary: bool,
+                  skip: tuple[str, ...] = ()) -> dict:
+    """The fields every results file starts with: what ran, where, on what machine,
+    with which settings (``args`` minus ``skip``)."""
+    import monai
+    import numpy as np
+    import torch
+
+    import voco_core
+
+    return {
+        "benchmark": benchmark, "status": "running",
+        "work": None if temporary else str(work.resolve()),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "monai": monai.__version__, "numpy": np.__version__,
+                    "voco_core": getattr(voco_core, "__version__", None),
+                    "voco_core_path": str(Path(voco_core.__file__).parent),
+                    "threads": torch.get_num_threads(),
+                    "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+                    "cuda": (torch.cuda.get_device_name(0)
+                             if torch.cuda.is_available() else None)},
+        "settings": {k: (list(v) if isinstance(v, tuple) else
+                         str(v) if isinstance(v, Path) else v)
+                     for k, v in vars(args).items() if k not in skip},
+    }
+
+
+def heldout_entries(folder: Path, n: int) -> list:
+    """The ``n`` held-out (image, label) pairs of a population folder."""
+    from voco_core.data.io import DatalistEntry
+
+    return [DatalistEntry(folder / "imagesTr" / f"phantom_{i:03d}.nii.gz",
+                          folder / "labelsTr" / f"phantom_{i:03d}.nii.gz") for i in range(n)]
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -93,6 +147,7 @@ def pretrain_or_reuse(config, data: Path, work: Path, reuse: bool) -> dict:
     when finished, and continued from its last checkpoint when interrupted; a run of
     another config there is an error (one pretraining config per work folder)."""
     from voco_core.checkpoint import load_pretrain_checkpoint
+    from voco_core.config import config_from_dict
     from voco_core.train.pretrain import pretrain
 
     run_dir, keep_dir = work / "pretrain_run", work / "kept"
@@ -101,8 +156,11 @@ def pretrain_or_reuse(config, data: Path, work: Path, reuse: bool) -> dict:
     resume = None
     if last.is_file():
         state = load_pretrain_checkpoint(last)
+        # The saved config read back through today's schema: fields added since
+        # that run get their defaults instead of making an identical run "other".
+        saved = config_from_dict(state["config"], check_device=False).to_dict()
         mine = {k: v for k, v in config.to_dict().items() if k != "run"}
-        theirs = {k: v for k, v in state["config"].items() if k != "run"}
+        theirs = {k: v for k, v in saved.items() if k != "run"}
         if mine != theirs or state["step"] > total:  # never delete another evaluation's run
             raise SystemExit(f"quality_bench: error: {run_dir} holds a pretraining run of "
                              "another config; give this evaluation its own --work")
@@ -215,22 +273,22 @@ class ResultStore:
     ``fingerprint`` (configs and populations) guards ``--resume-results``: runs are
     only reused from a file written with the same settings."""
 
-    def __init__(self, path: Path, report: dict, resume: bool):
+    def __init__(self, path: Path, report: dict, resume: bool, prog: str = "quality_bench"):
         self.path, self.report = path, report
         self.report.setdefault("runs", {})
         if resume:
             if not path.is_file():
-                raise SystemExit(f"quality_bench: error: --resume-results {path}: no such file")
+                raise SystemExit(f"{prog}: error: --resume-results {path}: no such file")
             try:
                 old = json.loads(path.read_text())
             except (OSError, ValueError) as err:
-                raise SystemExit(f"quality_bench: error: --resume-results {path}: not a "
+                raise SystemExit(f"{prog}: error: --resume-results {path}: not a "
                                  f"results file ({err})") from err
             if old.get("fingerprint") != report["fingerprint"]:
                 differ = sorted(k for k in set(old.get("fingerprint", {})) | set(
                     report["fingerprint"]) if old.get("fingerprint", {}).get(k)
                     != report["fingerprint"].get(k))
-                raise SystemExit(f"quality_bench: error: --resume-results {path} was written "
+                raise SystemExit(f"{prog}: error: --resume-results {path} was written "
                                  f"with other settings (differ: {', '.join(differ)})")
             self.report["runs"] = old.get("runs", {})
             log(f"--resume-results: {len(self.report['runs'])} finished runs in {path}")
@@ -247,3 +305,10 @@ class ResultStore:
 
     def save(self) -> None:
         write_json_atomic(self.path, self.report)
+
+    def finish(self, summary: dict) -> None:
+        """Mark the run finished, with the final summary and the load at the end."""
+        self.report["status"] = "finished"
+        self.report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        self.report["summary"] = summary
+        self.save()

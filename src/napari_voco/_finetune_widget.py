@@ -62,6 +62,7 @@ from napari_voco._inputs import (
     PathEdit,
     ScientificSpinBox,
     ViewerEvents,
+    narrow,
     release_viewer_events_on_close,
     scrolling_layout,
 )
@@ -181,9 +182,10 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self._segment_job: tuple[Any, Any] | None = None  # (image layer, its record)
         self._continuing = False  # the running run continues the previous one
         self._run_note = ""  # parent and annotated slices, shown with the status
+        self._from_random = False  # the running job starts from random weights
 
         # -- data
-        self.source = QComboBox()
+        self.source = narrow(QComboBox())
         self.source.addItems([SOURCE_PAIRS, SOURCE_FOLDER])
         self.image_combo = LayerCombo(napari_viewer)
         self.labels_combo = LayerCombo(napari_viewer, Labels)
@@ -236,12 +238,9 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.resume.changed.connect(self._on_resume_changed)
         self.sparse = QCheckBox("annotated slices only")
         self.sparse.setToolTip(TOOLTIPS["sparse"])
-        self.sparse_axis = QComboBox()
+        self.sparse_axis = narrow(QComboBox(), 6)
         self.sparse_axis.addItems([SLICING_AXIS, "axis 0", "axis 1", "axis 2"])
         self.sparse_axis.setToolTip(TOOLTIPS["sparse_axis"])
-        sparse_row = QHBoxLayout()
-        sparse_row.addWidget(self.sparse)
-        sparse_row.addWidget(self.sparse_axis, 1)
         self.preset.currentTextChanged.connect(self.apply_preset)
         self.preset.setCurrentText("base" if self.device.device().startswith("cuda")
                                    else "tiny")
@@ -250,7 +249,8 @@ class FinetuneWidget(ViewerEvents, QWidget):
         form = QFormLayout()
         form.addRow("Data", self.source)
         form.addRow("", self.data_stack)
-        form.addRow("Sparse labels", sparse_row)
+        form.addRow("Sparse labels", self.sparse)  # two rows: one would not fit a
+        form.addRow("Slices along", self.sparse_axis)  # dock beside another (1600 px)
         form.addRow("Pretrained", self.pretrained)
         form.addRow("Preset", self.preset)
         form.addRow("Steps", self.steps)
@@ -289,7 +289,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
         segment_row.addRow(self.segment_button)
 
         # -- correct and retrain
-        self.copy_scope = QComboBox()
+        self.copy_scope = narrow(QComboBox(), 6)
         self.copy_scope.addItems([COPY_VOLUME, COPY_SLICE])
         self.copy_button = QPushButton("Copy prediction to training labels")
         self.copy_button.setToolTip(TOOLTIPS["copy_prediction"])
@@ -432,6 +432,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
                                 resume)
         fresh = resume is None and continue_from is None
         pretrained = self.pretrained.path() if fresh else None  # plan checks it
+        self._from_random = fresh and pretrained is None
         out = self.output.path()
         if continue_from is not None:
             out = next_round_folder(continue_from)
@@ -583,8 +584,9 @@ class FinetuneWidget(ViewerEvents, QWidget):
 
     def _on_event(self, event: Any) -> None:
         if event.kind == "start":
-            self.report.setPlainText(event.message or "no pretrained weights: the SwinUNETR "
-                                     "starts from random weights")
+            backbone = ("no pretrained weights: the SwinUNETR starts from random weights"
+                        if self._from_random else "")
+            self.report.setPlainText("\n".join(filter(None, (backbone, event.message))))
             self.panel.status.setText("; ".join(filter(None, (
                 f"step {event.step}: training…", self._run_note))))
         elif event.kind == "validation":

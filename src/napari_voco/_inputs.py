@@ -238,6 +238,16 @@ class DeviceCombo(QComboBox):
         self.setCurrentIndex(index)
 
 
+def narrow(combo: QComboBox, characters: int = 10) -> QComboBox:
+    """Let ``combo`` shrink to ``characters`` wide (its longest item no longer sets its
+    minimum width): a dock beside another on a 1600-pixel screen is about 470 pixels
+    wide, and one long item would otherwise push the widget past it (clipping its
+    right side behind a horizontal scroll bar)."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(characters)
+    return combo
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -253,6 +263,7 @@ class LayerCombo(ViewerEvents, QComboBox):
             layer_type = Image
         self._viewer = viewer
         self._type = layer_type
+        narrow(self)  # layer names can be long
         self.setToolTip(f"{layer_type.__name__} layer to work on")
         events = viewer.layers.events
         self.listen(events.inserted, self._on_inserted)

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_info, show_warning
 
 from voco_core.errors import VoCoError
 
@@ -44,6 +44,13 @@ def notify_error(err: BaseException) -> None:
     else:
         logger.error(message, exc_info=(type(err), err, err.__traceback__))
     show_error(message)
+
+
+def notify_notes(text: str) -> None:
+    """Show each line of a trainer's notes (an event's ``message``): ``warning:`` lines
+    as warnings, the others as information."""
+    for line in filter(None, text.splitlines()):
+        (show_warning if line.startswith("warning:") else show_info)(line)
 
 
 @contextmanager

@@ -47,6 +47,7 @@ from napari_voco._inputs import (
     PathEdit,
     ScientificSpinBox,
     ViewerEvents,
+    narrow,
     release_viewer_events_on_close,
     scrolling_layout,
 )
@@ -183,7 +184,7 @@ class PretrainWidget(QWidget):
         """Nested config overrides merged last (e.g. ``{"data": {"target_size": [...]}}``)."""
 
         # -- data
-        self.source = QComboBox()
+        self.source = narrow(QComboBox())
         self.source.addItems([SOURCE_FOLDER, SOURCE_LAYERS])
         self.data_path = PathEdit("folder of NIfTI files (or imagesTr/), or a datalist JSON",
                                   file_filter="Datalists (*.json)", file_button="JSON…")

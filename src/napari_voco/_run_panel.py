@@ -353,6 +353,8 @@ class RunPanel(QWidget):
             self.plot.append(event.step, {self.loss_name: event.loss,
                                           **getattr(event, "terms", {})})
             self.status.setText(step_status(event))
+            if event.message:  # what pre-processing chose for newly loaded volumes
+                _notify.notify_notes(event.message)
         elif event.kind == "stopped":
             self.status.setText(f"stopped at step {event.step}; checkpoint {event.checkpoint}")
         elif event.kind == "done":

@@ -23,7 +23,9 @@ class SegDataConfig:
     """Pre-processing of an image + label pair for segmentation (MONAI transforms;
     inverted exactly by :func:`voco_core.inference.segment`)."""
 
-    intensity: Literal["ct", "percentile"] = "ct"
+    intensity: Literal["auto", "ct", "percentile"] = "auto"
+    """As the pretraining ``data.intensity``: ``ct``, ``percentile`` or ``auto`` (per
+    volume, see :mod:`voco_core.data.intensity`)."""
     ct_window: tuple[float, float] = (-175.0, 250.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
     spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)

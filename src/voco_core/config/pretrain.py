@@ -28,8 +28,10 @@ from voco_core.config.common import (
 class DataConfig:
     """Pre-processing of one training volume (spec: "Pre-processing")."""
 
-    intensity: Literal["ct", "percentile"] = "ct"
-    """``ct``: HU window ``ct_window`` -> [0, 1]; ``percentile``: MRI and others."""
+    intensity: Literal["auto", "ct", "percentile"] = "auto"
+    """``ct``: HU window ``ct_window`` -> [0, 1]; ``percentile``: the volume's own
+    ``percentiles`` -> [0, 1] (MRI and others); ``auto``: per volume, CT when it holds
+    air in Hounsfield units (see :mod:`voco_core.data.intensity`)."""
     ct_window: tuple[float, float] = (-175.0, 250.0)
     """HU mapped to 0 and 1 (clipped)."""
     percentiles: tuple[float, float] = (0.5, 99.5)

@@ -39,6 +39,12 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from voco_core.config import DataConfig, VoCoConfig
+from voco_core.data.intensity import (
+    FOREGROUND_KEY,
+    INTENSITY_KEY,
+    NormaliseIntensityd,
+    measured_foreground_crop,
+)
 from voco_core.data.io import RAS_LABELS, DatalistEntry, read_volume
 from voco_core.errors import VoCoDataError
 from voco_core.geometry import (
@@ -91,17 +97,11 @@ def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = No
     key = "image"
     steps: list = [LoadVolumed(key, min_shape)] if load else []
     steps.append(mt.Orientationd(key, axcodes="RAS", labels=RAS_LABELS))
-    if data.intensity == "ct":
-        low, high = data.ct_window
-        steps.append(mt.ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=0.0, b_max=1.0,
-                                             clip=True))
-    else:
-        low, high = data.percentiles
-        steps.append(mt.ScaleIntensityRangePercentilesd(key, lower=low, upper=high, b_min=0.0,
-                                                         b_max=1.0, clip=True))
+    steps.append(NormaliseIntensityd(key, data))
     if data.foreground_threshold >= 0:
-        steps.append(mt.CropForegroundd(key, source_key=key, allow_smaller=True,
-                                        select_fn=ForegroundSelector(data.foreground_threshold)))
+        steps.extend(measured_foreground_crop(key, mt.CropForegroundd(
+            key, source_key=key, allow_smaller=True,
+            select_fn=ForegroundSelector(data.foreground_threshold))))
     if data.resample == "resize":
         steps.append(mt.Resized(key, spatial_size=tuple(data.target_size), mode="trilinear"))
     else:
@@ -109,6 +109,19 @@ def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = No
         steps.append(mt.SpatialPadd(key, spatial_size=tuple(data.target_size)))
     steps.append(mt.EnsureTyped(key, dtype=torch.float32, track_meta=track_meta))
     return mt.Compose(steps)
+
+
+@dataclass(frozen=True)
+class LoadedVolume:
+    """A pre-processed volume ``(1, X, Y, Z)`` with its file name and what its
+    pre-processing found: ``intensity`` (``ct``/``percentile``) and ``foreground_kept``
+    (fraction of voxels the foreground crop kept); both ``None`` when read back from a
+    compact cache (they were reported when it was written)."""
+
+    image: torch.Tensor
+    name: str
+    intensity: str | None = None
+    foreground_kept: float | None = None
 
 
 @dataclass(frozen=True)
@@ -200,9 +213,11 @@ class PretrainDataset(torch.utils.data.Dataset):
     ``compact`` (:class:`CompactVolumeCache`: uint8, 1 byte per voxel, memory-mapped).
     """
 
-    def __init__(self, entries: Sequence[DatalistEntry], config: VoCoConfig):
+    def __init__(self, entries: Sequence[DatalistEntry], config: VoCoConfig,
+                 with_sources: bool = False):
         from monai.data import CacheDataset, Dataset, PersistentDataset
 
+        self.with_sources = with_sources
         self.paths = [str(e.image) for e in entries]
         transform = preprocess_transforms(config.data, min_shape=min_raw_shape(config))
         items = [{"image": p} for p in self.paths]
@@ -227,11 +242,16 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor | LoadFailure:
+    def __getitem__(self, index: int) -> torch.Tensor | LoadedVolume | LoadFailure:
+        """The volume (a :class:`LoadedVolume` with ``with_sources``), or the failure."""
         try:
-            return self.inner[index]["image"]
+            item = self.inner[index]
         except Exception as err:
             return LoadFailure(_explain(err, self.paths[index]))
+        if not self.with_sources:
+            return item["image"]
+        return LoadedVolume(item["image"], Path(self.paths[index]).name,
+                            item.get(INTENSITY_KEY), item.get(FOREGROUND_KEY))
 
 
 def _make_cache_folder(folder: str | Path) -> None:

@@ -25,6 +25,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from voco_core.config import SegDataConfig, SegTrainConfig
+from voco_core.data.intensity import NormaliseIntensityd, measured_foreground_crop
 from voco_core.data.io import RAS_LABELS, DatalistEntry, VolumeRecord, check_pair, read_volume
 from voco_core.data.sparse import AnnotatedCropIndicesd
 from voco_core.data.sparse import check_label_range as check_label_range  # re-export
@@ -92,19 +93,12 @@ def seg_transforms(data: SegDataConfig, keys: Sequence[str] = ("image", "label")
     keys = tuple(keys)
     interp = tuple("bilinear" if k == "image" else "nearest" for k in keys)
     steps: list = [mt.Orientationd(keys, axcodes="RAS", labels=RAS_LABELS)]
-    if data.intensity == "ct":
-        low, high = data.ct_window
-        steps.append(mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0,
-                                             clip=True))
-    else:
-        low, high = data.percentiles
-        steps.append(mt.ScaleIntensityRangePercentilesd("image", lower=low, upper=high,
-                                                         b_min=0.0, b_max=1.0, clip=True))
+    steps.append(NormaliseIntensityd("image", data))
     if data.spacing is not None:
         steps.append(mt.Spacingd(keys, pixdim=tuple(data.spacing), mode=interp))
     if data.crop_foreground:
-        steps.append(mt.CropForegroundd(keys, source_key="image", select_fn=_AboveZero(),
-                                        allow_smaller=True))
+        steps.extend(measured_foreground_crop("image", mt.CropForegroundd(
+            keys, source_key="image", select_fn=_AboveZero(), allow_smaller=True)))
     return mt.Compose(steps)
 
 

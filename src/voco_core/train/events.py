@@ -44,7 +44,10 @@ class TrainEvent:
 class PretrainEvent(TrainEvent):
     """A pretraining record: ``terms`` are the loss terms by name (v1: ``pos``, ``neg``,
     ``reg``; v2: ``intra``, ``inter``, ``reg``), each averaged over the step's
-    micro-batches (and ranks); ``crops_per_second`` counts every crop of every rank."""
+    micro-batches (and ranks); ``crops_per_second`` counts every crop of every rank.
+    A ``step``'s ``message`` holds what pre-processing reported about the volumes
+    first loaded for it (``intensity: auto`` choices, a foreground crop that kept the
+    whole volume), one note per line; usually empty."""
 
     terms: dict[str, float] = field(default_factory=dict)
     crops_per_second: float = math.nan
@@ -55,7 +58,8 @@ class FinetuneEvent(TrainEvent):
     """A finetuning record: Dice over foreground classes, NaN until the first
     validation; ``class_dice`` maps class name to Dice (None where a class is absent
     from every validation case); ``best_checkpoint`` is ``best.pt`` once written.
-    ``message`` carries the pretrained-weights load report on ``start``."""
+    ``message`` carries, on ``start``, the pretrained-weights load report and what
+    pre-processing reported about the volumes (one note per line)."""
 
     mean_dice: float = math.nan
     class_dice: dict[str, float | None] = field(default_factory=dict)

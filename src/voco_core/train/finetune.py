@@ -47,6 +47,7 @@ from voco_core.checkpoint import (
 )
 from voco_core.checkpoint import load_segmentation_checkpoint as load_finetune_checkpoint
 from voco_core.config import FinetuneConfig, finetune_config_from_dict, merge, resolve_device
+from voco_core.data.intensity import preprocessing_report
 from voco_core.data.io import DatalistEntry, dataset_class_names, load_datalist, read_dataset_json
 from voco_core.data.sampling import ResumableRandomSampler
 from voco_core.data.segmentation import (
@@ -234,6 +235,10 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
     pre = seg_transforms(config.data)
     train_volumes = [pre({"image": c.image, "label": c.label}) for c in train_cases]
     val_volumes = [pre({"image": c.image, "label": c.label}) for c in (val_cases or train_cases)]
+    notes = preprocessing_report(
+        {Path(c.entry.image).name: v for c, v in zip(
+            [*train_cases, *val_cases], [*train_volumes, *(val_volumes if val_cases else [])],
+            strict=True)}, config.data)
     crop = seg_train_transforms(t, config.data.ignore_label)
 
     # ---- build
@@ -300,6 +305,7 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
     logger = RunLogger(folder, tag="finetune", start_step=step,
                        tensorboard=config.run.tensorboard, figure=folder.curves_figure,
                        plot=plot_finetune_curves)
+    message = "\n".join(line for line in (message, *notes) if line)
     last = FinetuneEvent("start", step, t.total_steps, run_dir=str(folder.root), message=message,
                          best_dice=finite_or_none(best.dice), best_step=best.step)
     saved_step = step if resume is not None else -1

@@ -43,6 +43,7 @@ from voco_core.checkpoint import (
     write_json,
 )
 from voco_core.config import VoCoConfig, config_from_dict, merge, resolve_device
+from voco_core.data.intensity import PreprocessingNotes
 from voco_core.data.io import DatalistEntry, check_volume_header, load_datalist
 from voco_core.data.sampling import (
     LoadFailure,
@@ -200,7 +201,8 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
         forward = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # the only buffers are constant index tables
-    volumes = _volume_stream(entries, config, dist_ctx, device, samples_seen)
+    notes = PreprocessingNotes(config.data)
+    volumes = _volume_stream(entries, config, dist_ctx, device, samples_seen, notes)
     sampler = VoCoCropSampler(config)
     crops_per_step = (o.batch_size * o.grad_accum * dist_ctx.world_size
                       * (config.num_base_crops + config.geometry.num_random_crops))
@@ -234,7 +236,7 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
                     if saved_step != step:
                         save(last.loss)
                         saved_step = step
-                    last = replace(last, kind="stopped", checkpoint=str(folder.last))
+                    last = replace(last, kind="stopped", checkpoint=str(folder.last), message="")
                     yield last
                     return
                 clock.start()
@@ -254,13 +256,13 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
                     seconds_per_step=elapsed, eta_seconds=eta,
                     peak_memory_bytes=peak_memory_bytes(device), checkpoint=checkpoint,
                     run_dir=str(folder.root), terms=dict(zip(names, terms, strict=True)),
-                    crops_per_second=crops_per_step / elapsed)
+                    crops_per_second=crops_per_step / elapsed, message=notes.take())
                 if logger is not None and (step % config.run.log_every == 0
                                            or step == o.total_steps):
                     logger.write(_log_record(last), {"loss": loss, **last.terms, "lr": last.lr,
                                                      "crops_per_second": last.crops_per_second})
                 yield last
-            last = replace(last, kind="done")
+            last = replace(last, kind="done", message="")
             yield last
     except BaseException:
         if step > saved_step and step > 0:
@@ -320,16 +322,19 @@ def _train_step(forward, model: VoCoModel, loss_fn, sampler: VoCoCropSampler,
 
 
 def _volume_stream(entries: list[DatalistEntry], config: VoCoConfig, dist_ctx: DistContext,
-                   device: torch.device, samples_seen: int) -> Iterator[list[torch.Tensor]]:
+                   device: torch.device, samples_seen: int,
+                   notes: PreprocessingNotes) -> Iterator[list[torch.Tensor]]:
     """Batches of pre-processed volumes on ``device``, from where all ranks together
     had got to: each rank takes every world_size-th index of one shuffled stream (so
-    resuming on another world size works)."""
+    resuming on another world size works). What pre-processing chose for each new
+    volume goes to ``notes``."""
     o = config.optim
     order = ResumableRandomSampler(len(entries), config.run.seed,
                                    start=samples_seen // dist_ctx.world_size,
                                    rank=dist_ctx.rank, world_size=dist_ctx.world_size)
     loader = torch.utils.data.DataLoader(
-        PretrainDataset(entries, config), batch_size=o.batch_size, sampler=order,
+        PretrainDataset(entries, config, with_sources=True), batch_size=o.batch_size,
+        sampler=order,
         num_workers=config.data.num_workers, collate_fn=collate_list,
         pin_memory=config.data.pin_memory and device.type == "cuda",
         persistent_workers=config.data.num_workers > 0)
@@ -337,7 +342,8 @@ def _volume_stream(entries: list[DatalistEntry], config: VoCoConfig, dist_ctx: D
         for item in batch:
             if isinstance(item, LoadFailure):
                 raise VoCoDataError(item.message)
-        yield [v.to(device, non_blocking=True) for v in batch]
+            notes.add(item.name, item.intensity, item.foreground_kept)
+        yield [v.image.to(device, non_blocking=True) for v in batch]
 
 
 def _save_config(config: VoCoConfig, folder: RunFolder) -> None:
