@@ -117,3 +117,17 @@ def test_configs_accept_the_three_modes_and_name_them_when_wrong():
         assert tiny_finetune_config({"data": {"intensity": mode}}).data.intensity == mode
     with pytest.raises(VoCoConfigError, match=r"data\.intensity.*auto"):
         tiny_finetune_config({"data": {"intensity": "mri"}})
+
+
+def test_segmentation_says_how_the_image_was_normalised(finetune_run, train_dataset, tmp_path,
+                                                         capsys):
+    from voco_core.cli import main
+    from voco_core.inference import segment
+
+    image = train_dataset / "imagesTr" / "phantom_000.nii.gz"
+    assert segment(image, finetune_run).intensity == "CT window -175..250 HU"
+    mri = save_nifti(tmp_path / "t1.nii.gz", mri_like())
+    assert segment(mri, finetune_run).intensity == "percentiles 0.5..99.5"
+    assert main(["predict", "--checkpoint", str(finetune_run), "--input", str(mri),
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "intensity: percentiles 0.5..99.5" in capsys.readouterr().out

@@ -266,7 +266,8 @@ class SegmentWidget(QWidget):
         self.progress.setValue(_PROGRESS_STEPS)
         self._set_status(f"done in {time.perf_counter() - self._started:.1f} s: "
                          f"{self.labels_layer.name!r}, "
-                         f"{' × '.join(str(s) for s in result.labels.shape)} voxels")
+                         f"{' × '.join(str(s) for s in result.labels.shape)} voxels; "
+                         f"intensity: {result.intensity}")
 
     def _show_counts(self, result: SegmentationResult, record: VolumeRecord) -> None:
         names = list(result.class_names)

@@ -300,7 +300,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             for c, name in enumerate(result.class_names):
                 write_volume(args.out / f"{record.name}_prob_{name}.nii.gz",
                              result.probabilities[c].astype(np.float32), record)
-        print(f"{file.name} -> {out} ({time.perf_counter() - start:.1f} s)")
+        print(f"{file.name} -> {out} ({time.perf_counter() - start:.1f} s; intensity: "
+              f"{result.intensity})")
     return 0
 
 

@@ -21,6 +21,7 @@ from monai.inferers import sliding_window_inference
 
 from voco_core.checkpoint import load_segmentation_checkpoint
 from voco_core.config import FinetuneConfig, finetune_config_from_dict, resolve_device
+from voco_core.data.intensity import INTENSITY_KEY, describe_intensity
 from voco_core.data.io import VolumeRecord
 from voco_core.data.segmentation import seg_transforms, to_meta_tensor
 from voco_core.errors import VoCoDataError, VoCoError
@@ -70,11 +71,14 @@ def load_segmenter(checkpoint: str | Path, device: str = "auto") -> Segmenter:
 @dataclass
 class SegmentationResult:
     """``labels``: ``(I, J, K)`` class indices on the *source* voxel grid (uint8 when
-    fewer than 256 classes); ``probabilities``: ``(C, I, J, K)`` float32 or None."""
+    fewer than 256 classes); ``probabilities``: ``(C, I, J, K)`` float32 or None;
+    ``intensity``: how the image was normalised, e.g. ``"CT window -175..250 HU"``
+    (``data.intensity: auto`` decides per volume)."""
 
     labels: np.ndarray
     probabilities: np.ndarray | None
     class_names: tuple[str, ...]
+    intensity: str = ""
 
 
 def _window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
@@ -117,7 +121,8 @@ def segment(
     if not 0 <= overlap < 1:
         raise VoCoDataError(f"overlap = {overlap} is invalid: expected a fraction in [0, 1)")
     pre = seg_transforms(config.data, keys=("image",))
-    image = pre({"image": to_meta_tensor(record)})["image"]
+    prepared = pre({"image": to_meta_tensor(record)})
+    image = prepared["image"]
     total = _window_count(image.shape[1:], t.roi_size, overlap)
     done = 0
 
@@ -157,5 +162,6 @@ def segment(
         raise VoCoError(f"internal error: inverted label map {labels.shape} != {record.shape}")
     if progress is not None:
         progress(1.0)
-    return SegmentationResult(labels, probs, segmenter.class_names)
+    return SegmentationResult(labels, probs, segmenter.class_names,
+                              describe_intensity(prepared[INTENSITY_KEY], config.data))
 
