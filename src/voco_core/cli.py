@@ -201,8 +201,8 @@ def _run(plan, data) -> int:
                     else:  # (created with this step counted: no first tick of ~0 s)
                         bar.update(event.step - bar.n)
                     bar.set_postfix(_postfix(event))
-                    if event.message:
-                        bar.write(f"step {event.step}: {event.message}")
+                    for line in event.message.splitlines():  # one note per line
+                        bar.write(f"step {event.step}: {line}")
                 elif event.kind == "validation":
                     (bar.write if bar else print)(_validation_line(event))
         except KeyboardInterrupt:  # a second Ctrl-C: the trainer saved what it completed
