@@ -44,6 +44,7 @@ from quality import report as reporting
 from quality.runs import (
     ResultStore,
     choose_subjects,
+    copy_controls,
     finetune_run,
     heldout_entries,
     import_package,
@@ -216,6 +217,14 @@ def main(argv=None) -> None:
         store.save()
 
         heldout = heldout_entries(folders["heldout"], args.n_heldout)
+        if args.control_from:
+            modes = [m for m in ("probe", "full") if m in args.sections]
+            wanted = {run_key(m, shots, seed, INITS[m][0]) for m in modes
+                      for shots in args.shots
+                      for seed in range(args.first_seed, args.first_seed + args.seeds)}
+            copied = copy_controls(store, args.control_from,
+                                   {m: INITS[m][0] for m in modes}, wanted)
+            log(f"--control-from: {copied} control runs from {args.control_from}")
         pool = load_datalist(folders["pool"], require_labels=True)
         for mode in [m for m in ("probe", "full") if m in args.sections]:
             t = time.perf_counter()

@@ -312,3 +312,44 @@ class ResultStore:
         self.report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         self.report["summary"] = summary
         self.save()
+
+
+ENCODER_LEVERS = ("encoder_lr_scale", "freeze_encoder_steps")
+"""Finetuning keys that only change how a pretrained encoder is treated."""
+
+
+def _without_encoder_levers(fingerprint: dict) -> dict:
+    out = json.loads(json.dumps(fingerprint))
+    for mode in out.get("finetune", {}).values():
+        for key in ENCODER_LEVERS:
+            mode.get("train", {}).pop(key, None)
+    return out
+
+
+def copy_controls(store: ResultStore, path: Path, controls: dict[str, str],
+                  wanted: set[str], prog: str = "quality_bench") -> int:
+    """Copy the control runs (``controls``: mode -> init, e.g. full -> scratch) named in
+    ``wanted`` from the results file ``path`` into ``store``; returns how many.
+
+    For a lever of the pretrained init only: the controls of ``path`` are what this
+    invocation would run, so ``path`` must match this one's fingerprint apart from
+    :data:`ENCODER_LEVERS`. Copied rows say where they came from (``copied_from``)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{prog}: error: --control-from {path}: not a results file "
+                         f"({err})") from err
+    mine = _without_encoder_levers(store.report["fingerprint"])
+    theirs = _without_encoder_levers(old.get("fingerprint", {}))
+    if mine != theirs:
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise SystemExit(f"{prog}: error: --control-from {path} was written with other "
+                         f"settings (differ beyond the encoder levers: {', '.join(differ)})")
+    copied = 0
+    for key, row in old.get("runs", {}).items():
+        mode, _, _, init = key.split("/")
+        if key in wanted and controls.get(mode) == init and not store.done(key):
+            store.report["runs"][key] = {**row, "copied_from": str(path)}
+            copied += 1
+    store.save()
+    return copied

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -206,6 +207,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full finetuning train.encoder_lr_scale (the probe always uses 0)")
     levers.add_argument("--freeze-encoder-steps", type=int, default=None,
                         help="full finetuning train.freeze_encoder_steps")
+    levers.add_argument("--control-from", type=Path, default=None, metavar="FILE",
+                        help="for a lever of the pretrained init only (encoder lr, decoder "
+                             "warm-up): take the control runs (scratch, random) from FILE, "
+                             "a results file with the same populations, pretraining and "
+                             "finetuning settings apart from the encoder levers")
     levers.add_argument("--pretrain-set", action="append", metavar="SECTION.KEY=VALUE",
                         help="any pretraining config override (repeatable)")
     levers.add_argument("--finetune-set", action="append", metavar="SECTION.KEY=VALUE",
