@@ -163,6 +163,171 @@ def bench_steps(steps: int, data: str) -> dict:
     return result
 
 
+def bench_attention(repeats: int) -> dict:
+    """A tiny training step (13 crops of 40^3, full teacher) with MONAI's window attention
+    and with the memory-efficient one, alternating in one process (same load for both),
+    glibc's freed memory retained as in training; plus the bytes autograd saves."""
+    import torch
+
+    from voco_core.attention import swap_window_attention
+    from voco_core.config import make_config
+    from voco_core.losses import build_loss
+    from voco_core.memory import release_freed_memory, retain_freed_memory
+    from voco_core.models import VoCoModel
+
+    config = make_config("tiny", {"run": {"device": "cpu"}})
+    torch.manual_seed(0)
+    model, loss_fn = VoCoModel(config.model), build_loss(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    k, m = config.geometry.grid_size ** 2, config.geometry.num_random_crops
+    crops = torch.rand(k + m, 1, 40, 40, 40, generator=g)
+    labels = torch.rand(1, m, k, generator=g)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        student, teacher = model(crops)
+        loss_fn(student[k:][None], teacher[k:][None], student[:k][None], teacher[:k][None],
+                labels)["total"].backward()
+        optimizer.step()
+
+    saved = {}
+    for name, efficient in (("monai", False), ("memory_efficient", True)):
+        swap_window_attention(model, efficient)
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(crops)
+        saved[name] = round(total / 2**30, 2)
+    times: dict[str, list[float]] = {"monai": [], "memory_efficient": []}
+    retain_freed_memory()
+    try:
+        for round_ in range(repeats + 1):  # round 0 warms both up
+            for name, efficient in (("monai", False), ("memory_efficient", True)):
+                swap_window_attention(model, efficient)
+                start = time.perf_counter()
+                step()
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        release_freed_memory()
+    result = {"setup": "tiny step, 13 crops of 40^3, full teacher, one process, alternating",
+              "threads": torch.get_num_threads(), "autograd_saved_gib": saved}
+    for name, values in times.items():
+        result[name] = {"seconds_per_step": round(statistics.median(values), 3),
+                        "all": [round(v, 2) for v in values]}
+    result["speed_ratio_monai_over_memory_efficient"] = round(
+        result["monai"]["seconds_per_step"] / result["memory_efficient"]["seconds_per_step"], 3)
+    return result
+
+
+# ---------------------------------------------------------------- memory on MRI-sized input
+
+BRAIN_SHAPE = (181, 217, 181)
+"""An MNI-sized head at 1 mm: the input behind the tiny preset's memory complaint."""
+
+
+def make_brain_like(folder: Path, n: int = 4, classes: int = 117) -> Path:
+    """``n`` 8-bit T1-like heads of :data:`BRAIN_SHAPE` at 1 mm and ``classes``-label
+    atlases (13 sectors x 9 slabs), as a Decathlon-style folder (imagesTr/labelsTr)."""
+    import nibabel as nib
+    import numpy as np
+
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in BRAIN_SHAPE],
+                       indexing="ij")
+    angle = np.arctan2(grid[1], grid[0])
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        radius = np.sqrt((grid[0] / (0.75 + 0.02 * i)) ** 2 + (grid[1] / 0.85) ** 2
+                         + (grid[2] / 0.8) ** 2)
+        inside = radius < 1
+        smooth = 40 + 210 * (0.5 + 0.5 * np.cos(3 * grid[0] + i) * np.cos(2 * grid[1]))
+        image = np.clip(np.where(inside, smooth + rng.normal(0, 3, BRAIN_SHAPE), 0), 0, 255)
+        sector = np.floor((angle + np.pi) / (2 * np.pi) * 13).clip(0, 12)
+        slab = np.floor((grid[2] + 1) / 2 * 9).clip(0, 8)
+        label = np.where(inside, (sector * 9 + slab) % (classes - 1) + 1, 0)
+        for sub, values in (("imagesTr", image), ("labelsTr", label)):
+            nib.save(nib.Nifti1Image(values.astype(np.uint8), np.eye(4)),
+                     folder / sub / f"head_{i:02d}.nii.gz")
+    return folder
+
+
+def child_memory(kind: str, steps: int, data: str) -> dict:
+    """In a fresh process: tiny pretraining on the heads (``kind`` ``pretrain``; one
+    step per head to load them all, then ``steps`` timed steps), or tiny finetuning
+    with the 117-class atlas on 2 heads and one validation on a third (``finetune``,
+    ``steps`` steps, the first untimed). Peak resident set and median s/step."""
+    from voco_core.data.io import load_datalist
+
+    if os.environ.get("VOCO_BENCH_ATTENTION") == "monai":  # the A/B: MONAI's attention
+        import voco_core.models as models
+        from voco_core.attention import swap_window_attention
+
+        models.swap_window_attention = lambda model: swap_window_attention(model, False)
+    allocator = os.environ.get("VOCO_BENCH_ALLOCATOR", "retain")
+    run = {"device": "cpu", "tensorboard": False, "checkpoint_every": 10_000,
+           "cpu_allocator": allocator}
+    with tempfile.TemporaryDirectory() as run_dir:
+        if kind == "pretrain":
+            from voco_core.config import make_config
+            from voco_core.train.pretrain import iter_pretrain
+
+            # volumes load lazily, one per step: time the steps after all are cached
+            warmup = len(list((Path(data) / "imagesTr").glob("*.nii.gz")))
+            config = make_config("tiny", {"data": {"cache": "memory"}, "run": run,
+                                          "optim": {"total_steps": steps + warmup}})
+            events = list(iter_pretrain(config, str(Path(data) / "imagesTr"), run_dir))
+        else:
+            from voco_core.config import make_finetune_config
+            from voco_core.train.finetune import iter_finetune
+
+            entries = load_datalist(data, require_labels=True)
+            config = make_finetune_config("tiny", {
+                "data": {"num_classes": 117},
+                "train": {"total_steps": steps, "val_every": steps, "warmup_steps": 1},
+                "run": run})
+            events = list(iter_finetune(config, entries[:2], run_dir,
+                                        validation=entries[2:3]))
+            warmup = 1
+    steps_s = [e.seconds_per_step for e in events if e.kind == "step" and e.step > warmup]
+    return {"seconds_per_step": round(statistics.median(steps_s), 3) if steps_s else None,
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                  / 2**20, 2)}
+
+
+def bench_memory(steps: int) -> dict:
+    """Peak resident memory of the tiny preset on 4 MRI-sized heads: pretraining per
+    window attention x allocator, finetuning (117 classes) per attention."""
+    result: dict = {"input": f"4 uint8 heads of {' x '.join(map(str, BRAIN_SHAPE))} at 1 mm, "
+                             "117-class atlases; tiny presets, data.cache memory (pretraining)",
+                    "measured_steps": steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(make_brain_like(Path(tmp) / "heads"))
+        runs = [("pretrain", attention, allocator)
+                for attention in ("memory_efficient", "monai")
+                for allocator in ("retain", "system")]
+        runs += [("finetune", attention, "retain") for attention in ("memory_efficient", "monai")]
+        for kind, attention, allocator in runs:
+            env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1", "VOCO_BENCH_ATTENTION": attention,
+                   "VOCO_BENCH_ALLOCATOR": allocator}
+            command = [sys.executable, __file__, "--child-memory", kind, "--steps",
+                       str(steps), "--data", data]
+            out = subprocess.run(command, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"pretrain_bench: memory child {kind} failed:\n{out.stderr}")
+            key = f"{kind}/{attention}/{allocator}"
+            result[key] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  memory {key}: {result[key]}", file=sys.stderr)
+    return result
+
+
 def bench_cache(repeats: int, data: str) -> dict:
     """Bytes per volume and load time: float32 (.pt, PersistentDataset) vs compact uint8."""
     import numpy as np
@@ -282,16 +447,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--sections", default="sampler,loss,steps,cache,cuda")
+    parser.add_argument("--sections", default="sampler,loss,steps,attention,memory,cache,cuda")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=4, help="measured training steps")
     parser.add_argument("--data", help="phantom folder (default: made in a temp folder)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child-step", help=argparse.SUPPRESS)
+    parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child_step:
         print(json.dumps(child_step(args.child_step, args.steps, args.data)))
+        return
+    if args.child_memory:
+        print(json.dumps(child_memory(args.child_memory, args.steps, args.data)))
         return
 
     import torch
@@ -314,6 +483,10 @@ def main() -> None:
         report["loss"] = bench_loss(args.repeats)
     if "steps" in sections and args.device == "cpu":
         report["steps"] = bench_steps(args.steps, data)
+    if "attention" in sections:
+        report["attention"] = bench_attention(args.repeats)
+    if "memory" in sections and args.device == "cpu":
+        report["memory"] = bench_memory(args.steps)
     if "cache" in sections:
         report["cache"] = bench_cache(args.repeats, data)
     if "cuda" in sections and args.device == "cuda":
@@ -334,6 +507,17 @@ def main() -> None:
         parts.append(f"tiny step full {st['full/thp+retain']['seconds_per_step']} s, head "
                      f"{st['head/thp+retain']['seconds_per_step']} s "
                      f"(+{st['head_faster_than_full_percent']}%)")
+    if "attention" in report:
+        a = report["attention"]
+        parts.append(f"tiny step MONAI attention {a['monai']['seconds_per_step']} s vs "
+                     f"memory-efficient {a['memory_efficient']['seconds_per_step']} s, saved "
+                     f"{a['autograd_saved_gib']['monai']} -> "
+                     f"{a['autograd_saved_gib']['memory_efficient']} GiB")
+    if "memory" in report:
+        m = {k: v["peak_rss_gib"] for k, v in report["memory"].items() if isinstance(v, dict)}
+        parts.append(f"tiny on 4 heads: pretraining peak {m['pretrain/memory_efficient/retain']}"
+                     f" GiB (MONAI attention {m['pretrain/monai/retain']}), finetuning 117 "
+                     f"classes {m['finetune/memory_efficient/retain']} GiB")
     if "cache" in report:
         c = report["cache"]["base"]
         parts.append(f"cache {c['compact_fraction_of_float32']} of float32, max err "

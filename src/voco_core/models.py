@@ -17,6 +17,7 @@ from monai.networks.blocks import UnetrBasicBlock
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
+from voco_core.attention import swap_window_attention
 from voco_core.config import ModelConfig
 
 BACKBONE_PREFIXES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
@@ -43,6 +44,7 @@ class VoCoBackbone(nn.Module):
             spatial_dims=3,
             use_v2=config.use_v2,
         )
+        swap_window_attention(self.swinViT)  # same maths, ~1.6 GB less per tiny CPU step
 
         def encoder(channels_in: int, channels_out: int) -> UnetrBasicBlock:
             return UnetrBasicBlock(spatial_dims=3, in_channels=channels_in,
@@ -190,9 +192,9 @@ def build_swin_unetr(config, num_classes: int, in_channels: int = 1) -> nn.Modul
     """
     from monai.networks.nets import SwinUNETR
 
-    return SwinUNETR(
+    return swap_window_attention(SwinUNETR(
         in_channels=in_channels, out_channels=num_classes, feature_size=config.feature_size,
         depths=tuple(config.depths), num_heads=tuple(config.num_heads),
         dropout_path_rate=config.dropout_path_rate, use_checkpoint=config.gradient_checkpointing,
         spatial_dims=3, use_v2=config.use_v2,
-    )
+    ))

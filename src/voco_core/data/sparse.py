@@ -18,13 +18,12 @@ ignored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice
-from monai.networks.utils import one_hot
 from monai.transforms import MapTransform
 from monai.transforms.utils import map_binary_to_indices
 from monai.utils import convert_to_tensor
@@ -182,16 +181,27 @@ def masked_dice(prediction: torch.Tensor, truth: torch.Tensor, num_classes: int,
     """Per-class Dice over annotated voxels: ``(B, 1, X, Y, Z)`` x 2 -> ``(B, C - 1)``.
 
     ``prediction`` and ``truth`` hold class indices (``truth`` may hold
-    ``ignore_label``); background is left out. Both one-hot maps are zeroed where
-    ``truth`` is ignored, so a prediction there counts neither way. NaN where a
-    class is absent from the annotated truth (MONAI's ``ignore_empty``); with
-    nothing ignored it is exactly ``monai.metrics.compute_dice(one_hot(prediction),
-    one_hot(truth), include_background=False, ignore_empty=True)``.
+    ``ignore_label``); background is left out; voxels whose ``truth`` is ignored
+    count neither way. NaN where a class is absent from the annotated truth (MONAI's
+    ``ignore_empty``); with nothing ignored it is exactly
+    ``monai.metrics.compute_dice(one_hot(prediction), one_hot(truth),
+    include_background=False, ignore_empty=True)``.
+
+    Counted from a ``(C, C)`` confusion matrix per case rather than one-hot maps: the
+    one-hot pair would take ``2 x 4 x C`` bytes per voxel (6.6 GB for a 117-class
+    atlas on a 181 x 217 x 181 brain), the counts 8 bytes per voxel.
     """
     truth = truth.round().long() if truth.is_floating_point() else truth.long()
     annotated = annotated_mask(truth, ignore_label)
-    truth = truth.where(annotated, 0)
-    mask = annotated.to(torch.float32)
-    predicted = one_hot(prediction.long(), num_classes) * mask
-    return compute_dice(predicted, one_hot(truth, num_classes) * mask, include_background=False,
-                        ignore_empty=True)
+    dice = torch.full((truth.shape[0], num_classes - 1), math.nan, device=truth.device)
+    for case in range(truth.shape[0]):
+        keep = annotated[case]
+        pairs = truth[case][keep] * num_classes + prediction[case].long()[keep]
+        confusion = torch.bincount(pairs, minlength=num_classes ** 2).view(
+            num_classes, num_classes)  # [truth, prediction]
+        overlap = confusion.diagonal()[1:].float()
+        in_truth = confusion.sum(dim=1)[1:].float()
+        in_prediction = confusion.sum(dim=0)[1:].float()
+        dice[case] = torch.where(in_truth > 0, 2.0 * overlap / (in_truth + in_prediction),
+                                 torch.tensor(math.nan, device=truth.device))
+    return dice
