@@ -172,7 +172,11 @@ def bench_attention(repeats: int) -> dict:
     from voco_core.attention import swap_window_attention
     from voco_core.config import make_config
     from voco_core.losses import build_loss
-    from voco_core.memory import release_freed_memory, retain_freed_memory
+    from voco_core.memory import (
+        release_freed_memory,
+        retain_freed_memory,
+        saved_tensor_bytes,
+    )
     from voco_core.models import VoCoModel
 
     config = make_config("tiny", {"run": {"device": "cpu"}})
@@ -194,16 +198,7 @@ def bench_attention(repeats: int) -> dict:
     saved = {}
     for name, efficient in (("monai", False), ("memory_efficient", True)):
         swap_window_attention(model, efficient)
-        total = 0
-
-        def pack(tensor):
-            nonlocal total
-            total += tensor.numel() * tensor.element_size()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(crops)
-        saved[name] = round(total / 2**30, 2)
+        saved[name] = round(saved_tensor_bytes(lambda: model(crops)) / 2**30, 2)
     times: dict[str, list[float]] = {"monai": [], "memory_efficient": []}
     retain_freed_memory()
     try:

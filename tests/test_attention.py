@@ -13,6 +13,7 @@ from voco_core.attention import (
     swap_window_attention,
 )
 from voco_core.config import make_config
+from voco_core.memory import saved_tensor_bytes
 from voco_core.models import VoCoBackbone
 
 
@@ -80,16 +81,7 @@ def test_function_gradients_match_autograd_of_the_plain_formula():
 
 def saved_bytes(net: torch.nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for the backward pass of one forward."""
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x, True)
-    return total
+    return saved_tensor_bytes(lambda: net(x, True))
 
 
 def test_each_tiny_crop_saves_a_fraction_of_monai_activations():

@@ -48,3 +48,20 @@ def release_freed_memory() -> None:
     libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
     libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
     libc.malloc_trim(0)
+
+
+def saved_tensor_bytes(forward) -> int:
+    """Bytes autograd keeps for the backward pass while ``forward()`` runs (the sum
+    over every tensor an op saves; a tensor saved by two ops counts twice)."""
+    import torch
+
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return total
