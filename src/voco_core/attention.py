@@ -2,12 +2,13 @@
 
 MONAI's ``WindowAttention`` keeps each block's attention probabilities for the
 backward pass: ``(windows, heads, n, n)`` floats with ``n = 343`` for 7^3 windows.
-For the tiny preset (13 crops of 40^3 per step) that is about 1.6 GB of the step's
-activations, more than everything else together. :class:`WindowAttentionFunction`
-computes the same attention a few windows at a time and keeps only each query's
-log-sum-exp ``(windows, heads, n)``; the backward pass recomputes the
-probabilities chunk by chunk (the FlashAttention recipe). Outputs and gradients
-equal MONAI's to float rounding (tested to 1e-5).
+For one tiny pretraining step (13 crops of 40^3, full teacher) autograd saved
+3.56 GiB, most of it these matrices. :class:`WindowAttentionFunction` computes the
+same attention a few windows at a time and keeps only q, k, v and the output; the
+backward pass recomputes each chunk's probabilities (as FlashAttention does):
+0.66 GiB saved for the same step, about 19% more step time on 2 threads (median;
+docs/benchmarks.md). Outputs and gradients equal MONAI's to float rounding (tested
+to 1e-5).
 
 ``torch.nn.functional.scaled_dot_product_attention`` is no help here on CPU: with a
 trainable relative-position bias as its mask it falls back to the plain maths,

@@ -44,7 +44,7 @@ class VoCoBackbone(nn.Module):
             spatial_dims=3,
             use_v2=config.use_v2,
         )
-        swap_window_attention(self.swinViT)  # same maths, ~1.6 GB less per tiny CPU step
+        swap_window_attention(self.swinViT)  # same maths; tiny step saves 0.66 not 3.56 GiB
 
         def encoder(channels_in: int, channels_out: int) -> UnetrBasicBlock:
             return UnetrBasicBlock(spatial_dims=3, in_channels=channels_in,
