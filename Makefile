@@ -42,7 +42,7 @@ lint: install-test
 
 test: install-test
 	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial" --durations=25
 	$(BIN)/python -m pytest -m serial
 
 clean:

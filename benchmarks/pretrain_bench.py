@@ -259,7 +259,7 @@ def child_memory(kind: str, steps: int, data: str) -> dict:
     step per head to load them all, then ``steps`` timed steps), or tiny finetuning
     with the 117-class atlas on 2 heads and one validation on a third (``finetune``,
     ``steps`` steps, the first untimed). Peak resident set and median s/step."""
-    from voco_core.data.io import load_datalist
+    from voco_core.data.datalists import load_datalist
 
     if os.environ.get("VOCO_BENCH_ATTENTION") == "monai":  # the A/B: MONAI's attention
         import voco_core.models as models
@@ -329,7 +329,7 @@ def bench_cache(repeats: int, data: str) -> dict:
     import torch
 
     from voco_core.config import make_config
-    from voco_core.data.io import load_datalist
+    from voco_core.data.datalists import load_datalist
     from voco_core.data.sampling import PretrainDataset, VoCoCropSampler
     from voco_core.losses import VoCoLoss
     from voco_core.models import VoCoModel

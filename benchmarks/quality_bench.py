@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
 
     import_package("voco_core.inference", "voco_core.models", threads=args.threads)
-    from voco_core.data.io import load_datalist
+    from voco_core.data.datalists import load_datalist
     from voco_core.errors import VoCoError
 
     if args.resume_results and args.work is None and args.resume_results.is_file():

@@ -205,7 +205,7 @@ def sparse_entries(pool, chosen: list[int], k: int | None, seed: int, folder: Pa
     import nibabel as nib
     import numpy as np
 
-    from voco_core.data.io import DatalistEntry
+    from voco_core.data.datalists import DatalistEntry
     from voco_core.data.sparse import annotated_slices, slices_to_sparse
 
     entries, annotation = [], []
@@ -326,7 +326,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
 
     import_package("voco_core.data.sparse", threads=args.threads)
-    from voco_core.data.io import load_datalist
+    from voco_core.data.datalists import load_datalist
     from voco_core.errors import VoCoError
 
     if args.resume_results and args.resume_results.is_file():

@@ -62,12 +62,14 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
         "not_nifti": text,
         "truncated": truncated,
         "two_d": save_nifti(tmp_path / "flat.nii.gz", np.zeros((8, 8), np.float32)),
-        "four_d": save_nifti(tmp_path / "multi.nii.gz", np.zeros((8, 8, 8, 2), np.float32)),
+        # a 4-D file with channels last is a multi-channel image now (test_channels.py);
+        # 5-D is still no volume
+        "five_d": save_nifti(tmp_path / "multi.nii.gz", np.zeros((8, 8, 8, 2, 2), np.float32)),
         "all_nan": save_nifti(tmp_path / "nan.nii.gz", np.full((4, 4, 4), np.nan, np.float32)),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "not_nifti", "truncated", "two_d", "four_d",
+@pytest.mark.parametrize("case", ["missing", "not_nifti", "truncated", "two_d", "five_d",
                                   "all_nan"])
 def test_info_bad_input_one_line_exit_1(tmp_path, capsys, case):
     path = _bad_files(tmp_path)[case]

@@ -46,7 +46,7 @@ def _bad_folder(tmp_path: Path, name: str, data: np.ndarray | bytes) -> Path:
     ("name", "data", "fragment"),
     [
         ("flat.nii.gz", np.zeros((64, 64), np.float32), "2-D"),
-        ("multi.nii.gz", np.zeros((64, 64, 64, 2), np.float32), "4-D"),
+        ("multi.nii.gz", np.zeros((64, 64, 64, 2, 2), np.float32), "5-D"),  # 4-D: channels
         ("small.nii.gz", np.zeros((30, 30, 30), np.float32), "smaller than the crop size"),
         ("nan.nii.gz", np.full((48, 48, 48), np.nan, np.float32), "NaN"),
         ("junk.nii.gz", b"\x1f\x8b" + b"\x00" * 500, "junk.nii.gz"),

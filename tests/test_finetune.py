@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from voco_core.checkpoint import load_checkpoint
-from voco_core.data.io import DatalistEntry, load_datalist
+from voco_core.data.datalists import DatalistEntry, load_datalist
 from voco_core.errors import VoCoConfigError, VoCoDataError
 from voco_core.train.finetune import (
     finetune_resume_config,

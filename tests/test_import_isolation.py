@@ -32,7 +32,7 @@ def test_importing_every_voco_core_module_loads_no_gui_package():
 def test_voco_core_source_never_names_a_gui_package():
     root = Path(voco_core.__file__).parent
     for source in root.rglob("*.py"):
-        tree = ast.parse(source.read_text(), filename=str(source))
+        tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]

@@ -10,16 +10,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from voco_core.data.io import (
+from voco_core.data.datalists import (
     DatalistEntry,
+    dataset_class_names,
+    load_datalist,
+    read_dataset_json,
+)
+from voco_core.data.io import (
     VolumeRecord,
     check_min_shape,
     check_pair,
     check_volume_header,
-    dataset_class_names,
-    load_datalist,
     looks_like_labels,
-    read_dataset_json,
     read_volume,
     write_volume,
 )
@@ -131,8 +133,13 @@ def test_two_d_volume(tmp_path):
 
 def test_four_d_with_several_channels(tmp_path):
     path = save_nifti(tmp_path / "multi.nii.gz", np.zeros((8, 8, 8, 3), np.float32))
-    with _expect_error(path, "4-D .*3 channels"):
-        read_volume(path)
+    record = read_volume(path)  # an image with 3 channels, last (see test_channels.py)
+    assert record.shape == (8, 8, 8) and record.channels == 3
+    with _expect_error(path, "4-D .*3 channels.*one channel"):
+        read_volume(path, kind="label map")
+    five = save_nifti(tmp_path / "five.nii.gz", np.zeros((8, 8, 8, 2, 3), np.float32))
+    with _expect_error(five, "5-D .*expected a 3-D image volume or a 4-D one"):
+        read_volume(five)
 
 
 def test_all_nan_and_non_finite(tmp_path):

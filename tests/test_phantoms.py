@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from voco_core.data.io import check_pair, load_datalist, read_volume
+from voco_core.data.datalists import load_datalist
+from voco_core.data.io import check_pair, read_volume
 from voco_core.data.phantoms import LABEL_NAMES, LABELS, make_phantom, make_phantom_dataset
 
 from conftest import SMALL_SHAPE

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from voco_core.config import make_config
-from voco_core.data.io import load_datalist
+from voco_core.data.datalists import load_datalist
 from voco_core.data.sampling import (
     LoadFailure,
     PretrainDataset,
@@ -129,7 +129,7 @@ def test_dataset_reports_unloadable_volumes_instead_of_raising(tmp_path, train_d
 
     bad = save_nifti(tmp_path / "nan.nii.gz", np.full((48, 48, 48), np.nan, np.float32))
     entries = load_datalist(train_dataset)[:1]
-    from voco_core.data.io import DatalistEntry
+    from voco_core.data.datalists import DatalistEntry
 
     dataset = PretrainDataset([*entries, DatalistEntry(bad)], tiny_config())
     assert isinstance(dataset[0], torch.Tensor)
@@ -164,7 +164,7 @@ def test_cached_datasets_give_the_same_volumes(tmp_path, train_dataset, cache):
 
 
 def test_memory_cache_refuses_a_bad_volume_naming_it(tmp_path, train_dataset):
-    from voco_core.data.io import DatalistEntry
+    from voco_core.data.datalists import DatalistEntry
     from voco_core.errors import VoCoDataError
 
     from conftest import save_nifti
@@ -197,7 +197,7 @@ def test_compact_cache_is_a_quarter_of_float32_and_within_1_over_510(tmp_path, t
 
 @pytest.mark.parametrize("cache", ["disk", "compact"])
 def test_unwritable_cache_folder_is_one_line_naming_it(tmp_path, cache):
-    from voco_core.data.io import DatalistEntry
+    from voco_core.data.datalists import DatalistEntry
     from voco_core.errors import VoCoDataError
 
     blocker = tmp_path / "a_file"

@@ -71,7 +71,7 @@ def report_header(benchmark: str, args, work: Path, temporary: bool,
 
 def heldout_entries(folder: Path, n: int) -> list:
     """The ``n`` held-out (image, label) pairs of a population folder."""
-    from voco_core.data.io import DatalistEntry
+    from voco_core.data.datalists import DatalistEntry
 
     return [DatalistEntry(folder / "imagesTr" / f"phantom_{i:03d}.nii.gz",
                           folder / "labelsTr" / f"phantom_{i:03d}.nii.gz") for i in range(n)]

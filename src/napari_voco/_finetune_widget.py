@@ -25,6 +25,8 @@ along the chosen axis, the rest ``data.ignore_label``) before they are written;
 layer for correcting; *Continue finetuning* starts a new run (``RUN_r2``, ...) from
 the last run's best checkpoint with the current labels
 (:func:`voco_core.plan.plan_continue`); each round's best Dice is listed.
+*Export MONAI Bundle…* (:mod:`napari_voco._export`) writes the last run (else the run
+in *Resume from*) as a MONAI Bundle.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_voco._export import BundleExporter
 from napari_voco._inputs import (
     CompactStack,
     DeviceCombo,
@@ -91,7 +94,7 @@ from napari_voco._sparse import (
 from napari_voco._text import format_dice
 from napari_voco._tooltips import TOOLTIPS
 from voco_core.config import FINETUNE_PRESETS, make_finetune_config, merge
-from voco_core.data.io import DatalistEntry
+from voco_core.data.datalists import DatalistEntry
 from voco_core.errors import VoCoDataError
 from voco_core.inference import SegmentationResult
 from voco_core.plan import next_round_folder, plan_continue, plan_finetune
@@ -304,6 +307,11 @@ class FinetuneWidget(ViewerEvents, QWidget):
         segment_row.addRow(copy_row)
         segment_row.addRow(self.continue_button)
         segment_row.addRow("Rounds", self.rounds)
+        self.exporter = BundleExporter(self, self.export_source, self.panel.status,
+                                       self.panel.fail)
+        self.exporter.finished.connect(self._update_segment_button)
+        self.resume.changed.connect(self._update_segment_button)
+        segment_row.addRow(self.exporter.button)
 
         layout = scrolling_layout(self)
         layout.addWidget(self.settings)
@@ -510,6 +518,11 @@ class FinetuneWidget(ViewerEvents, QWidget):
         folder = RunFolder(self.last_run_dir)
         return folder.best.is_file() or folder.last.is_file()
 
+    def export_source(self) -> Path | None:
+        """The run *Export MONAI Bundle…* exports: this widget's last run, else the run
+        in *Resume from* (None: neither)."""
+        return self.last_run_dir if self.can_continue() else self.resume.path()
+
     def continue_finetuning(self) -> bool:
         """*Continue finetuning*: a new run (``RUN_r2``, ...) from the last run's best
         checkpoint, with the current labels and the widget's steps."""
@@ -566,7 +579,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
             if self.best_checkpoint is None:
                 raise VoCoDataError("no best checkpoint yet: finetune first")
             image = self.segment_combo.layer()
-            record = layer_to_record(image)
+            record = layer_to_record(image, self.viewer)
         except Exception as err:
             self.panel.fail(err)
             return False
@@ -648,3 +661,5 @@ class FinetuneWidget(ViewerEvents, QWidget):
                                        and idle)
         self.continue_button.setEnabled(idle and self.can_continue())
         self.copy_button.setEnabled(idle and self.labels_layer is not None)
+        self.exporter.button.setEnabled(idle and not self.exporter.running
+                                        and self.export_source() is not None)

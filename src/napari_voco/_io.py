@@ -1,4 +1,8 @@
-"""NIfTI reader and writers for napari (npe2 ``readers`` / ``writers`` contributions).
+"""Volume reader and NIfTI writers for napari (npe2 ``readers`` / ``writers`` contributions).
+
+The reader opens what :func:`voco_core.data.read_volume` reads: NIfTI (``.nii``,
+``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) and a
+folder holding one DICOM series (see :mod:`voco_core.data.formats`).
 
 Geometry
 --------
@@ -57,7 +61,8 @@ from typing import Any
 import numpy as np
 
 from voco_core.data import looks_like_labels
-from voco_core.data.io import VolumeRecord, is_nifti_path, read_volume, write_volume
+from voco_core.data.formats import is_volume_file_path, looks_like_dicom_folder
+from voco_core.data.io import VolumeRecord, read_volume, write_volume
 from voco_core.errors import VoCoDataError
 
 # (data, layer keyword arguments, layer type name): what npe2 readers return.
@@ -84,18 +89,25 @@ def _as_path_list(path: Any) -> list[str] | None:
 
 
 def get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
-    """npe2 reader hook: :func:`read_nifti` when every path is a NIfTI file, else None.
+    """npe2 reader hook: :func:`read_nifti` when every path is a volume file (NIfTI,
+    NRRD, MetaImage) or a folder holding DICOM files, else None.
 
     ``path`` is one path or a list of paths. Returns None (never raises) for a
-    directory, a name not ending in ``.nii``/``.nii.gz``, or a list with any such
-    entry. Whether the file can actually be read is checked by :func:`read_nifti`.
+    folder without DICOM files (a look at its first files,
+    :func:`~voco_core.data.formats.looks_like_dicom_folder`), a name not ending in
+    a volume suffix, or a list with any such entry. Whether the file or series can
+    actually be read is checked by :func:`read_nifti`.
     """
     try:
         paths = _as_path_list(path)
         if paths is None:
             return None
         for candidate in paths:
-            if not is_nifti_path(candidate) or Path(candidate).is_dir():
+            folder = Path(candidate).is_dir()
+            if folder and (is_volume_file_path(candidate)
+                           or not looks_like_dicom_folder(Path(candidate))):
+                return None
+            if not folder and not is_volume_file_path(candidate):
                 return None
     except Exception:  # an odd path (e.g. not decodable) is simply not ours
         return None
@@ -103,7 +115,8 @@ def get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
 
 
 def read_nifti(path: str | Sequence[str]) -> list[LayerDataTuple]:
-    """Read one NIfTI file or a list of them: one layer per file, in order.
+    """Read one volume (NIfTI, NRRD or MetaImage file, or DICOM series folder) or a list
+    of them: one layer per volume, in order.
 
     Each file becomes an ``"image"`` or ``"labels"`` layer (rule in the module doc)
     with the file's affine, ``axis_labels=("x", "y", "z")``, ``units="mm"`` and
@@ -112,7 +125,7 @@ def read_nifti(path: str | Sequence[str]) -> list[LayerDataTuple]:
     """
     paths = _as_path_list(path)
     if paths is None:
-        raise VoCoDataError(f"expected a NIfTI path or a list of paths, got {path!r}")
+        raise VoCoDataError(f"expected a volume path or a list of paths, got {path!r}")
     layers = []
     for file in paths:
         record = read_volume(file)
@@ -176,9 +189,38 @@ def volume_layer_data(
                 "name": np.asarray([str(label_names[v]) for v in values]),
             }
         return data, kwargs, "labels"
+    if record.channels > 1:
+        return _channel_layers_data(record, kwargs)
     if data.size and data.min() <= CT_WINDOW_HU[0] and data.max() >= CT_WINDOW_HU[1]:
         kwargs["contrast_limits"] = CT_WINDOW_HU
     return data, kwargs, "image"
+
+
+def _channel_layers_data(record: VolumeRecord, kwargs: dict[str, Any]) -> LayerDataTuple:
+    """One image LayerData tuple for a channels-last ``(I, J, K, C)`` record, opened
+    with napari's ``channel_axis``: one layer per channel, each with the record's
+    geometry and ``metadata["voco"]`` plus ``channel`` (index) and ``channels``
+    (count), by which the widgets put the image back together
+    (:func:`napari_voco._layers.layer_to_record`). Contrast limits per channel: the CT
+    window when the channel spans it, else its own range."""
+    count = record.channels
+    limits = []
+    for c in range(count):
+        low, high = float(record.array[..., c].min()), float(record.array[..., c].max())
+        spans_ct = low <= CT_WINDOW_HU[0] and high >= CT_WINDOW_HU[1]
+        limits.append(CT_WINDOW_HU if spans_ct else (low, high if high > low else low + 1.0))
+    base = kwargs["metadata"]["voco"]
+    kwargs.update(
+        channel_axis=3,
+        name=[f"{kwargs['name']} [channel {c + 1}]" for c in range(count)],
+        # one full 3-axis entry per channel: napari hands a list of C entries out one
+        # per channel (a bare list of C unit names would reach every channel whole)
+        axis_labels=[WORLD_AXIS_LABELS] * count,
+        units=[(WORLD_UNITS,) * 3] * count,
+        metadata=[{"voco": {**base, "channel": c, "channels": count}} for c in range(count)],
+        contrast_limits=limits,
+    )
+    return record.array, kwargs, "image"
 
 
 def _decathlon_label_names(path: Path | None) -> dict[int, str] | None:

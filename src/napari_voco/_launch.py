@@ -95,9 +95,11 @@ def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
     (started unless ``--no-start``). Returns the widgets by display name."""
     from qtpy.QtCore import QTimer
 
+    from voco_core.data.formats import volume_sources
     from voco_core.data.phantoms import make_phantom_dataset
 
-    if not (args.data / "dataset.json").is_file() and not any(args.data.glob("*.nii*")):
+    has_volumes = args.data.is_dir() and bool(volume_sources(args.data, "image"))
+    if not (args.data / "dataset.json").is_file() and not has_volumes:
         make_phantom_dataset(args.data, n=args.phantoms, seed=0)
         print(f"wrote {args.phantoms} phantoms to {args.data}")
     viewer.open_sample("napari-voco", "voco_phantom")

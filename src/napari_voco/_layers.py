@@ -77,14 +77,34 @@ def layer_volume(layer: Layer, kind: str = "image") -> tuple[np.ndarray, np.ndar
     the source file's affine (``metadata["voco"]``, layers from this plugin's reader)
     or else its own data -> world transform (see
     :func:`napari_voco._io.layer_volume`, the one rule). :class:`VoCoDataError`
-    names the layer otherwise."""
+    names the layer otherwise, also for one channel of a multi-channel file: training
+    from layers takes single-channel images (the widgets write them as 3-D NIfTI)."""
+    channel, channels, path = channel_of(layer)
+    if channels > 1:
+        raise VoCoDataError(
+            f"layer {layer.name!r} is channel {channel + 1} of {channels} of {path}: training "
+            "from layers takes single-channel images; train on the multi-channel file "
+            "itself (a data folder or datalist)")
     return _layer_volume(layer.data, layer_meta(layer), kind, name=getattr(layer, "name", "?"))
 
 
-def layer_to_record(layer: Any) -> VolumeRecord:
+def channel_of(layer: Layer) -> tuple[int, int, str | None]:
+    """``(channel index, channel count, source path)`` of a layer the reader made from
+    one channel of a multi-channel file (``metadata["voco"]["channel"]``,
+    ``["channels"]``); ``(0, 1, path)`` for any other layer."""
+    meta = ((getattr(layer, "metadata", None) or {}).get("voco") or {})
+    return int(meta.get("channel", 0)), int(meta.get("channels", 1)), meta.get("path")
+
+
+def layer_to_record(layer: Any, viewer: napari.Viewer | None = None) -> VolumeRecord:
     """A :class:`VolumeRecord` of a 3-D image layer (:func:`layer_volume`; the path from
     ``metadata["voco"]`` when the layer came from a file). :class:`VoCoDataError` for
-    anything but a single-channel 3-D image layer."""
+    anything but a 3-D image layer.
+
+    A layer that is one channel of a multi-channel file (the reader opens those with
+    napari's ``channel_axis``, one layer per channel) stands for the whole image: its
+    sibling layers in ``viewer`` (same file, same channel count) are stacked channels
+    last, ``(I, J, K, C)``; a missing channel layer is an error naming it."""
     from napari.layers import Image
 
     if layer is None:
@@ -92,9 +112,30 @@ def layer_to_record(layer: Any) -> VolumeRecord:
     if not isinstance(layer, Image):
         raise VoCoDataError(f"layer {layer.name!r} is a {type(layer).__name__} layer: "
                             "expected a 3-D image layer")
-    array, affine = layer_volume(layer)
+    channel, channels, path = channel_of(layer)
+    if channels == 1:
+        array, affine = layer_volume(layer)
+    else:
+        siblings: dict[int, Any] = {}
+        for other in (viewer.layers if viewer is not None else [layer]):
+            other = unwrap(other)
+            index, count, source = channel_of(other)
+            if isinstance(other, Image) and count == channels and source == path:
+                siblings.setdefault(index, other)
+        siblings[channel] = unwrap(layer)
+        missing = [c + 1 for c in range(channels) if c not in siblings]
+        if missing:
+            raise VoCoDataError(f"layer {layer.name!r} is channel {channel + 1} of {channels} "
+                                f"of {path}, but channel {missing[0]} is not in the viewer: "
+                                "open the file again")
+        volumes = [_layer_volume(siblings[c].data, layer_meta(siblings[c]), "image",
+                                 name=siblings[c].name) for c in range(channels)]
+        affine = volumes[0][1]
+        if any(v[0].shape != volumes[0][0].shape for v in volumes):
+            raise VoCoDataError(f"the channel layers of {path} differ in shape: "
+                                f"{[v[0].shape for v in volumes]}")
+        array = np.stack([v[0] for v in volumes], axis=-1)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-    path = ((layer.metadata or {}).get("voco") or {}).get("path")
     return VolumeRecord(array, affine, spacing, Path(path) if path else None)  # type: ignore[arg-type]
 
 

@@ -46,6 +46,11 @@ def notify_error(err: BaseException) -> None:
     show_error(message)
 
 
+def notify_info(message: str) -> None:
+    """Show ``message`` as a napari information notification (an action's outcome)."""
+    show_info(message)
+
+
 def notify_notes(text: str) -> None:
     """Show each line of a trainer's notes (an event's ``message``): ``warning:`` lines
     as warnings, the others as information."""

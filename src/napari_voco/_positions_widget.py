@@ -298,7 +298,7 @@ class PositionsWidget(ViewerEvents, QWidget):
 
     def _make_job(self, kind: str, params: dict) -> PositionsJob | None:
         layer = self.image_combo.layer()
-        record = layer_to_record(layer)
+        record = layer_to_record(layer, self.viewer)
         path = checkpoint_path(self.checkpoint, "pretraining")
         found = find_checkpoint(path)
         device = self.device.device()

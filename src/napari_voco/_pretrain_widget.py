@@ -56,7 +56,7 @@ from napari_voco._layers import layer_volume, safe_file_stem, unwrap, write_trai
 from napari_voco._run_panel import RunPanel, TrainingJob, check_new_run_dir, default_run_dir
 from napari_voco._tooltips import TOOLTIPS
 from voco_core.config import PRESETS, make_config, merge
-from voco_core.data.io import DatalistEntry
+from voco_core.data.datalists import DatalistEntry
 from voco_core.errors import VoCoDataError
 from voco_core.plan import plan_pretrain
 

@@ -188,7 +188,7 @@ class SegmentWidget(QWidget):
             return
         try:
             layer = self.image_combo.layer()
-            record = layer_to_record(layer)
+            record = layer_to_record(layer, self.viewer)
             path = checkpoint_path(self.checkpoint, "finetuning")
         except Exception as err:
             self._fail(err)

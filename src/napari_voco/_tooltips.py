@@ -37,6 +37,9 @@ TOOLTIPS: dict[str, str] = {
     "continue": "start a new run (RUN_r2, RUN_r3, ...) from the last run's best checkpoint "
                 "(else last.pt) with the current labels and the steps above; its meta.json "
                 "records the parent",
+    "export_bundle": "write the finetuned run (this widget's last run, else 'Resume from') as a "
+                     "MONAI Bundle that runs with MONAI alone: into the chosen folder when it is "
+                     "empty, else into a new RUN_bundle folder inside it",
     # inference
     "overlap": "sliding-window overlap (more: smoother, slower)",
     "follow": "follow a VoCo pretrain widget of this viewer: use each checkpoint it writes "

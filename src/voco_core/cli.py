@@ -69,6 +69,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"file         {summary['file']}")
     print(f"shape        {' x '.join(map(str, summary['shape']))} voxels ({summary['dtype']})")
+    print(f"channels     {summary['channels']}")
     print(f"spacing      {' x '.join(f'{s:g}' for s in summary['spacing_mm'])} mm")
     print(f"extent       {' x '.join(f'{s:g}' for s in summary['extent_mm'])} mm")
     print(f"orientation  {summary['orientation']}")
@@ -265,13 +266,18 @@ def _saved_step(folder, fallback: int) -> int:
 
 
 def _inputs(path: Path) -> list[Path]:
-    from voco_core.data.io import is_nifti_path
+    """The volumes to predict: a file, a DICOM series folder, or a folder's volumes
+    (NIfTI/NRRD/MetaImage files and DICOM series subfolders, sorted by name)."""
+    from voco_core.data.formats import looks_like_dicom_folder, volume_sources
     from voco_core.errors import VoCoDataError
 
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
+        if looks_like_dicom_folder(path):
+            return [path]
+        files = volume_sources(path, "image")
         if not files:
-            raise VoCoDataError("no NIfTI files (*.nii, *.nii.gz) found in this folder", path)
+            raise VoCoDataError("no NIfTI files (*.nii, *.nii.gz), NRRD/MetaImage files or "
+                                "DICOM series found in this folder", path)
         return files
     if not path.is_file():
         raise VoCoDataError("input file or folder not found", path)
@@ -279,6 +285,7 @@ def _inputs(path: Path) -> list[Path]:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from voco_core.data.formats import file_format, write_itk_volume
     from voco_core.data.io import read_volume, write_volume
     from voco_core.inference import load_segmenter, segment
 
@@ -294,14 +301,34 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                          probabilities=args.probabilities)
         out = args.out / f"{record.name}_seg.nii.gz"
         write_volume(out, result.labels, record)
+        written = str(out)
+        native = {"NRRD": ".nrrd", "MetaImage": ".mha"}.get(file_format(file))
+        if native is not None:  # also in the input's format, on the same grid
+            copy = write_itk_volume(out.with_name(f"{record.name}_seg{native}"),
+                                    result.labels, record.affine)
+            written += f" and {copy.name}"
         if result.probabilities is not None:
             import numpy as np
 
             for c, name in enumerate(result.class_names):
                 write_volume(args.out / f"{record.name}_prob_{name}.nii.gz",
                              result.probabilities[c].astype(np.float32), record)
-        print(f"{file.name} -> {out} ({time.perf_counter() - start:.1f} s; intensity: "
+        print(f"{file.name} -> {written} ({time.perf_counter() - start:.1f} s; intensity: "
               f"{result.intensity})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from voco_core.export import export_run
+
+    start = time.perf_counter()
+    result = export_run(args.run, args.out, format=args.format, force=args.force,
+                        authors=args.authors, license=args.license)
+    print(f"wrote a MONAI Bundle of {result.checkpoint} to {result.path} "
+          f"({len(result.class_names)} classes: {', '.join(result.class_names[1:])}; "
+          f"intensity {result.intensity}) in {time.perf_counter() - start:.1f} s; run it with: "
+          f"python -m monai.bundle run --config_file {result.path / 'configs' / 'inference.json'}"
+          f" --bundle_root {result.path} --dataset_dir IMAGES --output_dir LABELS")
     return 0
 
 
@@ -379,13 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     phantoms.set_defaults(func=_cmd_make_phantoms)
 
     info = commands.add_parser("info", help="print shape, spacing, orientation, intensities")
-    info.add_argument("file", type=Path, help="a .nii or .nii.gz file")
+    info.add_argument("file", type=Path,
+                      help="a NIfTI, NRRD or MetaImage file or a DICOM series folder")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_cmd_info)
 
     pre = commands.add_parser("pretrain", help="VoCo self-supervised pretraining")
     pre.add_argument("--data", type=Path, required=True,
-                     help="folder of NIfTI files, Decathlon folder or dataset.json")
+                     help="folder of volumes (NIfTI, NRRD, MetaImage, DICOM series "
+                          "subfolders), Decathlon folder or dataset.json")
     pre.add_argument("--out", type=Path, help="run folder (default: the config's run.output_dir)")
     pre.add_argument("--preset", choices=["tiny", "base", "large", "huge"],
                      help="model/geometry preset (default: base with CUDA, tiny on CPU)")
@@ -416,10 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a field, e.g. --set train.lr=1e-4 (repeatable)")
     fine.set_defaults(func=_cmd_finetune)
 
-    predict = commands.add_parser("predict", help="segment NIfTI files with a finetuned model")
+    predict = commands.add_parser(
+        "predict", help="segment volumes with a finetuned model (writes NIfTI)")
     predict.add_argument("--checkpoint", type=Path, required=True,
                          help="finetuning run folder or checkpoint (best.pt / last.pt)")
-    predict.add_argument("--input", type=Path, required=True, help="a NIfTI file or a folder")
+    predict.add_argument("--input", type=Path, required=True,
+                         help="a volume file, a DICOM series folder or a folder of volumes")
     predict.add_argument("--out", type=Path, required=True, help="output folder")
     predict.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1)")
     predict.add_argument("--probabilities", action="store_true",
@@ -427,11 +458,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     predict.set_defaults(func=_cmd_predict)
 
+    export = commands.add_parser("export",
+                                 help="write a finetuned run as a MONAI Bundle (runs with MONAI "
+                                      "alone)")
+    export.add_argument("run", type=Path,
+                        help="finetuning run folder (its best.pt, else last.pt) or checkpoint")
+    export.add_argument("--format", default="monai-bundle",
+                        help="export format: monai-bundle (the default and only one)")
+    export.add_argument("--out", type=Path, required=True,
+                        help="bundle folder to create (must not exist or be empty)")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing non-empty --out")
+    export.add_argument("--authors", help="the model's authors (metadata.json)")
+    export.add_argument("--license", help="the model's license (metadata.json, docs/license.txt)")
+    export.set_defaults(func=_cmd_export)
+
     pos = commands.add_parser("positions",
                               help="VoCo position predictions for random sub-volumes of a file")
     pos.add_argument("--checkpoint", type=Path, required=True,
                      help="pretraining run folder or checkpoint")
-    pos.add_argument("--input", type=Path, required=True, help="a .nii or .nii.gz file")
+    pos.add_argument("--input", type=Path, required=True,
+                     help="a NIfTI, NRRD or MetaImage file or a DICOM series folder")
     pos.add_argument("--n", type=_positive_int, default=32, help="sub-volumes to sample")
     pos.add_argument("--seed", type=int, default=0)
     pos.add_argument("--out", type=Path, required=True, help="output folder (JSON + PNG)")

@@ -22,12 +22,20 @@ from voco_core.config import ModelConfig
 
 BACKBONE_PREFIXES = ("swinViT.", "encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
 
+INPUT_LAYER_WEIGHTS = ("swinViT.patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
+                       "encoder1.layer.conv3.conv.weight")
+"""The convolution kernels ``(out, C, ...)`` that see the raw image: the only tensors
+whose shape depends on the number of input channels (SwinUNETR names; ``encoder1``'s
+residual block convolves the image in ``conv1`` and projects it in ``conv3``)."""
+
 
 class VoCoBackbone(nn.Module):
     """Swin transformer + SwinUNETR encoder blocks -> pooled multi-scale feature.
 
-    Input ``(N, 1, S, S, S)`` with ``S >= 40`` (the deepest Swin map must exceed one
-    voxel for instance norm); output ``(N, 24 * feature_size)``.
+    Input ``(N, C, S, S, S)`` (``C = in_channels`` image channels) with ``S >= 40``
+    (the deepest Swin map must exceed one voxel for instance norm); output
+    ``(N, 24 * feature_size)``. The input channels enter only the patch embedding
+    (``swinViT.patch_embed.proj``) and ``encoder1`` (see :data:`INPUT_LAYER_WEIGHTS`).
     """
 
     def __init__(self, config: ModelConfig, in_channels: int = 1):
@@ -91,11 +99,11 @@ class ProjectionHead(nn.Module):
 
 
 class VoCoNet(nn.Module):
-    """Backbone + projection head: crops ``(N, 1, S, S, S)`` -> features ``(N, D)``."""
+    """Backbone + projection head: crops ``(N, C, S, S, S)`` -> features ``(N, D)``."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, in_channels: int = 1):
         super().__init__()
-        self.backbone = VoCoBackbone(config)
+        self.backbone = VoCoBackbone(config, in_channels)
         self.head = ProjectionHead(self.backbone.out_dim, config.head_hidden_dim,
                                    config.head_out_dim)
 
@@ -122,11 +130,11 @@ class VoCoModel(nn.Module):
     has no dropout at all.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, in_channels: int = 1):
         super().__init__()
         self.variant = config.teacher
         self.momentum = config.ema_momentum
-        self.student = VoCoNet(config)
+        self.student = VoCoNet(config, in_channels)
         self.feature_dropout = nn.Dropout(config.feature_dropout)
         self.teacher: nn.Module | None = None
         if self.variant == "full":
@@ -137,7 +145,7 @@ class VoCoModel(nn.Module):
             self.teacher.requires_grad_(False)
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Features of ``crops`` ``(N, 1, S, S, S)``: student ``(N, D)``, teacher ``(N, D)``
+        """Features of ``crops`` ``(N, C, S, S, S)``: student ``(N, D)``, teacher ``(N, D)``
         (``None`` without a teacher)."""
         pooled = self.student.backbone(crops)
         student = self.student.head(self.feature_dropout(pooled))
@@ -188,7 +196,7 @@ def build_swin_unetr(config, num_classes: int, in_channels: int = 1) -> nn.Modul
 
     ``config`` is a :class:`~voco_core.config.SegModelConfig`. Its encoder tensors
     (``swinViT.*``, ``encoder1..4``, ``encoder10``) are what VoCo pretrains.
-    Input sizes must be multiples of 32.
+    Input ``(N, in_channels, X, Y, Z)``; sizes must be multiples of 32.
     """
     from monai.networks.nets import SwinUNETR
 

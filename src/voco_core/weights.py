@@ -13,6 +13,14 @@ A tensor is copied only when its (normalised) name *and* shape match a SwinUNETR
 encoder tensor (``swinViT.*``, ``encoder1..4``, ``encoder10``). Loading zero
 backbone tensors is an error, never a silent no-op (a known trap with released
 checkpoints).
+
+Multi-channel networks: single-channel weights (ours or the released ones) load
+into a network of ``C`` input channels by adapting the input layers
+(:data:`~voco_core.models.INPUT_LAYER_WEIGHTS`: the patch embedding and
+``encoder1``'s two convolutions of the image): the kernel ``W`` ``(out, 1, ...)``
+becomes ``W / C`` repeated over the ``C`` channels, so a volume whose channels are
+all equal gives exactly the single-channel network's response (the convolutions are
+linear in their input). :class:`LoadReport` lists them as ``adapted``.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from torch import nn
 
 from voco_core.checkpoint import load_checkpoint
 from voco_core.errors import VoCoDataError
-from voco_core.models import BACKBONE_PREFIXES
+from voco_core.models import BACKBONE_PREFIXES, INPUT_LAYER_WEIGHTS
 
 _WRAPPER_KEYS = ("state_dict", "model", "student", "network", "net")
 _KEY_PREFIXES = ("module.", "student.", "backbone.", "model.")
@@ -47,6 +55,9 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     """Checkpoint tensors that match no backbone tensor of the model (e.g. a decoder or
     projection head)."""
+    adapted: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    """(name, checkpoint shape, model shape) of single-channel input kernels spread over
+    the model's input channels (see the module doc); they are also in ``loaded``."""
 
     @staticmethod
     def block(name: str) -> str:
@@ -72,6 +83,11 @@ class LoadReport:
         lines = [f"{self.source} ({self.layout}): loaded {len(self.loaded)} backbone tensors, "
                  f"{len(self.shape_mismatched)} shape-mismatched, {len(self.missing)} missing, "
                  f"{len(self.unexpected)} unexpected"]
+        if self.adapted:
+            channels = self.adapted[0][2][1]
+            lines.append(f"  adapted {len(self.adapted)} single-channel input tensors to "
+                         f"{channels} channels (kernel / {channels}, repeated): "
+                         + ", ".join(name for name, _, _ in self.adapted))
         for block, c in self.by_block().items():
             lines.append(f"  {block:<22} loaded {c['loaded']:>4}  mismatched "
                          f"{c['shape_mismatched']:>3}  missing {c['missing']:>3}")
@@ -107,6 +123,20 @@ def extract_tensors(state: dict, source: str) -> tuple[dict[str, torch.Tensor], 
     return tensors, "raw state dict"
 
 
+def spread_input_channels(name: str, tensor: torch.Tensor, shape: tuple[int, ...]
+                          ) -> torch.Tensor | None:
+    """A single-channel input kernel ``(out, 1, ...)`` adapted to ``shape`` ``(out, C,
+    ...)``: ``tensor / C`` repeated over the channels (equal channels then give the
+    single-channel response); None unless ``name`` is an input layer
+    (:data:`INPUT_LAYER_WEIGHTS`) and only the channel axis differs from 1."""
+    theirs = tuple(tensor.shape)
+    if (name not in INPUT_LAYER_WEIGHTS or len(theirs) != len(shape) or len(shape) < 2
+            or theirs[1] != 1 or theirs[:1] + theirs[2:] != shape[:1] + shape[2:]):
+        return None
+    channels = shape[1]
+    return (tensor / channels).repeat(1, channels, *([1] * (len(shape) - 2)))
+
+
 def load_backbone(model: nn.Module, checkpoint: str | Path | dict,
                   source: str | None = None, min_fraction: float = 0.5) -> LoadReport:
     """Copy matching backbone tensors from ``checkpoint`` into ``model`` (a SwinUNETR).
@@ -131,7 +161,13 @@ def load_backbone(model: nn.Module, checkpoint: str | Path | dict,
         if name not in ours:
             report.unexpected.append(name)
         elif tuple(tensor.shape) != tuple(ours[name].shape):
-            report.shape_mismatched.append((name, tuple(tensor.shape), tuple(ours[name].shape)))
+            adapted = spread_input_channels(name, tensor, tuple(ours[name].shape))
+            if adapted is None:
+                report.shape_mismatched.append((name, tuple(tensor.shape),
+                                                tuple(ours[name].shape)))
+            else:
+                matched[name] = adapted
+                report.adapted.append((name, tuple(tensor.shape), tuple(ours[name].shape)))
         else:
             matched[name] = tensor
     report.loaded = sorted(matched)

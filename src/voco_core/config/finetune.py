@@ -45,6 +45,17 @@ class SegDataConfig:
     val_fraction: float = 0.2
     """Share of labelled cases held out for validation when the datalist has no
     ``validation`` section (at least one case, when there are two or more)."""
+    in_channels: int = 0
+    """Image channels, read from the data by the trainer and recorded here (the run's
+    network and every later input must have them); not a setting: 0 (unset) lets the
+    trainer fill it in, another value that the data contradict is refused. Configs and
+    checkpoints written before multi-channel support lack it and mean 1."""
+
+    @property
+    def image_channels(self) -> int:
+        """The network's input channels: ``in_channels``, or 1 where it is unset (0: a
+        config not yet filled in by a trainer, or one saved before the field existed)."""
+        return self.in_channels or 1
 
 
 @dataclass
@@ -116,6 +127,8 @@ class FinetuneConfig(ConfigFile):
         _require(not d.class_names or not d.num_classes or len(d.class_names) == d.num_classes,
                  "data.class_names", d.class_names, f"{d.num_classes} names (background first)")
         _require(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "in [0, 1)")
+        _require(d.in_channels >= 0, "data.in_channels", d.in_channels,
+                 "0 (read from the data) or the data's channel count")
         _require(d.ignore_label is None or (
             not isinstance(d.ignore_label, bool) and d.ignore_label >= max(d.num_classes, 1)),
             "data.ignore_label", d.ignore_label,

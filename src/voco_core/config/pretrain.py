@@ -54,6 +54,17 @@ class DataConfig:
     """DataLoader worker processes (0: load in the training process)."""
     pin_memory: bool = True
     """Pinned host memory for faster copies (CUDA only)."""
+    in_channels: int = 0
+    """Image channels, read from the data by the trainer and recorded here (the run's
+    network and every later input must have them); not a setting: 0 (unset) lets the
+    trainer fill it in, another value that the data contradict is refused. Configs and
+    checkpoints written before multi-channel support lack it and mean 1."""
+
+    @property
+    def image_channels(self) -> int:
+        """The network's input channels: ``in_channels``, or 1 where it is unset (0: a
+        config not yet filled in by a trainer, or one saved before the field existed)."""
+        return self.in_channels or 1
 
 
 @dataclass
@@ -198,6 +209,8 @@ class VoCoConfig(ConfigFile):
         _require(0 <= plo < phi <= 100, "data.percentiles", d.percentiles, "0 <= low < high <= 100")
         _require(min(d.target_spacing) > 0, "data.target_spacing", d.target_spacing, "> 0 mm")
         _require(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
+        _require(d.in_channels >= 0, "data.in_channels", d.in_channels,
+                 "0 (read from the data) or the data's channel count")
         _require(d.cache not in ("disk", "compact") or bool(d.cache_dir), "data.cache_dir",
                  d.cache_dir, f'a folder when data.cache is "{d.cache}"')
 

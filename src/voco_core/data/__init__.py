@@ -1,16 +1,19 @@
-"""Data: NIfTI I/O and checks, datalists, image-or-label-map rule, pre-processing and VoCo
-crop sampling (:mod:`~voco_core.data.sampling`), segmentation pairs
+"""Data: volume I/O (NIfTI, NRRD, MetaImage, DICOM series) and checks, datalists,
+image-or-label-map rule, pre-processing and VoCo crop sampling
+(:mod:`~voco_core.data.sampling`), segmentation pairs
 (:mod:`~voco_core.data.segmentation`), synthetic phantoms."""
 
-from voco_core.data.io import (
+from voco_core.data.datalists import (
     DatalistEntry,
+    dataset_class_names,
+    load_datalist,
+    read_dataset_json,
+)
+from voco_core.data.io import (
     VolumeRecord,
     check_min_shape,
     check_pair,
-    dataset_class_names,
-    load_datalist,
     looks_like_labels,
-    read_dataset_json,
     read_volume,
     write_volume,
 )

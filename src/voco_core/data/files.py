@@ -22,6 +22,10 @@ from voco_core.errors import VoCoDataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
+ACCEPTED = ("a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file, "
+            "or a folder holding one DICOM series")
+"""What a volume path may be, for error messages."""
+
 MAX_DEFLATE_RATIO = 1032
 """Most bytes one compressed byte can inflate to with deflate (gzip): zlib's limit
 is about 1032:1, reached only by constant data."""
@@ -69,7 +73,11 @@ def require_file(path: Path, kind: str, where: str = "") -> None:
 
 def open_nifti(path: Path, kind: str):
     """Open a NIfTI file lazily (header only) and check it is a 3-D volume whose
-    voxel data the file can hold (see :func:`_check_claimed_size`)."""
+    voxel data the file can hold (see :func:`_check_claimed_size`).
+
+    Returns the image and its shape: ``(I, J, K)``, or ``(I, J, K, C)`` for an image
+    with ``C > 1`` channels last (trailing length-1 axes are dropped; a label map must
+    have one channel)."""
     path = Path(path)
     require_file(path, kind)
     if not is_nifti_path(path):
@@ -86,14 +94,20 @@ def open_nifti(path: Path, kind: str):
     shape = tuple(int(s) for s in image.shape)
     while len(shape) > 3 and shape[-1] == 1:  # single channel / time point
         shape = shape[:-1]
+    if len(shape) == 5 and shape[3] == 1:  # NIfTI's vector layout (I, J, K, 1, C)
+        shape = (*shape[:3], shape[4])
     if len(shape) < 3:
         raise VoCoDataError(
             f"is {len(shape)}-D with shape {shape}, expected a 3-D {kind} volume", path
         )
-    if len(shape) > 3:
+    if len(shape) == 4 and kind == "label map":
         raise VoCoDataError(
-            f"is {len(shape)}-D with shape {shape} ({int(np.prod(shape[3:]))} channels or "
-            f"time points), expected a 3-D {kind} volume or a 4-D file with one channel",
+            f"is 4-D with shape {shape} ({shape[3]} channels), expected a 3-D label map "
+            "(one channel)", path)
+    if len(shape) > 4:
+        raise VoCoDataError(
+            f"is {len(shape)}-D with shape {shape}, expected a 3-D {kind} volume or a "
+            "4-D one with channels last (I, J, K, C)",
             path,
         )
     if min(shape) < 1:

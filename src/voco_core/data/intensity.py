@@ -14,6 +14,12 @@ checkpoint's):
   otherwise. The choice is reported (a CLI line, the GUI's status) and stored with
   the pre-processed volume under ``INTENSITY_KEY``.
 
+A multi-channel volume ``(C, X, Y, Z)`` is normalised channel by channel: each
+channel gets its own percentiles (T1, T2 and FLAIR have unrelated scales), and
+``auto`` decides per channel (a CT channel beside a PET channel). The recorded
+choice is one word when every channel agrees, else the channels' choices joined by
+``+`` (``"ct+percentile"``), which :func:`describe_intensity` spells out per channel.
+
 The default CT window applied to an 8-bit MRI maps 0 to 0.41 and everything above
 250 to 1: the foreground crop then keeps the whole volume and most of the brain is
 one flat value. ``auto`` exists so that nobody has to know that.
@@ -38,7 +44,7 @@ FOREGROUND_KEY = "foreground_kept"
 """Key of the fraction of a volume's voxels that its foreground crop kept (0..1)."""
 WHOLE_VOLUME = 0.95
 """A foreground crop keeping at least this fraction found no background to remove."""
-_SAMPLE_VOXELS = 1_000_000  # the decision looks at an evenly strided subset: fast, stable
+SAMPLE_VOXELS = 1_000_000  # the decision looks at an evenly strided subset: fast, stable
 
 
 def looks_like_hounsfield(image: np.ndarray | torch.Tensor) -> bool:
@@ -46,7 +52,7 @@ def looks_like_hounsfield(image: np.ndarray | torch.Tensor) -> bool:
     :data:`AIR_HU` (any shape; at most about a million voxels are looked at)."""
     values = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     flat = values.reshape(-1)
-    stride = max(1, flat.size // _SAMPLE_VOXELS)
+    stride = max(1, flat.size // SAMPLE_VOXELS)
     sample = flat[::stride]
     return bool(sample.size) and float(np.mean(sample < AIR_HU)) >= AIR_FRACTION
 
@@ -59,7 +65,12 @@ def resolve_intensity(mode: str, image) -> Literal["ct", "percentile"]:
 
 
 def describe_intensity(choice: str, data) -> str:
-    """``"CT window -175..250 HU"`` or ``"percentiles 0.5..99.5"`` for a data config."""
+    """``"CT window -175..250 HU"`` or ``"percentiles 0.5..99.5"`` for a data config;
+    for per-channel choices (``"ct+percentile"``, see the module doc) ``"channel 1 CT
+    window -175..250 HU, channel 2 percentiles 0.5..99.5"``."""
+    if "+" in choice:
+        return ", ".join(f"channel {c + 1} {describe_intensity(one, data)}"
+                         for c, one in enumerate(choice.split("+")))
     if choice == "ct":
         low, high = data.ct_window
         return f"CT window {low:g}..{high:g} HU"
@@ -102,9 +113,8 @@ def summarise_choices(choices: Mapping[str, str | None], data) -> str:
     majority = max(sorted(counts), key=counts.get)
     line = (f"intensity auto: {counts[majority]} of {len(known)} volumes as "
             f"{describe_intensity(majority, data)}")
-    others = sorted(name for name, c in known.items() if c != majority)
-    if others:
-        other = "ct" if majority == "percentile" else "percentile"
+    for other in sorted(c for c in counts if c != majority):
+        others = sorted(name for name, c in known.items() if c == other)
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5
                                          else "")
         line += f"; {describe_intensity(other, data)}: {shown}"
@@ -112,9 +122,10 @@ def summarise_choices(choices: Mapping[str, str | None], data) -> str:
 
 
 class NormaliseIntensityd(mt.MapTransform):
-    """Map ``key``'s intensities to [0, 1] by ``data.intensity`` (``ct``,
-    ``percentile`` or ``auto``, see the module doc) and record the choice under
-    :data:`INTENSITY_KEY`. ``data``: a pretraining or finetuning data config."""
+    """Map ``key``'s intensities ``(C, X, Y, Z)`` to [0, 1] by ``data.intensity``
+    (``ct``, ``percentile`` or ``auto``), each channel on its own (see the module doc),
+    and record the choice under :data:`INTENSITY_KEY`. ``data``: a pretraining or
+    finetuning data config."""
 
     def __init__(self, key: Hashable, data) -> None:
         super().__init__([key])
@@ -127,9 +138,21 @@ class NormaliseIntensityd(mt.MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         out = dict(data)
-        choice = resolve_intensity(self.mode, out[self.key])
-        out[self.key] = (self.ct if choice == "ct" else self.percentile)(out[self.key])
-        out[INTENSITY_KEY] = choice
+        image = out[self.key]
+        if image.shape[0] == 1:
+            choice = resolve_intensity(self.mode, image)
+            out[self.key] = (self.ct if choice == "ct" else self.percentile)(image)
+            out[INTENSITY_KEY] = choice
+            return out
+        choices = [resolve_intensity(self.mode, image[c]) for c in range(image.shape[0])]
+        # Written into a copy channel by channel: the copy keeps the MetaTensor's affine
+        # and the spatial steps applied so far (MONAI's inverse needs them).
+        normalised = torch.as_tensor(image).clone().float()
+        for c, choice in enumerate(choices):
+            scale = self.ct if choice == "ct" else self.percentile
+            normalised[c] = torch.as_tensor(scale(image[c:c + 1]), dtype=torch.float32)[0]
+        out[self.key] = normalised
+        out[INTENSITY_KEY] = choices[0] if len(set(choices)) == 1 else "+".join(choices)
         return out
 
 

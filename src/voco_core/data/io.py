@@ -1,4 +1,9 @@
-"""NIfTI reading/writing and datalists (checks before a read: :mod:`voco_core.data.files`).
+"""Volume reading/writing and datalists (checks before a read: :mod:`voco_core.data.files`).
+
+:func:`read_volume` reads NIfTI (``.nii``, ``.nii.gz``) with nibabel and, through
+:mod:`voco_core.data.formats` (SimpleITK), NRRD (``.nrrd``, ``.nhdr``), MetaImage
+(``.mha``, ``.mhd``) and a folder holding one DICOM series, all to the same
+convention. :func:`write_volume` writes NIfTI.
 
 Axis convention
 ---------------
@@ -10,15 +15,18 @@ result back with the source affine overlays exactly. ``spacing`` is the voxel
 size in mm along ``i, j, k``; ``orientation`` is nibabel's axis code (e.g.
 ``"RAS"`` or ``"LPS"``) saying which world direction each voxel axis points to.
 
+Channels
+--------
+An image may have several channels: a 4-D file ``(I, J, K, C)`` (channels last, as
+NIfTI stores them) or one file per channel listed together (:func:`read_channels`;
+the files must lie on one voxel grid). ``array`` is then ``(I, J, K, C)``; ``shape``
+is always the spatial ``(I, J, K)``. Label maps have one channel.
+
 Datalists
 ---------
-:func:`load_datalist` accepts a Decathlon-style JSON (``{"training": [{"image":
-..., "label": ...}]}``, paths relative to the JSON's folder) or a folder. A
-folder is read as: its ``dataset.json`` if it has one; else ``imagesTr/`` (with
-labels paired by file name from ``labelsTr/`` when that exists); else every
-``.nii``/``.nii.gz`` file directly inside it, sorted by name.
-:func:`read_dataset_json` and :func:`dataset_class_names` read the Decathlon JSON's
-other fields (``validation``, the ``labels`` names).
+Which volumes a folder or a Decathlon-style JSON lists is
+:mod:`voco_core.data.datalists` (:func:`~voco_core.data.datalists.load_datalist`);
+an image listed there as several channel files is read here by :func:`read_channels`.
 
 Image or label map
 ------------------
@@ -31,7 +39,6 @@ Every problem raises :class:`~voco_core.errors.VoCoDataError` naming the file.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,12 +47,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from voco_core.data.datalists import is_channel_list
 from voco_core.data.files import (
     READ_ERRORS,
     is_nifti_path,
     nifti_suffix,
     open_nifti,
-    require_file,
+)
+from voco_core.data.formats import (
+    check_other_header,
+    read_other_volume,
+    volume_stem,
 )
 from voco_core.data.labelmaps import looks_like_labels
 from voco_core.errors import VoCoDataError
@@ -60,7 +72,9 @@ class VolumeRecord:
     """One 3-D volume and its geometry.
 
     Attributes:
-        array: voxel data, shape ``(I, J, K)`` in file storage order (see module doc).
+        array: voxel data, shape ``(I, J, K)`` in file storage order (see module doc),
+            or ``(I, J, K, C)`` for an image of ``C > 1`` channels (channels last, as
+            NIfTI stores them; a label map always has one channel).
         affine: ``(4, 4)`` float64, voxel index -> world RAS+ position in mm.
         spacing: voxel size in mm along ``(i, j, k)``.
         path: the file it was read from, if any; its name is part of the
@@ -74,10 +88,19 @@ class VolumeRecord:
     spacing: tuple[float, float, float]
     path: Path | None = None
     header: nib.Nifti1Header | None = field(default=None, repr=False)
+    channel_files: tuple[Path, ...] = ()
+    """The files the channels were read from when listed together (see
+    :func:`read_channels`); ``path`` is then the first of them. Empty otherwise."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+        """The spatial shape ``(I, J, K)`` (without the channel axis)."""
+        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        """Number of channels: 1 for an ``(I, J, K)`` array, ``C`` for ``(I, J, K, C)``."""
+        return 1 if self.array.ndim == 3 else int(self.array.shape[3])
 
     @property
     def orientation(self) -> str:
@@ -104,10 +127,11 @@ class VolumeRecord:
 
     @property
     def name(self) -> str:
-        """File name without the NIfTI suffix (``"case_001"`` for ``case_001.nii.gz``)."""
+        """File name without its suffix (``"case_001"`` for ``case_001.nii.gz`` or
+        ``case_001.nrrd``); a DICOM series folder's name."""
         if self.path is None:
             return "volume"
-        return self.path.name[: -len(nifti_suffix(self.path))]
+        return volume_stem(self.path)
 
     def describe(self) -> dict:
         """Plain-type summary (what ``voco info`` prints)."""
@@ -115,6 +139,7 @@ class VolumeRecord:
         summary = {
             "file": str(self.path) if self.path else None,
             "shape": list(self.shape),
+            "channels": self.channels,
             "dtype": str(data.dtype),
             "spacing_mm": [round(s, 4) for s in self.spacing],
             "extent_mm": [round(s * n, 1) for s, n in zip(self.spacing, self.shape, strict=True)],
@@ -135,37 +160,123 @@ class VolumeRecord:
 
 
 def check_volume_header(
-    path: str | Path, *, kind: str = "image", min_shape: Sequence[int] | None = None
-) -> tuple[int, int, int]:
+    path: str | Path | Sequence[str | Path], *, kind: str = "image",
+    min_shape: Sequence[int] | None = None
+) -> tuple[int, ...]:
     """Cheap pre-flight check from the header alone (no voxel data is read): the file
-    exists, is NIfTI, is 3-D (or 4-D with one channel) and, when ``min_shape`` is
-    given, is at least that large. Returns the shape; raises :class:`VoCoDataError`."""
+    exists, is NIfTI, is 3-D (or 4-D with channels last) and, when ``min_shape`` is
+    given, is at least that large. Returns the shape: ``(I, J, K)``, or ``(I, J, K, C)``
+    for ``C > 1`` channels; raises :class:`VoCoDataError`. ``path`` may be a list of
+    channel files (:func:`check_channel_headers`)."""
+    if is_channel_list(path):
+        return check_channel_headers(path, kind=kind, min_shape=min_shape)
     path = Path(path)
-    _, shape = open_nifti(path, kind)
+    if is_nifti_path(path):
+        _, shape = open_nifti(path, kind)
+    else:  # NRRD, MetaImage or a DICOM series folder (voco_core.data.formats)
+        shape = check_other_header(path, kind)
     if min_shape is not None:
-        _require_min_shape(shape, min_shape, path)
+        _require_min_shape(shape[:3], min_shape, path)
     return shape  # type: ignore[return-value]
 
 
+def check_channel_headers(paths: Sequence[str | Path], *, kind: str = "image",
+                          min_shape: Sequence[int] | None = None) -> tuple[int, ...]:
+    """:func:`check_volume_header` for one image listed as channel files: every file
+    passes it and all lie on the first one's voxel grid (same shape and affine, to
+    1e-3 mm). Returns ``(I, J, K, C)`` with ``C`` the channels of all files together
+    (``(I, J, K)`` for one single-channel file)."""
+    paths = _channel_paths(paths)
+    grids = []  # (shape, affine) of each file; the affine from NIfTI headers only
+    for path in paths:
+        if is_nifti_path(path):
+            image, shape = open_nifti(path, kind)
+            grids.append((shape, np.asarray(image.affine, dtype=np.float64)))
+        else:  # other formats: shape here, affine once read (read_channels checks it)
+            grids.append((check_volume_header(path, kind=kind), None))
+    first_shape, first_affine = grids[0]
+    for path, (shape, affine) in zip(paths, grids, strict=True):
+        _require_same_grid(paths[0], first_shape[:3], first_affine, path, shape[:3], affine)
+    channels = sum(shape[3] if len(shape) == 4 else 1 for shape, _ in grids)
+    if min_shape is not None:
+        _require_min_shape(first_shape[:3], min_shape, paths[0])
+    return (*first_shape[:3], channels) if channels > 1 else tuple(first_shape[:3])
+
+
+def _channel_paths(paths: Sequence[str | Path]) -> list[Path]:
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise VoCoDataError("an image given as a list of channel files needs at least one file")
+    return paths
+
+
+def _require_same_grid(first: Path, first_shape, first_affine: np.ndarray | None, path: Path,
+                       shape, affine: np.ndarray | None, atol_mm: float = 1e-3) -> None:
+    """Channel files listed together must share one voxel grid (else the channels of a
+    voxel would be different places in the body); an affine of None is not compared."""
+    if tuple(shape) != tuple(first_shape):
+        raise VoCoDataError(f"channel file shape {tuple(shape)} differs from {first.name}'s "
+                            f"{tuple(first_shape)}; the channel files of one image must lie "
+                            "on one voxel grid", path)
+    if affine is not None and first_affine is not None and not np.allclose(
+            affine, first_affine, atol=atol_mm):
+        raise VoCoDataError(f"channel file affine differs from {first.name}'s (max difference "
+                            f"{np.abs(affine - first_affine).max():.4g} mm); the channel files "
+                            "of one image must lie on one voxel grid", path)
+
+
+def read_channels(paths: Sequence[str | Path], *, kind: str = "image",
+                  min_shape: Sequence[int] | None = None) -> VolumeRecord:
+    """One image from channel files listed together (as BraTS lists t1, t1c, t2, flair):
+    each read with :func:`read_volume`, all on the first file's voxel grid (else a
+    :class:`VoCoDataError` naming the file that differs), stacked channels last in list
+    order: ``array`` ``(I, J, K, C)`` (``(I, J, K)`` for one single-channel file).
+    ``path`` and ``header`` are the first file's; ``channel_files`` lists them all."""
+    paths = _channel_paths(paths)
+    check_channel_headers(paths, kind=kind, min_shape=min_shape)  # before reading voxels
+    records = [read_volume(path, kind=kind) for path in paths]
+    first = records[0]
+    for record in records[1:]:
+        _require_same_grid(first.path, first.shape, first.affine, record.path, record.shape,
+                           record.affine)
+    array = records[0].array if len(records) == 1 else np.concatenate(
+        [r.array if r.array.ndim == 4 else r.array[..., None] for r in records], axis=3)
+    return VolumeRecord(array=array, affine=first.affine, spacing=first.spacing,
+                        path=first.path, header=first.header, channel_files=tuple(paths))
+
+
 def read_volume(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     *,
     kind: str = "image",
     min_shape: Sequence[int] | None = None,
 ) -> VolumeRecord:
-    """Read a 3-D NIfTI volume (``.nii`` or ``.nii.gz``).
+    """Read a 3-D volume: NIfTI (``.nii`` or ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``),
+    MetaImage (``.mha``, ``.mhd``) or a folder holding one DICOM series (the last three
+    through :func:`voco_core.data.formats.read_other_volume`; ``header`` is then None).
 
     Args:
-        path: the file.
-        kind: ``"image"`` or ``"label map"``; only used in error messages.
+        path: the file or DICOM series folder, or a list of channel files of one
+            image (:func:`read_channels`).
+        kind: ``"image"`` or ``"label map"``; a label map must have one channel,
+            otherwise only used in error messages.
         min_shape: when given, the volume must be at least this large along
             each voxel axis (e.g. the crop size), else :class:`VoCoDataError`.
 
-    A 4-D file is accepted when its extra axes have length 1 (one channel).
-    Raises :class:`VoCoDataError` for a missing file, a non-NIfTI file, a
-    truncated or corrupt file, data that is not 3-D, and non-finite voxels.
+    A 4-D image file ``(I, J, K, C)`` holds ``C`` channels (channels last; length-1
+    extra axes are dropped). Raises :class:`VoCoDataError` for a missing file, a
+    non-NIfTI file, a truncated or corrupt file, data that is not 3-D (or 4-D),
+    and non-finite voxels.
     """
+    if is_channel_list(path):
+        return read_channels(path, kind=kind, min_shape=min_shape)
     path = Path(path)
+    if not is_nifti_path(path):  # NRRD, MetaImage or a DICOM series folder
+        array, affine, spacing = read_other_volume(path, kind)
+        record = VolumeRecord(array=array, affine=affine, spacing=spacing, path=path)
+        if min_shape is not None:
+            check_min_shape(record, min_shape)
+        return record
     image, shape = open_nifti(path, kind)
     try:
         array = np.asanyarray(image.dataobj).reshape(shape)
@@ -278,182 +389,3 @@ def write_volume(
         if tmp.parent.is_dir():
             tmp.unlink(missing_ok=True)
     return path
-
-
-@dataclass(frozen=True)
-class DatalistEntry:
-    """One training case: an image file and, for finetuning, its label map."""
-
-    image: Path
-    label: Path | None = None
-
-
-def load_datalist(
-    source: str | Path, *, section: str = "training", require_labels: bool = False
-) -> list[DatalistEntry]:
-    """List the cases of a folder or a Decathlon-style JSON (see module doc).
-
-    Checks that every listed file exists (a broken or looping symbolic link is
-    named as such); it does not read them (that happens lazily, in
-    :func:`read_volume`, with the same typed errors).
-    """
-    source = Path(source)
-    _require_file_or_folder(source)
-    if source.is_dir():
-        json_path = _folder_dataset_json(source)
-        if json_path is not None:
-            return load_datalist(json_path, section=section, require_labels=require_labels)
-        if (source / "imagesTr").is_dir():
-            label_dir = source / "labelsTr"
-            entries = [
-                DatalistEntry(image, _paired_label(label_dir / image.name))
-                for image in _nifti_files(source / "imagesTr", "image")
-            ]
-            where = source / "imagesTr"
-        else:
-            entries = [DatalistEntry(image) for image in _nifti_files(source, "image")]
-            where = source
-        if not entries:
-            raise VoCoDataError("no NIfTI files (*.nii, *.nii.gz) found in this folder", where)
-    else:
-        entries = _read_json_datalist(source, section)
-    if require_labels:
-        for entry in entries:
-            if entry.label is None:
-                raise VoCoDataError("has no label map, but labels are required", entry.image)
-    return entries
-
-
-def read_dataset_json(data) -> dict:
-    """The Decathlon-style JSON behind ``data``: ``data`` itself when it is a ``.json``
-    path, the ``dataset.json`` of a folder, else (a NIfTI path, a folder without one,
-    a list of entries) ``{}``.
-
-    Raises :class:`VoCoDataError` naming the file when it is missing, unreadable,
-    not JSON or not a JSON object.
-    """
-    if not isinstance(data, str | os.PathLike):
-        return {}
-    path = Path(data)
-    if path.is_dir():
-        path = _folder_dataset_json(path)
-    elif path.suffix.lower() != ".json":
-        path = None
-    if path is None:
-        return {}
-    require_file(path, "datalist")
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise VoCoDataError(f"not a readable JSON datalist ({err})", path) from err
-    if not isinstance(spec, dict):
-        raise VoCoDataError(
-            f"expected a JSON object (a Decathlon datalist), got a JSON {type(spec).__name__}",
-            path,
-        )
-    return spec
-
-
-def dataset_class_names(data) -> tuple[str, ...]:
-    """Class names from the ``labels`` map of the JSON behind ``data`` (see
-    :func:`read_dataset_json`), in class-index order; ``()`` when there is none.
-
-    Both layouts are read: Decathlon ``{"0": "background", "1": "liver"}`` and
-    nnU-Net v2 ``{"background": 0, "liver": 1}``. The indices must be exactly
-    ``0 .. N-1``, else :class:`VoCoDataError` naming the JSON file.
-    """
-    labels = read_dataset_json(data).get("labels")
-    if labels is None:
-        return ()
-    path = Path(data)
-    return _class_names(labels, _folder_dataset_json(path) if path.is_dir() else path)
-
-
-def _class_names(labels, path: Path) -> tuple[str, ...]:
-    """``{index: name}`` or ``{name: index}`` -> names in index order (see above)."""
-    expected = 'a "labels" object like {"0": "background", "1": "liver"}'
-    if not isinstance(labels, dict) or not labels:
-        raise VoCoDataError(f"expected {expected}, got {labels!r}", path)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
-        pairs = [(value, name) for name, value in labels.items()]  # nnU-Net v2 layout
-    else:
-        pairs = []
-        for key, name in labels.items():
-            if not str(key).isdigit() or not isinstance(name, str) or not name.strip():
-                raise VoCoDataError(f"expected {expected}, got {key!r}: {name!r}", path)
-            pairs.append((int(key), name))
-    by_index = dict(pairs)
-    if sorted(by_index) != list(range(len(pairs))):
-        raise VoCoDataError(
-            f'"labels" indices must be the classes 0..{len(pairs) - 1}, each once, '
-            f"got {sorted(index for index, _ in pairs)}",
-            path,
-        )
-    return tuple(str(by_index[i]) for i in range(len(pairs)))
-
-
-def _require_file_or_folder(source: Path) -> None:
-    if source.is_dir():
-        return
-    if not source.exists() and not source.is_symlink():
-        raise VoCoDataError("datalist or data folder not found", source)
-    require_file(source, "datalist")
-
-
-def _folder_dataset_json(folder: Path) -> Path | None:
-    """``folder/dataset.json`` when it is there (even as a broken link, to be named)."""
-    path = folder / "dataset.json"
-    return path if path.is_file() or path.is_symlink() else None
-
-
-def _nifti_files(folder: Path, kind: str) -> list[Path]:
-    """The ``.nii``/``.nii.gz`` files directly in ``folder``, sorted by name."""
-    try:
-        children = sorted(folder.iterdir())
-    except OSError as err:
-        raise VoCoDataError(f"cannot list this folder ({err.strerror or err})", folder) from err
-    files = [p for p in children if is_nifti_path(p) and not p.is_dir()]
-    for file in files:
-        require_file(file, kind)
-    return files
-
-
-def _paired_label(label: Path) -> Path | None:
-    """The label map paired with an ``imagesTr/`` image, None when there is none."""
-    if not label.is_file() and not label.is_symlink():
-        return None
-    require_file(label, "label map")
-    return label
-
-
-def _read_json_datalist(path: Path, section: str) -> list[DatalistEntry]:
-    if path.suffix.lower() != ".json":
-        raise VoCoDataError("expected a data folder or a Decathlon-style .json datalist", path)
-    spec = read_dataset_json(path)
-    if not isinstance(spec.get(section), list):
-        raise VoCoDataError(f'expected a JSON object with a "{section}" list', path)
-    if not spec[section]:
-        raise VoCoDataError(f'the "{section}" list is empty', path)
-    entries = []
-    for n, item in enumerate(spec[section]):
-        if isinstance(item, str):
-            item = {"image": item}
-        if not isinstance(item, dict) or not isinstance(item.get("image"), str):
-            raise VoCoDataError(
-                f'{section}[{n}] must be a path or an object with an "image" path, got {item!r}',
-                path,
-            )
-        label = item.get("label")
-        if label is not None and not isinstance(label, str):
-            raise VoCoDataError(f'{section}[{n}]["label"] must be a path, got {label!r}', path)
-        where = f"listed in {path.name} as {section}[{n}]"
-        image = _listed_file(path.parent / item["image"], "image", where)
-        entries.append(DatalistEntry(image, _listed_file(path.parent / label, "label map", where)
-                                     if label else None))
-    return entries
-
-
-def _listed_file(file: Path, kind: str, where: str) -> Path:
-    """``file`` checked (its message saying ``where`` it was listed) and made absolute."""
-    require_file(file, kind, where)
-    return file.resolve()

@@ -18,6 +18,7 @@ One rule, used by the napari reader (Labels or Image layer) and ``voco info``:
    Either needs values a label map can hold (booleans, or non-negative whole
    numbers in any dtype); a file named ``mask`` that holds probabilities stays an
    image.
+   A multi-channel volume ``(I, J, K, C)`` is always an image.
 2. **The data** decide only when unambiguous: boolean data, or an integer dtype with
    no negative value and at most :data:`MAX_DATA_ONLY_LABELS` distinct values.
 3. **In doubt, an image**: 8-bit MRI (hundreds of grey values in ``uint8``), integer
@@ -65,6 +66,8 @@ def looks_like_labels(record: VolumeRecord) -> tuple[bool, str]:
     'label'")`` or ``(False, "more than 64 distinct integer values (grey values)")``.
     """
     data = record.array
+    if data.ndim == 4:  # a label map has one channel (files.open_nifti refuses others)
+        return False, f"{data.shape[3]} channels (a multi-channel image)"
     if data.dtype == np.bool_:
         return True, "boolean data"
 
@@ -97,7 +100,7 @@ def label_name_evidence(path: str | Path | None) -> str:
     if path is None:
         return ""
     path = Path(path)
-    stem = re.sub(r"\.nii(\.gz)?$", "", path.name, flags=re.IGNORECASE)
+    stem = re.sub(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", "", path.name, flags=re.IGNORECASE)
     if _words(stem) & LABEL_NAME_WORDS:
         return f"file name '{stem}'"
     if _words(path.parent.name) & LABEL_FOLDER_WORDS:

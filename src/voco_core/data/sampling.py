@@ -39,13 +39,14 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from voco_core.config import DataConfig, VoCoConfig
+from voco_core.data.datalists import DatalistEntry
 from voco_core.data.intensity import (
     FOREGROUND_KEY,
     INTENSITY_KEY,
     NormaliseIntensityd,
     measured_foreground_crop,
 )
-from voco_core.data.io import RAS_LABELS, DatalistEntry, read_volume
+from voco_core.data.io import RAS_LABELS, read_volume
 from voco_core.errors import VoCoDataError
 from voco_core.geometry import (
     base_crop_grid,
@@ -69,7 +70,8 @@ class ForegroundSelector:
 
 
 class LoadVolumed(mt.MapTransform):
-    """Read ``data[key]`` (a path) with :func:`read_volume` into a channel-first MetaTensor."""
+    """Read ``data[key]`` (a path, or a list of channel files) with :func:`read_volume`
+    into a channel-first MetaTensor ``(C, I, J, K)``."""
 
     def __init__(self, keys: str | Sequence[str], min_shape: Sequence[int] | None = None):
         super().__init__(keys)
@@ -79,15 +81,23 @@ class LoadVolumed(mt.MapTransform):
         out = dict(data)
         for key in self.key_iterator(out):
             record = read_volume(out[key], min_shape=self.min_shape)
-            array = torch.as_tensor(record.array.astype(np.float32, copy=False))[None]
-            out[key] = MetaTensor(array, affine=torch.as_tensor(record.affine),
-                                  meta={"filename_or_obj": str(record.path)})
+            out[key] = MetaTensor(channels_first(record.array), affine=torch.as_tensor(
+                record.affine), meta={"filename_or_obj": str(record.path)})
         return out
+
+
+def channels_first(array: np.ndarray) -> torch.Tensor:
+    """A record's array ``(I, J, K)`` or channels-last ``(I, J, K, C)`` as a float32
+    ``(C, I, J, K)`` tensor (``C = 1`` for a 3-D array)."""
+    array = np.asarray(array)
+    array = array[None] if array.ndim == 3 else np.moveaxis(array, -1, 0)
+    return torch.as_tensor(np.ascontiguousarray(array).astype(np.float32, copy=False))
 
 
 def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = None,
                           *, load: bool = True, track_meta: bool = False) -> mt.Compose:
-    """MONAI pipeline: file path under ``"image"`` -> ``(1, X, Y, Z)`` float32 tensor in [0, 1].
+    """MONAI pipeline: file path (or channel files) under ``"image"`` -> ``(C, X, Y, Z)``
+    float32 tensor in [0, 1], each channel normalised on its own.
 
     ``load=False``: the input is already a channel-first MetaTensor (see
     :func:`voco_core.data.segmentation.to_meta_tensor`). ``track_meta=True`` keeps the
@@ -99,6 +109,11 @@ def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = No
     steps.append(mt.Orientationd(key, axcodes="RAS", labels=RAS_LABELS))
     steps.append(NormaliseIntensityd(key, data))
     if data.foreground_threshold >= 0:
+        # Multi-channel: the box of voxels above the threshold in *any* channel (MONAI's
+        # select_fn sees all channels and ORs them). Co-registered MRI channels share
+        # their background, so this is the first channel's box there; where they differ
+        # (a lesion bright only in FLAIR, contrast only in T1c) no channel's content is
+        # cut, which a first-channel-only rule would risk.
         steps.extend(measured_foreground_crop(key, mt.CropForegroundd(
             key, source_key=key, allow_smaller=True,
             select_fn=ForegroundSelector(data.foreground_threshold))))
@@ -113,7 +128,7 @@ def preprocess_transforms(data: DataConfig, min_shape: Sequence[int] | None = No
 
 @dataclass(frozen=True)
 class LoadedVolume:
-    """A pre-processed volume ``(1, X, Y, Z)`` with its file name and what its
+    """A pre-processed volume ``(C, X, Y, Z)`` with its file name and what its
     pre-processing found: ``intensity`` (``ct``/``percentile``) and ``foreground_kept``
     (fraction of voxels the foreground crop kept); both ``None`` when read back from a
     compact cache (they were reported when it was written)."""
@@ -167,16 +182,25 @@ class CompactVolumeCache(torch.utils.data.Dataset):
         self.items, self.transform = list(items), transform
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # in_channels is read from the same files, so it adds nothing to the key (and
+        # leaving it out keeps the caches of single-channel runs valid)
         self.settings = {k: v for k, v in asdict(data).items()
-                         if k not in ("cache", "cache_dir", "num_workers", "pin_memory")}
+                         if k not in ("cache", "cache_dir", "num_workers", "pin_memory",
+                                      "in_channels")}
 
     def cache_path(self, index: int) -> Path:
-        source = Path(self.items[index]["image"]).resolve()
-        stat = source.stat()
-        key = json.dumps([self.VERSION, str(source), stat.st_size, stat.st_mtime_ns,
+        """The ``.npy`` file of item ``index``: quantised ``(C, X, Y, Z)``, keyed by its
+        source file(s) (all channel files of a listed image) and the settings."""
+        image = self.items[index]["image"]
+        sources = [Path(p).resolve() for p in (image if isinstance(image, list | tuple)
+                                               else [image])]
+        stats = [source.stat() for source in sources]
+        files = [[str(source), stat.st_size, stat.st_mtime_ns]
+                 for source, stat in zip(sources, stats, strict=True)]
+        key = json.dumps([self.VERSION, *(files[0] if len(files) == 1 else [files]),
                           self.settings], sort_keys=True, default=list)
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-        return self.cache_dir / f"{source.name.split('.')[0]}-{digest}.npy"
+        return self.cache_dir / f"{sources[0].name.split('.')[0]}-{digest}.npy"
 
     def __len__(self) -> int:
         return len(self.items)
@@ -205,7 +229,7 @@ def dequantise_unit_range(quantised: np.ndarray) -> torch.Tensor:
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Pre-processed volumes ``(1, X, Y, Z)`` for pretraining, optionally cached.
+    """Pre-processed volumes ``(C, X, Y, Z)`` for pretraining, optionally cached.
 
     ``cache``: ``none`` (plain ``monai.data.Dataset``), ``memory`` (``CacheDataset``:
     float32 volumes held in RAM, 4 bytes per voxel of ``target_size``), ``disk``
@@ -218,9 +242,10 @@ class PretrainDataset(torch.utils.data.Dataset):
         from monai.data import CacheDataset, Dataset, PersistentDataset
 
         self.with_sources = with_sources
-        self.paths = [str(e.image) for e in entries]
+        self.paths = [str(e.image_file) for e in entries]  # what messages and names say
         transform = preprocess_transforms(config.data, min_shape=min_raw_shape(config))
-        items = [{"image": p} for p in self.paths]
+        items = [{"image": [str(p) for p in e.image] if isinstance(e.image, tuple)
+                  else str(e.image)} for e in entries]
         if config.data.cache in ("disk", "compact"):
             _make_cache_folder(config.data.cache_dir)
         if config.data.cache == "memory":
@@ -314,8 +339,9 @@ class VoCoBatch:
     """Crops and labels of one micro-batch (``B`` volumes).
 
     Attributes:
-        base_crops: ``(B, K, 1, S, S, S)`` network inputs, i-major grid order.
-        random_crops: ``(B, m, 1, S, S, S)``.
+        base_crops: ``(B, K, C, S, S, S)`` network inputs (``C`` image channels),
+            i-major grid order.
+        random_crops: ``(B, m, C, S, S, S)``.
         labels: ``(B, m, K)`` float32 overlap of each random crop with each base crop.
         base_boxes: ``(B, K, 3, 2)`` voxel boxes in the pre-processed volume.
         crop_boxes: ``(B, m, 3, 2)`` voxel boxes in the pre-processed volume.
@@ -372,12 +398,17 @@ class VoCoCropSampler:
 
     def __call__(self, volumes: Sequence[torch.Tensor] | torch.Tensor,
                  rngs: Sequence[np.random.Generator] | None = None) -> VoCoBatch:
-        """``volumes``: ``B`` tensors ``(1, X, Y, Z)`` (on any device) -> :class:`VoCoBatch`."""
+        """``volumes``: ``B`` tensors ``(C, X, Y, Z)`` (on any device; the same ``C`` for
+        all) -> :class:`VoCoBatch`. Every crop keeps all ``C`` channels; augmentation
+        draws once per crop and moves its channels together."""
         n, m, s = self.grid_size, self.m, self.input_size
-        k, b = n * n, len(volumes)
+        k, b, c = n * n, len(volumes), int(volumes[0].shape[0])
+        if any(int(v.shape[0]) != c for v in volumes):
+            raise ValueError(f"volumes of one batch have {[int(v.shape[0]) for v in volumes]} "
+                             "channels; expected the same number")
         rngs = rngs if rngs is not None else [self.rng] * b
         # All crops of the batch in one stack: B * K base crops, then B * m sub-volumes.
-        crops = torch.empty((b * (k + m), 1, s, s, s), dtype=volumes[0].dtype,
+        crops = torch.empty((b * (k + m), c, s, s, s), dtype=volumes[0].dtype,
                             device=volumes[0].device)
         offsets, region_boxes, draws = [], [], []
         rx, ry, rz = self.region_size
@@ -402,15 +433,15 @@ class VoCoCropSampler:
         region_boxes = np.stack(region_boxes)  # (B, m, 3, 2)
         shifts = np.stack(offsets)[:, None, :, None]  # (B, 1, 3, 1)
         return VoCoBatch(
-            base_crops=crops[: b * k].view(b, k, 1, s, s, s),
-            random_crops=crops[b * k :].view(b, m, 1, s, s, s),
+            base_crops=crops[: b * k].view(b, k, c, s, s, s),
+            random_crops=crops[b * k :].view(b, m, c, s, s, s),
             labels=torch.as_tensor(overlap_labels(region_boxes, self.grid), device=crops.device),
             base_boxes=self.grid[None] + shifts,
             crop_boxes=region_boxes + shifts,
         )
 
     def _base_crops(self, region: torch.Tensor) -> torch.Tensor:
-        """The ``n x n`` base crops of a ``(1, X, Y, Z)`` region as ``(K, 1, S, S, S)``.
+        """The ``n x n`` base crops of a ``(C, X, Y, Z)`` region as ``(K, C, S, S, S)``.
 
         When every crop is shrunk (or kept) along every axis, resizing the whole region
         once to ``(n S, n S, S)`` and cutting it into tiles gives the same voxels as
@@ -424,11 +455,12 @@ class VoCoCropSampler:
             region = F.interpolate(region[None], size=(n * s, n * s, s), mode="trilinear",
                                    align_corners=False)[0]
             bx = by = bz = s
-        tiles = region.reshape(1, n, bx, n, by, bz).permute(1, 3, 0, 2, 4, 5)
-        return self._to_input(tiles.reshape(n * n, 1, bx, by, bz))
+        c = region.shape[0]
+        tiles = region.reshape(c, n, bx, n, by, bz).permute(1, 3, 0, 2, 4, 5)
+        return self._to_input(tiles.reshape(n * n, c, bx, by, bz))
 
     def _to_input(self, crops: torch.Tensor) -> torch.Tensor:
-        """``(N, 1, a, b, c)`` -> ``(N, 1, S, S, S)``: one batched trilinear resize."""
+        """``(N, C, a, b, c)`` -> ``(N, C, S, S, S)``: one batched trilinear resize."""
         target = (self.input_size,) * 3
         if tuple(crops.shape[2:]) == target:
             return crops
@@ -448,8 +480,9 @@ def _draw_augmentation(rng: np.random.Generator, n: int, aug) -> dict[str, np.nd
 
 def _apply_augmentation(crops: torch.Tensor, flips: np.ndarray, turns: np.ndarray,
                         shifts: np.ndarray) -> torch.Tensor:
-    """Flip / rotate / shift a ``(N, 1, S, S, S)`` stack in place, one indexed op per
-    parameter value (the sampler's own fresh stack, so nothing else sees the change)."""
+    """Flip / rotate / shift a ``(N, C, S, S, S)`` stack in place, one indexed op per
+    parameter value (the sampler's own fresh stack, so nothing else sees the change);
+    a crop's channels share its draw (one shift for all of them, as for one image)."""
     device = crops.device
     for axis, chosen in zip((2, 3, 4), flips, strict=True):
         if chosen.any():

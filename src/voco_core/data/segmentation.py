@@ -25,18 +25,20 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from voco_core.config import SegDataConfig, SegTrainConfig
+from voco_core.data.datalists import DatalistEntry
 from voco_core.data.intensity import NormaliseIntensityd, measured_foreground_crop
-from voco_core.data.io import RAS_LABELS, DatalistEntry, VolumeRecord, check_pair, read_volume
+from voco_core.data.io import RAS_LABELS, VolumeRecord, check_pair, read_volume
+from voco_core.data.sampling import channels_first
 from voco_core.data.sparse import AnnotatedCropIndicesd
 from voco_core.data.sparse import check_label_range as check_label_range  # re-export
 from voco_core.errors import VoCoDataError
 
 
 def to_meta_tensor(record: VolumeRecord, dtype: torch.dtype = torch.float32) -> MetaTensor:
-    """``(1, I, J, K)`` channel-first MetaTensor carrying the record's affine."""
-    array = torch.as_tensor(np.ascontiguousarray(record.array).astype(np.float32, copy=False))
-    return MetaTensor(array[None].to(dtype), affine=torch.as_tensor(record.affine),
-                      meta={"filename_or_obj": str(record.path or "volume")})
+    """``(C, I, J, K)`` channel-first MetaTensor carrying the record's affine (``C = 1``
+    for an ``(I, J, K)`` array, else the channels of ``(I, J, K, C)``)."""
+    return MetaTensor(channels_first(record.array).to(dtype), affine=torch.as_tensor(
+        record.affine), meta={"filename_or_obj": str(record.path or "volume")})
 
 
 def label_values(label: VolumeRecord) -> np.ndarray:
@@ -54,7 +56,8 @@ def label_values(label: VolumeRecord) -> np.ndarray:
 
 @dataclass
 class LabelledCase:
-    """One checked pair, as channel-first MetaTensors on the source grid."""
+    """One checked pair, as channel-first MetaTensors on the source grid: ``image``
+    ``(C, I, J, K)``, ``label`` ``(1, I, J, K)``."""
 
     entry: DatalistEntry
     image: MetaTensor
@@ -65,12 +68,13 @@ class LabelledCase:
 def load_labelled_cases(entries: Sequence[DatalistEntry],
                         kind: str = "training") -> list[LabelledCase]:
     """Read and check every pair: label present, same grid as its image, whole-number
-    values. (Class range is checked once the number of classes is known.)"""
+    values. (Class range is checked once the number of classes is known; the channel
+    count, the same for every image, by :func:`voco_core.data.io.resolve_in_channels`.)"""
     cases = []
     for entry in entries:
         if entry.label is None:
             raise VoCoDataError(f"{kind} case has no label map, but finetuning needs one",
-                                entry.image)
+                                entry.image_file)
         image = read_volume(entry.image)
         label = read_volume(entry.label, kind="label map")
         check_pair(image, label)

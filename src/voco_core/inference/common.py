@@ -17,8 +17,18 @@ def as_record(volume: VolumeRecord | str | Path) -> VolumeRecord:
 
 
 def check_3d(record: VolumeRecord) -> None:
-    if record.array.ndim != 3:
-        raise VoCoDataError(f"expected a 3-D volume, got shape {record.array.shape}",
+    """Refuse an array that is neither ``(I, J, K)`` nor channels-last ``(I, J, K, C)``."""
+    if record.array.ndim not in (3, 4):
+        raise VoCoDataError(f"expected a 3-D volume (I, J, K) or one with channels last "
+                            f"(I, J, K, C), got shape {record.array.shape}", record.path)
+
+
+def check_channels(record: VolumeRecord, expected: int, source: str | Path) -> None:
+    """Refuse an image whose channel count differs from the network's (``expected``,
+    the ``data.in_channels`` recorded in the checkpoint ``source``)."""
+    if record.channels != expected:
+        raise VoCoDataError(f"image has {record.channels} channel(s), but the network of "
+                            f"{source} takes {expected} (data.in_channels of its run)",
                             record.path)
 
 

@@ -48,7 +48,13 @@ from voco_core.geometry import (
     overlap_labels,
     sample_crop_centres,
 )
-from voco_core.inference.common import as_record, check_3d, config_in_checkpoint, load_weights
+from voco_core.inference.common import (
+    as_record,
+    check_3d,
+    check_channels,
+    config_in_checkpoint,
+    load_weights,
+)
 from voco_core.losses import overlap_logits
 from voco_core.models import ProjectionHead, VoCoNet
 
@@ -79,14 +85,15 @@ def load_position_model(checkpoint: str | Path, device: str = "auto") -> Positio
     path = find_checkpoint(checkpoint)
     state = load_pretrain_checkpoint(path)
     config = config_in_checkpoint(state, config_from_dict, path)
-    net = VoCoNet(config.model)
+    channels = config.data.image_channels
+    net = VoCoNet(config.model, channels)
     load_weights(net, state, "student", path)
     torch_device = resolve_device(device)
     teacher = None
     if config.loss.variant == "v2" and state.get("teacher") is not None:
         teacher = (ProjectionHead(net.backbone.out_dim, config.model.head_hidden_dim,
                                   config.model.head_out_dim)
-                   if config.model.teacher == "head" else VoCoNet(config.model))
+                   if config.model.teacher == "head" else VoCoNet(config.model, channels))
         load_weights(teacher, state, "teacher", path)
         teacher = teacher.to(torch_device).eval()
     return PositionModel(net.to(torch_device).eval(), config, torch_device, str(checkpoint),
@@ -105,7 +112,7 @@ def _config_of(source: VoCoConfig | PositionModel | str | Path) -> VoCoConfig:
 class PreparedVolume:
     """A volume pre-processed as in pretraining, and the way back to its voxels.
 
-    ``sample``: ``(1, X, Y, Z)`` float32 in [0, 1], the region the base-crop grid
+    ``sample``: ``(C, X, Y, Z)`` float32 in [0, 1], the region the base-crop grid
     tiles (v2 geometry: the central ``target_size`` window). ``sample_to_image``:
     ``(4, 4)``, continuous sample voxel coordinates -> image voxel coordinates.
     """
@@ -139,10 +146,14 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def prepare_volume(volume: VolumeRecord | str | Path,
                    config: VoCoConfig | PositionModel | str | Path) -> PreparedVolume:
-    """Pre-process ``volume`` exactly as pretraining does (without augmentation)."""
+    """Pre-process ``volume`` exactly as pretraining does (without augmentation). Its
+    channels must be the network's (``data.in_channels`` of the run)."""
+    source = config.source if isinstance(config, PositionModel) else (
+        "this config" if isinstance(config, VoCoConfig) else str(config))
     record = as_record(volume)
     check_3d(record)
     config = _config_of(config)
+    check_channels(record, config.data.image_channels, source)
     pre = preprocess_transforms(config.data, load=False, track_meta=True)
     out = pre({"image": to_meta_tensor(record)})["image"]
     sample_affine = np.asarray(out.affine, dtype=np.float64)
@@ -200,8 +211,8 @@ class PositionResult:
 
 
 def crops_for_network(sample: torch.Tensor, boxes: np.ndarray, input_size: int) -> torch.Tensor:
-    """Cut integer sample boxes ``(N, 3, 2)`` from ``(1, X, Y, Z)`` and resize each to
-    ``(N, 1, S, S, S)`` (trilinear, as the training sampler does)."""
+    """Cut integer sample boxes ``(N, 3, 2)`` from ``(C, X, Y, Z)`` and resize each to
+    ``(N, C, S, S, S)`` (trilinear, as the training sampler does)."""
     crops = []
     for (a0, a1), (b0, b1), (c0, c1) in np.asarray(boxes, dtype=np.int64):
         crop = sample[None, :, a0:a1, b0:b1, c0:c1]

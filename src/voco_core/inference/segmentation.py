@@ -25,7 +25,13 @@ from voco_core.data.intensity import INTENSITY_KEY, describe_intensity
 from voco_core.data.io import VolumeRecord
 from voco_core.data.segmentation import seg_transforms, to_meta_tensor
 from voco_core.errors import VoCoDataError, VoCoError
-from voco_core.inference.common import as_record, check_3d, config_in_checkpoint, load_weights
+from voco_core.inference.common import (
+    as_record,
+    check_3d,
+    check_channels,
+    config_in_checkpoint,
+    load_weights,
+)
 from voco_core.models import build_swin_unetr
 
 
@@ -62,7 +68,7 @@ def load_segmenter(checkpoint: str | Path, device: str = "auto") -> Segmenter:
     state = load_segmentation_checkpoint(checkpoint)
     config = config_in_checkpoint(state, finetune_config_from_dict, checkpoint)
     torch_device = resolve_device(device)
-    model = build_swin_unetr(config.model, config.data.num_classes)
+    model = build_swin_unetr(config.model, config.data.num_classes, config.data.image_channels)
     load_weights(model, state, "model", checkpoint)
     model.to(torch_device).eval()
     return Segmenter(model, config, torch_device, str(checkpoint))
@@ -115,6 +121,7 @@ def segment(
     check_3d(record)
     segmenter = checkpoint if isinstance(checkpoint, Segmenter) else load_segmenter(
         checkpoint, device)
+    check_channels(record, segmenter.config.data.image_channels, segmenter.source)
     config, model, torch_device = segmenter.config, segmenter.model, segmenter.device
     t = config.train
     overlap = t.sw_overlap if overlap is None else float(overlap)

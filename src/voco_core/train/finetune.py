@@ -47,8 +47,14 @@ from voco_core.checkpoint import (
 )
 from voco_core.checkpoint import load_segmentation_checkpoint as load_finetune_checkpoint
 from voco_core.config import FinetuneConfig, finetune_config_from_dict, merge, resolve_device
+from voco_core.data.datalists import (
+    DatalistEntry,
+    dataset_class_names,
+    load_datalist,
+    read_dataset_json,
+    resolve_in_channels,
+)
 from voco_core.data.intensity import preprocessing_report
-from voco_core.data.io import DatalistEntry, dataset_class_names, load_datalist, read_dataset_json
 from voco_core.data.sampling import ResumableRandomSampler
 from voco_core.data.segmentation import (
     LabelledCase,
@@ -199,6 +205,12 @@ def iter_finetune(
         declared = dataset_class_names(data)
         declared_in = Path(data) / "dataset.json" if Path(data).is_dir() else Path(data)
     config = resolve_classes(config, train_cases + val_cases, declared, declared_in)
+    # The channel count comes from the images and is recorded in the run's config
+    # (config.yaml, both checkpoints): inference builds the network for it and checks
+    # every input against it.
+    channels = resolve_in_channels([(c.entry.image_file, int(c.image.shape[0]))
+                                    for c in train_cases + val_cases], config.data.in_channels)
+    config = replace(config, data=replace(config.data, in_channels=channels))
     with folder.lock():
         yield from _finetune(config, train_cases, val_cases, folder, device, pretrained,
                              resume, stop, initial)
@@ -236,14 +248,15 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
     train_volumes = [pre({"image": c.image, "label": c.label}) for c in train_cases]
     val_volumes = [pre({"image": c.image, "label": c.label}) for c in (val_cases or train_cases)]
     notes = preprocessing_report(
-        {Path(c.entry.image).name: v for c, v in zip(
+        {c.entry.image_file.name: v for c, v in zip(
             [*train_cases, *val_cases], [*train_volumes, *(val_volumes if val_cases else [])],
             strict=True)}, config.data)
     crop = seg_train_transforms(t, config.data.ignore_label)
 
     # ---- build
     torch.manual_seed(seed)
-    model = build_swin_unetr(config.model, config.data.num_classes).to(device)
+    model = build_swin_unetr(config.model, config.data.num_classes,
+                             config.data.image_channels).to(device)
     message = ""
     if pretrained is not None and resume is None:
         message = load_backbone(model, pretrained).summary()
@@ -270,9 +283,11 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
                                 "from the run folder or its checkpoints/last.pt", resume)
         require_keys(state, SEGMENTATION_RESUME_KEYS, resume)
         saved = finetune_config_from_dict(state["config"], check_device=False)
-        if saved.model != config.model or saved.data.num_classes != config.data.num_classes:
-            raise VoCoConfigError(f"{resume}: the checkpoint's model/classes differ from the "
-                                  "config; resume with the run's own config (plan_finetune)")
+        if (saved.model != config.model or saved.data.num_classes != config.data.num_classes
+                or saved.data.image_channels != config.data.image_channels):
+            raise VoCoConfigError(f"{resume}: the checkpoint's model/classes/channels differ "
+                                  "from the config; resume with the run's own config "
+                                  "(plan_finetune)")
         restore_state(state, resume, device, modules={"model": model}, optimizer=optimizer,
                       scheduler=scheduler, scaler=scaler)
         step = int(state["step"])
@@ -382,6 +397,10 @@ def _load_initial(model: torch.nn.Module, initial: str | Path,
         raise VoCoConfigError(f"{path}: its model or classes ({saved.data.num_classes}) differ "
                               f"from this run's ({config.data.num_classes}); continue with "
                               "plan_continue, which takes the parent's config")
+    if saved.data.image_channels != config.data.image_channels:
+        raise VoCoConfigError(f"{path}: its network takes {saved.data.image_channels} image "
+                              f"channel(s), this run's images have "
+                              f"{config.data.image_channels}")
     check_weights(state["model"], model.state_dict(), f"{path}: entry 'model'")
     model.load_state_dict(state["model"])
     folder = RunFolder.of(path)
@@ -434,7 +453,8 @@ def _optimizer(model: torch.nn.Module, t) -> tuple[torch.optim.Optimizer, list[C
 
 def _crops(volumes: list[dict], order: Iterator[int], crop, seed: int, step: int,
            batch_volumes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N, 1, X, Y, Z)`` image and label crops of the next ``batch_volumes`` volumes,
+    """``(N, C, X, Y, Z)`` image and ``(N, 1, X, Y, Z)`` label crops of the next
+    ``batch_volumes`` volumes,
     drawn from (seed, step, volume slot): the same crops after a resume."""
     crops = []
     for b in range(batch_volumes):

@@ -43,8 +43,9 @@ from voco_core.checkpoint import (
     write_json,
 )
 from voco_core.config import VoCoConfig, config_from_dict, merge, resolve_device
+from voco_core.data.datalists import DatalistEntry, load_datalist, resolve_in_channels
 from voco_core.data.intensity import PreprocessingNotes
-from voco_core.data.io import DatalistEntry, check_volume_header, load_datalist
+from voco_core.data.io import check_volume_header
 from voco_core.data.sampling import (
     LoadFailure,
     PretrainDataset,
@@ -119,10 +120,15 @@ def loss_terms(losses: dict) -> list[str]:
     return [k for k, v in losses.items() if k not in ("total", "logits") and v.ndim == 0]
 
 
-def check_dataset(entries: Sequence[DatalistEntry], config: VoCoConfig) -> None:
-    """Header-level pre-flight of every volume (fast; voxel data is checked on load)."""
+def check_dataset(entries: Sequence[DatalistEntry], config: VoCoConfig) -> int:
+    """Header-level pre-flight of every volume (fast; voxel data is checked on load).
+    Returns the images' channel count: the same for all, and ``data.in_channels``
+    when that is set (:func:`~voco_core.data.io.resolve_in_channels`)."""
+    channels = []
     for entry in entries:
-        check_volume_header(entry.image, min_shape=min_raw_shape(config))
+        shape = check_volume_header(entry.image, min_shape=min_raw_shape(config))
+        channels.append((entry.image_file, shape[3] if len(shape) == 4 else 1))
+    return resolve_in_channels(channels, config.data.in_channels)
 
 
 def iter_pretrain(
@@ -156,7 +162,10 @@ def iter_pretrain(
     folder = RunFolder(run_dir or config.run.output_dir)
     try:
         entries = list(data) if not isinstance(data, str | Path) else load_datalist(data)
-        check_dataset(entries, config)
+        # The channel count comes from the data and is recorded in the run's config
+        # (config.yaml, the checkpoint): the network is built for it, inference checks it.
+        config = replace(config, data=replace(config.data,
+                                              in_channels=check_dataset(entries, config)))
         with folder.lock() if dist_ctx.is_main else nullcontext():
             yield from _pretrain(config, entries, folder, dist_ctx, device, resume, stop)
     finally:
@@ -173,7 +182,7 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
 
     # ---- build
     torch.manual_seed(seed)
-    model = VoCoModel(config.model).to(device)
+    model = VoCoModel(config.model, config.data.image_channels).to(device)
     loss_fn = build_loss(config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
@@ -386,6 +395,11 @@ def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> Non
         raise VoCoConfigError(
             f"{source}: the checkpoint's model/geometry differ from the config; resume with "
             "the run's own config (voco_core.plan.plan_pretrain(resume=...))")
+    if saved.data.image_channels != config.data.image_channels:
+        raise VoCoConfigError(
+            f"{source}: the checkpoint's network takes {saved.data.image_channels} image "
+            f"channel(s), the data have {config.data.image_channels}; resume with the data "
+            "it was trained on")
 
 
 def run_folder_of(resume: str | Path) -> Path | None:
