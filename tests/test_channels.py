@@ -261,6 +261,27 @@ def test_predict_takes_two_channels_and_refuses_one(channel_runs, channel_data, 
     one_line_error(capsys, single.name, "image has 1 channel(s)", "takes 2")
 
 
+def test_predict_reads_channel_files_from_a_datalist_like_the_stacked_file(
+        channel_runs, channel_data, tmp_path):
+    """``voco predict --input dataset.json``: each listed image (here two channel files)
+    is one input, segmented exactly as the same channels stacked in one 4-D file."""
+    _, finetune_run, _ = channel_runs
+    test_list = {"test": [{"image": ["channels/phantom_000_ct.nii.gz",
+                                     "channels/phantom_000_mr.nii.gz"]}]}
+    datalist = tmp_path / "predict.json"
+    (tmp_path / "channels").symlink_to(channel_data / "channels")
+    datalist.write_text(json.dumps(test_list))
+    assert main(["predict", "--checkpoint", str(finetune_run), "--input", str(datalist),
+                 "--out", str(tmp_path / "listed"), "--device", "cpu"]) == 0
+    assert main(["predict", "--checkpoint", str(finetune_run), "--input",
+                 str(channel_data / "stacked" / "phantom_000.nii.gz"),
+                 "--out", str(tmp_path / "stacked"), "--device", "cpu"]) == 0
+    listed = nib.load(tmp_path / "listed" / "phantom_000_ct_seg.nii.gz")
+    stacked = nib.load(tmp_path / "stacked" / "phantom_000_seg.nii.gz")
+    np.testing.assert_array_equal(np.asarray(listed.dataobj), np.asarray(stacked.dataobj))
+    np.testing.assert_allclose(listed.affine, stacked.affine)
+
+
 def test_finetune_refuses_a_channel_count_the_data_contradict(channel_data, tmp_path, capsys):
     assert main(["finetune", "--data", str(channel_data / "dataset.json"), "--preset", "tiny",
                  "--out", str(tmp_path / "run"), "--device", "cpu", "--steps", "1",

@@ -265,9 +265,12 @@ def _saved_step(folder, fallback: int) -> int:
         return fallback
 
 
-def _inputs(path: Path) -> list[Path]:
-    """The volumes to predict: a file, a DICOM series folder, or a folder's volumes
-    (NIfTI/NRRD/MetaImage files and DICOM series subfolders, sorted by name)."""
+def _inputs(path: Path) -> list:
+    """The images to predict: a file, a DICOM series folder, a folder's volumes
+    (NIfTI/NRRD/MetaImage files and DICOM series subfolders, sorted by name), or the
+    images of a Decathlon-style JSON datalist (its ``test`` list, else ``training``;
+    an image there may be a list of channel files)."""
+    from voco_core.data.datalists import load_datalist, read_dataset_json
     from voco_core.data.formats import looks_like_dicom_folder, volume_sources
     from voco_core.errors import VoCoDataError
 
@@ -281,6 +284,9 @@ def _inputs(path: Path) -> list[Path]:
         return files
     if not path.is_file():
         raise VoCoDataError("input file or folder not found", path)
+    if path.suffix.lower() == ".json":
+        section = "test" if isinstance(read_dataset_json(path).get("test"), list) else "training"
+        return [entry.image for entry in load_datalist(path, section=section)]
     return [path]
 
 
@@ -294,9 +300,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"model {segmenter.source}: {segmenter.config.data.num_classes} classes "
           f"({', '.join(segmenter.class_names[1:])})")
     args.out.mkdir(parents=True, exist_ok=True)
-    for file in files:
+    for source in files:  # a path, or a tuple of one image's channel files
         start = time.perf_counter()
-        record = read_volume(file)
+        record = read_volume(source)
+        file = record.path
         result = segment(record, segmenter, overlap=args.overlap,
                          probabilities=args.probabilities)
         out = args.out / f"{record.name}_seg.nii.gz"
@@ -450,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", type=Path, required=True,
                          help="finetuning run folder or checkpoint (best.pt / last.pt)")
     predict.add_argument("--input", type=Path, required=True,
-                         help="a volume file, a DICOM series folder or a folder of volumes")
+                         help="a volume file, a DICOM series folder, a folder of volumes, or a "
+                              "Decathlon JSON datalist (its test list, else training; channel "
+                              "files listed together make one image)")
     predict.add_argument("--out", type=Path, required=True, help="output folder")
     predict.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1)")
     predict.add_argument("--probabilities", action="store_true",

@@ -143,7 +143,7 @@ def read_dataset_json(data) -> dict:
         return {}
     require_file(path, "datalist")
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise VoCoDataError(f"not a readable JSON datalist ({err})", path) from err
     if not isinstance(spec, dict):
