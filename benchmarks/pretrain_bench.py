@@ -5,6 +5,9 @@ Usage:
     python benchmarks/pretrain_bench.py                       # CPU sections
     python benchmarks/pretrain_bench.py --device cuda         # + the CUDA section
     python benchmarks/pretrain_bench.py --sections sampler,loss
+    python benchmarks/pretrain_bench.py --sections authors --authors-repo ~/src/VoCo
+                                       # ours vs the authors' step (issue 13; see
+                                       # benchmarks/authors_bench.py)
 
 Every figure is the median of ``--repeats`` repeats in this one run. Writes
 ``benchmarks/results/pretrain_bench_<device>.json`` and prints one summary line.
@@ -442,14 +445,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--sections", default="sampler,loss,steps,attention,memory,cache,cuda")
+    parser.add_argument("--sections",
+                        default="sampler,loss,steps,attention,memory,cache,cuda,authors")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=4, help="measured training steps")
     parser.add_argument("--data", help="phantom folder (default: made in a temp folder)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads here and in the child processes")
+    parser.add_argument("--authors-repo", help="a checkout of Luffy03/VoCo for the authors "
+                        "section (default: $VOCO_AUTHORS_REPO; without it the section skips)")
+    parser.add_argument("--authors-geometry", metavar="VOLUMESxSIZE",
+                        help="authors section: volumes per step x crop edge (default 1x40 "
+                        "on CPU, 2x64 on CUDA; 16 base + 2 random crops per volume)")
+    parser.add_argument("--authors-variants", help="our variants to time against theirs "
+                        "(default full/ckpt,full/no_ckpt,head/ckpt,head/no_ckpt)")
     parser.add_argument("--child-step", help=argparse.SUPPRESS)
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:  # before torch starts its thread pool; children inherit it
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     if args.child_step:
         print(json.dumps(child_step(args.child_step, args.steps, args.data)))
@@ -460,11 +475,18 @@ def main() -> None:
 
     import torch
 
+    from authors_bench import bench_authors
+    from authors_bench import summary as authors_summary
     from voco_core.data.phantoms import make_phantom_dataset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     sections = set(args.sections.split(","))
     tmp = tempfile.TemporaryDirectory()
-    data = args.data or str(make_phantom_dataset(Path(tmp.name) / "ph", n=4, seed=0).parent)
+    needs_data = sections & {"steps", "cache", "cuda"}  # phantoms only where read
+    data = args.data or (str(make_phantom_dataset(Path(tmp.name) / "ph", n=4, seed=0).parent)
+                         if needs_data else None)
     report: dict = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -486,6 +508,12 @@ def main() -> None:
         report["cache"] = bench_cache(args.repeats, data)
     if "cuda" in sections and args.device == "cuda":
         report["cuda"] = bench_cuda(args.steps, data)
+    if "authors" in sections:
+        volumes, crop_size = (map(int, args.authors_geometry.split("x"))
+                              if args.authors_geometry else (None, None))
+        report["authors"] = bench_authors(args.authors_repo, args.device, args.steps,
+                                          variants=args.authors_variants, volumes=volumes,
+                                          crop_size=crop_size)
 
     out = args.out or Path(__file__).parent / "results" / f"pretrain_bench_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -520,6 +548,8 @@ def main() -> None:
     if "cuda" in report and "skipped" not in report["cuda"]:
         parts.append(f"cuda base {report['cuda']['full']['seconds_per_step']} s/step, "
                      f"{report['cuda']['achieved_tflops']} TFLOP/s")
+    if "authors" in report:
+        parts.append(authors_summary(report["authors"]))
     print("pretrain_bench: " + "; ".join(parts) + f" -> {out}")
 
 

@@ -144,3 +144,35 @@ def test_closing_after_start_restores_the_backend_flags(tmp_path, train_dataset)
     assert next(events).kind == "start"
     events.close()
     assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, train_dataset,
+                                                                      monkeypatch):
+    """Step 2's loss turns NaN (its backward has run: the check now sits before the
+    optimizer update, one host sync per step): one error line naming the step, and the
+    step-1 checkpoint, whose weights are finite, is what the run folder holds."""
+    import importlib
+
+    from voco_core.errors import VoCoTrainingError
+
+    # the module (voco_core.train exports the function of the same name)
+    pretrain_module = importlib.import_module("voco_core.train.pretrain")
+
+    real = pretrain_module.voco_loss_on_batch
+    calls = []
+
+    def nan_at_step_two(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            losses = {**losses, "total": losses["total"] * float("nan")}
+        return losses
+
+    monkeypatch.setattr(pretrain_module, "voco_loss_on_batch", nan_at_step_two)
+    config = tiny_config({"optim": {"total_steps": 2}, "run": {"checkpoint_every": 1}})
+    with pytest.raises(VoCoTrainingError, match="the loss became nan at step 2"):
+        pretrain(config, train_dataset, tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run")
+    assert state["step"] == 1
+    assert all(torch.isfinite(t).all() for t in state["student"].values()
+               if t.is_floating_point())

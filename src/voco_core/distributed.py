@@ -59,11 +59,13 @@ def teardown_distributed(context: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def mean_over_ranks(values: list[float], context: DistContext, device: torch.device) -> list[float]:
-    """Average a few floats over ranks (for logging identical numbers on every rank)."""
+def mean_over_ranks(values: list[float] | torch.Tensor, context: DistContext,
+                    device: torch.device) -> list[float]:
+    """Average a few numbers over ranks (for logging identical numbers on every rank),
+    as host floats; a 1-D tensor on the device costs one device->host copy."""
     if not context.active:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return (tensor / context.world_size).tolist()
 

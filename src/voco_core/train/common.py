@@ -59,10 +59,12 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def check_finite(loss: torch.Tensor, step: int, hint: str) -> None:
-    """Stop on a NaN/inf loss before it reaches the weights (the last checkpoint stays)."""
-    if not torch.isfinite(loss):
-        raise VoCoTrainingError(f"the loss became {loss.item()} at step {step + 1}; the last "
+def check_finite(loss: torch.Tensor | float, step: int, hint: str) -> None:
+    """Stop on a NaN/inf loss before it reaches the weights (the last checkpoint stays).
+    A tensor is read to the host here (a sync); pass a float already read to avoid it."""
+    value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+    if not math.isfinite(value):
+        raise VoCoTrainingError(f"the loss became {value} at step {step + 1}; the last "
                                 f"checkpoint is kept ({hint})")
 
 

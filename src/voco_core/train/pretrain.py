@@ -249,12 +249,11 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
                     yield last
                     return
                 clock.start()
-                names, values = _train_step(forward, model, loss_fn, sampler, volumes, params,
-                                            optimizer, scheduler, scaler, config, step,
-                                            dist_ctx, device, dtype)
+                names, (loss, *terms) = _train_step(forward, model, loss_fn, sampler, volumes,
+                                                    params, optimizer, scheduler, scaler,
+                                                    config, step, dist_ctx, device, dtype)
                 step += 1
                 samples_seen += o.batch_size * o.grad_accum * dist_ctx.world_size
-                loss, *terms = mean_over_ranks(values, dist_ctx, device)
                 elapsed, eta = clock.lap(o.total_steps - step)
                 checkpoint = None
                 if step % config.run.checkpoint_every == 0 or step == o.total_steps:
@@ -295,8 +294,12 @@ def _train_step(forward, model: VoCoModel, loss_fn, sampler: VoCoCropSampler,
                 dtype: torch.dtype | None) -> tuple[list[str], list[float]]:
     """One optimizer step over ``grad_accum`` micro-batches, then the teacher's EMA.
 
-    Returns the term names and ``[total, *terms]`` averaged over the micro-batches
-    (one device sync per step: the terms are summed as a tensor).
+    Returns the term names and ``[total, *terms]`` averaged over the micro-batches and
+    ranks. One device->host sync per step, after the backward passes: the loss terms
+    stay on the device until then, and the NaN check reads the same host copy (before
+    the update, so a NaN leaves the weights of ``step``; under DDP a NaN on any rank
+    reaches every rank through the average, so all stop together). The step's event
+    carries the loss, so this one sync stays.
     """
     o, seed = config.optim, config.run.seed
     model.train()
@@ -315,11 +318,12 @@ def _train_step(forward, model: VoCoModel, loss_fn, sampler: VoCoCropSampler,
         with sync:
             with autocast(device, dtype):
                 losses = voco_loss_on_batch(forward, loss_fn, batch)
-            check_finite(losses["total"], step, "try a lower optim.lr or optim.amp=off")
             scaler.scale(losses["total"] / o.grad_accum).backward()
         names = loss_terms(losses)
         values = torch.stack([losses[k].detach().float() for k in ("total", *names)])
-        summed = values if summed is None else summed + values
+        summed = values if summed is None else summed + values  # a NaN in any stays NaN
+    averaged = mean_over_ranks(summed / o.grad_accum, dist_ctx, device)
+    check_finite(averaged[0], step, "try a lower optim.lr or optim.amp=off")
     if o.clip_norm > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, also under fp16
         torch.nn.utils.clip_grad_norm_(params, o.clip_norm)
@@ -327,7 +331,7 @@ def _train_step(forward, model: VoCoModel, loss_fn, sampler: VoCoCropSampler,
     scaler.update()
     scheduler.step()
     model.update_teacher()
-    return names, (summed / o.grad_accum).tolist()
+    return names, averaged
 
 
 def _volume_stream(entries: list[DatalistEntry], config: VoCoConfig, dist_ctx: DistContext,
