@@ -25,6 +25,23 @@ from voco_core.errors import VoCoConfigError
 Size3 = tuple[int, int, int]
 
 
+class ChannelCount:
+    """``image_channels`` for a data section with an ``in_channels`` field: the image
+    channels, read from the data by the trainer and recorded in the run's config and
+    checkpoints (the run's network and every later input must have them). Not a
+    setting: 0 (unset) lets the trainer fill it in, another value that the data
+    contradict is refused; configs and checkpoints written before multi-channel
+    support lack the field and mean 1."""
+
+    in_channels: int
+
+    @property
+    def image_channels(self) -> int:
+        """The network's input channels: ``in_channels``, or 1 where it is unset (0: a
+        config not yet filled in by a trainer, or one saved before the field existed)."""
+        return self.in_channels or 1
+
+
 class ConfigFile:
     """Mixin of the top-level config dataclasses: plain-dict view and atomic save."""
 

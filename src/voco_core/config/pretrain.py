@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from voco_core.config.common import (
+    ChannelCount,
     ConfigFile,
     RunConfig,
     Size3,
@@ -25,7 +26,7 @@ from voco_core.config.common import (
 
 
 @dataclass
-class DataConfig:
+class DataConfig(ChannelCount):
     """Pre-processing of one training volume (spec: "Pre-processing")."""
 
     intensity: Literal["auto", "ct", "percentile"] = "auto"
@@ -55,16 +56,7 @@ class DataConfig:
     pin_memory: bool = True
     """Pinned host memory for faster copies (CUDA only)."""
     in_channels: int = 0
-    """Image channels, read from the data by the trainer and recorded here (the run's
-    network and every later input must have them); not a setting: 0 (unset) lets the
-    trainer fill it in, another value that the data contradict is refused. Configs and
-    checkpoints written before multi-channel support lack it and mean 1."""
-
-    @property
-    def image_channels(self) -> int:
-        """The network's input channels: ``in_channels``, or 1 where it is unset (0: a
-        config not yet filled in by a trainer, or one saved before the field existed)."""
-        return self.in_channels or 1
+    """Image channels, from the data (see :class:`~voco_core.config.common.ChannelCount`)."""
 
 
 @dataclass
