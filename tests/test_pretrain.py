@@ -176,3 +176,22 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, t
     assert state["step"] == 1
     assert all(torch.isfinite(t).all() for t in state["student"].values()
                if t.is_floating_point())
+
+
+def test_run_compile_compiles_the_backbones_and_keeps_checkpoint_names(tmp_path, train_dataset,
+                                                                       monkeypatch):
+    """``run.compile``: ``nn.Module.compile`` on the student's and the full teacher's
+    backbone (recorded here instead of compiled: compiling takes minutes on a CPU, see
+    the config's docstring); the checkpoint's tensor names carry no ``_orig_mod``."""
+    from voco_core.models import VoCoBackbone
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: compiled.append(type(self).__name__))
+    config = tiny_config({"optim": {"total_steps": 1}, "run": {"compile": True}})
+    assert config.model.teacher == "full"
+    result = pretrain(config, train_dataset, tmp_path / "run")
+    assert compiled == [VoCoBackbone.__name__] * 2
+    state = load_checkpoint(result.checkpoint)
+    assert not any("_orig_mod" in name for name in state["student"])
+    assert load_checkpoint(result.checkpoint)["config"]["run"]["compile"] is True

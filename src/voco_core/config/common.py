@@ -83,6 +83,13 @@ class RunConfig:
     """On CPU, ``retain``: glibc keeps freed memory for reuse during training
     (about 2x faster steps, higher peak memory; see voco_core.memory). ``system``:
     leave malloc as it is (e.g. when preloading jemalloc)."""
+    compile: bool = False
+    """``torch.compile`` the networks' forward passes (``nn.Module.compile``: the
+    weights' names, and so the checkpoints, stay as they are): pretraining's student
+    backbone (and the ``full`` teacher's), finetuning's SwinUNETR. Off by default:
+    on the 2-core CPU the tiny backbone's compilation had not finished after 9.6
+    minutes (eager steps 4.8-6.9 s); the CUDA speed-up is not yet measured
+    (docs/benchmarks.md)."""
 
 
 

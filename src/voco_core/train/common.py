@@ -68,6 +68,15 @@ def check_finite(loss: torch.Tensor | float, step: int, hint: str) -> None:
                                 f"checkpoint is kept ({hint})")
 
 
+def compile_forward(modules: list[torch.nn.Module | None], run: RunConfig) -> None:
+    """``run.compile``: compile each module's forward in place (``nn.Module.compile``
+    keeps its parameter names, so checkpoints and restores are unchanged)."""
+    if run.compile:
+        for module in modules:
+            if module is not None:
+                module.compile()
+
+
 def rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":

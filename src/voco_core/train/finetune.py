@@ -75,6 +75,7 @@ from voco_core.train.common import (
     autocast,
     check_finite,
     check_weights,
+    compile_forward,
     peak_memory_bytes,
     restore_state,
     rng_state,
@@ -264,6 +265,7 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
     if initial is not None:
         parent = _load_initial(model, initial, config)
         message = f"continuing from {parent['checkpoint']} (its step {parent['step']})"
+    compile_forward([model], config.run)  # run.compile (weights loaded first)
     optimizer, lambdas = _optimizer(model, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     dtype = amp_dtype(t.amp, device)

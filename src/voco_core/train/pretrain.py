@@ -74,6 +74,7 @@ from voco_core.train.common import (
     amp_dtype,
     autocast,
     check_finite,
+    compile_forward,
     peak_memory_bytes,
     restore_state,
     rng_state,
@@ -202,6 +203,10 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
                       optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
         del state
+
+    # run.compile: the backbones, the costly part (the heads are two linear layers)
+    compile_forward([model.student.backbone, getattr(model.teacher, "backbone", None)],
+                    config.run)
 
     # DDP over the whole model: only the student's parameters require gradients;
     # the teacher follows from identical students, so it stays identical too.
