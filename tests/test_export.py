@@ -143,11 +143,9 @@ def test_bundle_normalises_each_channel_as_voco_does(finetune_run, train_dataset
     """A two-channel run (CT + MRI-like channel): ``auto`` decides per channel."""
     from monai.bundle import run
 
-    from voco_core.config import SegDataConfig, make_finetune_config
+    from voco_core.config import make_finetune_config
     from voco_core.models import build_swin_unetr
 
-    if "in_channels" not in SegDataConfig.__dataclass_fields__:
-        pytest.skip("multi-channel support (data.in_channels) is not in this tree")
     state = torch.load(finetune_run / "checkpoints" / "best.pt", weights_only=True)
     state["config"]["data"]["in_channels"] = 2
     model = make_finetune_config("tiny", state["config"], check_device=False).model

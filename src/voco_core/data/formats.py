@@ -125,6 +125,11 @@ def is_volume_file_path(path: str | Path) -> bool:
     return is_nifti_path(path) or file_format(path) is not None
 
 
+def is_series_folder(path: Path) -> bool:
+    """A folder (not one named like a volume file) read as one DICOM series."""
+    return path.is_dir() and not is_volume_file_path(path)
+
+
 def volume_stem(path: Path) -> str:
     """The name without its volume suffix: ``case_001`` for ``case_001.nii.gz`` or
     ``case_001.nrrd``; a folder's (a DICOM series') own name."""
@@ -138,7 +143,7 @@ def volume_stem(path: Path) -> str:
 def require_volume_source(path: Path, kind: str, where: str = "") -> None:
     """Like :func:`~voco_core.data.files.require_file`, but a folder is accepted as a
     DICOM series (its content is checked when it is read)."""
-    if path.is_dir() and not is_volume_file_path(path):
+    if is_series_folder(path):
         return
     require_file(path, kind, where)
 
@@ -174,7 +179,7 @@ def read_other_volume(path: Path, kind: str = "image"
     ``(i, j, k)``. Raises :class:`VoCoDataError` naming ``path``.
     """
     path = Path(path)
-    if path.is_dir() and not is_volume_file_path(path):
+    if is_series_folder(path):
         image = read_dicom_series(path, kind)
     elif file_format(path) is not None:
         image = _read_itk_file(path, kind)
@@ -190,7 +195,7 @@ def check_other_header(path: Path, kind: str = "image") -> tuple[int, int, int]:
     """Shape ``(I, J, K)`` of a NRRD/MetaImage file or DICOM series folder from headers
     alone (the checks of :func:`read_other_volume` that need no voxel data)."""
     path = Path(path)
-    if path.is_dir() and not is_volume_file_path(path):
+    if is_series_folder(path):
         files = one_series(path, kind).files
         reader = header_reader(Path(files[0]), "GDCMImageIO", "DICOM", path)
         columns, rows = require_scalar_3d(reader, kind, path)[:2]

@@ -30,7 +30,6 @@ from voco_core.export.monai_bundle import (
     ExportResult,
     FinetunedRun,
     bundle_metadata,
-    in_channels_of,
     inference_config,
     intensity_text,
     read_finetuned_run,
@@ -40,7 +39,7 @@ from voco_core.export.monai_bundle import (
 EXPORT_FORMATS = ("monai-bundle",)
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "FinetunedRun", "bundle_metadata", "export_run",
-           "in_channels_of", "inference_config", "intensity_text", "read_finetuned_run",
+           "inference_config", "intensity_text", "read_finetuned_run",
            "write_bundle"]
 
 

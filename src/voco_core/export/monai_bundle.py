@@ -46,12 +46,6 @@ class ExportResult:
     """e.g. ``"auto (CT window -175..250 HU or percentiles 0.5..99.5, per volume)"``."""
 
 
-def in_channels_of(config) -> int:
-    """Input channels of a finetuning config: ``data.in_channels`` where the config has
-    that field (multi-channel runs), else 1."""
-    return int(getattr(config.data, "in_channels", 1) or 1)
-
-
 def intensity_text(data) -> str:
     """How a run's ``data.intensity`` maps the image to [0, 1], in words."""
     from voco_core.data.intensity import describe_intensity
@@ -99,17 +93,18 @@ def _intensity_steps(data) -> tuple[dict[str, Any], dict[str, Any]]:
     return items, step
 
 
-def inference_config(config, in_channels: int = 1) -> dict[str, Any]:
+def inference_config(config) -> dict[str, Any]:
     """``configs/inference.json`` for a finetuning config (see the module doc)."""
+    from voco_core.data.io import RAS_LABELS
+
     data, model, train = config.data, config.model, config.train
     intensity_items, intensity_step = _intensity_steps(data)
     preprocessing: list[dict[str, Any]] = [
         {"_target_": "LoadImaged", "keys": "image", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
-        # nibabel's axis labels, as voco_core.data.io.RAS_LABELS (MONAI's default, named:
-        # MONAI warns that the default changes)
+        # nibabel's axis labels (MONAI's default, named: MONAI warns that it changes)
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS",
-         "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
+         "labels": [list(axis) for axis in RAS_LABELS]},
         intensity_step,
     ]
     if data.spacing is not None:
@@ -130,7 +125,7 @@ def inference_config(config, in_channels: int = 1) -> dict[str, Any]:
         "datalist": ("$sorted(glob.glob(os.path.join(@dataset_dir, '*.nii.gz')) "
                      "+ glob.glob(os.path.join(@dataset_dir, '*.nii')))"),
         "network_def": {
-            "_target_": "SwinUNETR", "in_channels": in_channels,
+            "_target_": "SwinUNETR", "in_channels": data.image_channels,
             "out_channels": int(data.num_classes), "feature_size": int(model.feature_size),
             "depths": list(model.depths), "num_heads": list(model.num_heads),
             "dropout_path_rate": float(model.dropout_path_rate), "use_checkpoint": False,
@@ -186,7 +181,7 @@ def bundle_metadata(config, state: dict, *, run_name: str, authors: str | None =
 
     data, train = config.data, config.train
     names = list(data.class_names)
-    channels = in_channels_of(config)
+    channels = data.image_channels
     classes = ", ".join(names[1:])
     best_dice = state.get("best_dice")
     patch = list(train.roi_size)
@@ -281,7 +276,7 @@ def write_bundle(folder: Path, run: FinetunedRun, *, authors: str | None = None,
 
     source, state, config = run.checkpoint, run.state, run.config
     meta = bundle_metadata(config, state, run_name=run.name, authors=authors, license=license)
-    inference = inference_config(config, in_channels_of(config))
+    inference = inference_config(config)
     for sub in ("configs", "models", "docs"):
         (folder / sub).mkdir()
     (folder / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
