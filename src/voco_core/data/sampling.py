@@ -39,7 +39,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from voco_core.config import DataConfig, VoCoConfig
-from voco_core.data.datalists import DatalistEntry
+from voco_core.data.datalists import DatalistEntry, is_channel_list
 from voco_core.data.intensity import (
     FOREGROUND_KEY,
     INTENSITY_KEY,
@@ -192,7 +192,7 @@ class CompactVolumeCache(torch.utils.data.Dataset):
         """The ``.npy`` file of item ``index``: quantised ``(C, X, Y, Z)``, keyed by its
         source file(s) (all channel files of a listed image) and the settings."""
         image = self.items[index]["image"]
-        sources = [Path(p).resolve() for p in (image if isinstance(image, list | tuple)
+        sources = [Path(p).resolve() for p in (image if is_channel_list(image)
                                                else [image])]
         stats = [source.stat() for source in sources]
         files = [[str(source), stat.st_size, stat.st_mtime_ns]
@@ -244,7 +244,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.with_sources = with_sources
         self.paths = [str(e.image_file) for e in entries]  # what messages and names say
         transform = preprocess_transforms(config.data, min_shape=min_raw_shape(config))
-        items = [{"image": [str(p) for p in e.image] if isinstance(e.image, tuple)
+        items = [{"image": [str(p) for p in e.image] if is_channel_list(e.image)
                   else str(e.image)} for e in entries]
         if config.data.cache in ("disk", "compact"):
             _make_cache_folder(config.data.cache_dir)
