@@ -226,7 +226,8 @@ def main(argv=None) -> None:
                                    {m: INITS[m][0] for m in modes}, wanted)
             log(f"--control-from: {copied} control runs from {args.control_from}")
         pool = load_datalist(folders["pool"], require_labels=True)
-        for mode in [m for m in ("probe", "full") if m in args.sections]:
+        # Modes in the order --sections names them (a lever may want its full runs first).
+        for mode in [m for m in args.sections if m in ("probe", "full")]:
             t = time.perf_counter()
             for shots in args.shots:
                 for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -317,13 +317,34 @@ class ResultStore:
 ENCODER_LEVERS = ("encoder_lr_scale", "freeze_encoder_steps")
 """Finetuning keys that only change how a pretrained encoder is treated."""
 
+SCHEMA_ADDITIONS = {"data.in_channels": 0}
+"""Finetuning config keys added since older results files were written, with the value
+that means what those files did (``in_channels: 0``: one channel, from the data)."""
 
-def _without_encoder_levers(fingerprint: dict) -> dict:
-    out = json.loads(json.dumps(fingerprint))
-    for mode in out.get("finetune", {}).values():
+
+def control_fingerprint(fingerprint: dict) -> dict:
+    """What a control run (scratch, random init) depends on: the populations and the
+    finetuning configs, without the encoder levers (they only treat a pretrained
+    encoder) and without the keys of :data:`SCHEMA_ADDITIONS` at their old meaning.
+    Not the pretraining: a control run never loads the pretrained checkpoint."""
+    finetune = json.loads(json.dumps(fingerprint.get("finetune", {})))
+    for mode in finetune.values():
         for key in ENCODER_LEVERS:
             mode.get("train", {}).pop(key, None)
-    return out
+        for dotted_key, old_value in SCHEMA_ADDITIONS.items():
+            section, key = dotted_key.split(".")
+            if mode.get(section, {}).get(key, old_value) == old_value:
+                mode.get(section, {}).pop(key, None)
+    return {"populations": fingerprint.get("populations"), "finetune": finetune}
+
+
+def differing_keys(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (``finetune.full.data.spacing``)."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "(value)"]
+    return [key for name in sorted(set(a) | set(b))
+            for key in differing_keys(a.get(name), b.get(name),
+                                      f"{prefix}.{name}" if prefix else name)]
 
 
 def copy_controls(store: ResultStore, path: Path, controls: dict[str, str],
@@ -331,20 +352,21 @@ def copy_controls(store: ResultStore, path: Path, controls: dict[str, str],
     """Copy the control runs (``controls``: mode -> init, e.g. full -> scratch) named in
     ``wanted`` from the results file ``path`` into ``store``; returns how many.
 
-    For a lever of the pretrained init only: the controls of ``path`` are what this
-    invocation would run, so ``path`` must match this one's fingerprint apart from
-    :data:`ENCODER_LEVERS`. Copied rows say where they came from (``copied_from``)."""
+    For a lever of the pretrained init only (pretraining recipe, encoder lr, decoder
+    warm-up): the controls of ``path`` are what this invocation would run, so ``path``
+    must match this one's :func:`control_fingerprint` (populations and finetuning).
+    Copied rows say where they came from (``copied_from``)."""
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise SystemExit(f"{prog}: error: --control-from {path}: not a results file "
                          f"({err})") from err
-    mine = _without_encoder_levers(store.report["fingerprint"])
-    theirs = _without_encoder_levers(old.get("fingerprint", {}))
+    mine = control_fingerprint(store.report["fingerprint"])
+    theirs = control_fingerprint(old.get("fingerprint", {}))
     if mine != theirs:
-        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise SystemExit(f"{prog}: error: --control-from {path} was written with other "
-                         f"settings (differ beyond the encoder levers: {', '.join(differ)})")
+                         f"populations or finetuning settings (differ: "
+                         f"{', '.join(differing_keys(mine, theirs))})")
     copied = 0
     for key, row in old.get("runs", {}).items():
         mode, _, _, init = key.split("/")

@@ -208,10 +208,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     levers.add_argument("--freeze-encoder-steps", type=int, default=None,
                         help="full finetuning train.freeze_encoder_steps")
     levers.add_argument("--control-from", type=Path, default=None, metavar="FILE",
-                        help="for a lever of the pretrained init only (encoder lr, decoder "
-                             "warm-up): take the control runs (scratch, random) from FILE, "
-                             "a results file with the same populations, pretraining and "
-                             "finetuning settings apart from the encoder levers")
+                        help="for a lever of the pretrained init only (pretraining recipe, "
+                             "encoder lr, decoder warm-up): take the control runs (scratch, "
+                             "random) from FILE, a results file with the same populations "
+                             "and finetuning settings apart from the encoder levers (control "
+                             "runs never load the pretrained checkpoint)")
     levers.add_argument("--pretrain-set", action="append", metavar="SECTION.KEY=VALUE",
                         help="any pretraining config override (repeatable)")
     levers.add_argument("--finetune-set", action="append", metavar="SECTION.KEY=VALUE",
