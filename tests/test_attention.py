@@ -4,13 +4,14 @@ import copy
 
 import pytest
 import torch
-from monai.networks.nets.swin_unetr import SwinTransformer, WindowAttention
+from monai.networks.nets.swin_unetr import SwinTransformer, WindowAttention, compute_mask
 
 from voco_core import attention
 from voco_core.attention import (
     MemoryEfficientWindowAttention,
     WindowAttentionFunction,
     swap_window_attention,
+    window_attention_backend,
 )
 from voco_core.config import make_config
 from voco_core.memory import saved_tensor_bytes
@@ -23,12 +24,33 @@ def swin(seed: int = 0) -> SwinTransformer:
                            depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), spatial_dims=3)
 
 
-def outputs_and_grads(net: torch.nn.Module, x: torch.Tensor):
+def outputs_and_grads(net: torch.nn.Module, x: torch.Tensor, *args):
+    """``net(x, *args)`` (one tensor or a list) and the gradients of a fixed weighted
+    sum of it: every parameter's and the input's (``"input"``)."""
     net.zero_grad()
-    hidden = net(x, True)
+    x = x.detach().requires_grad_()
+    out = net(x, *args)
+    hidden = out if isinstance(out, list | tuple) else [out]
     sum((h * torch.linspace(-1, 1, h.numel()).view_as(h)).sum() for h in hidden).backward()
-    return ([h.detach() for h in hidden],
-            {name: p.grad.clone() for name, p in net.named_parameters()})
+    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+    return [h.detach() for h in hidden], {**grads, "input": x.grad}
+
+
+def assert_equal_to_monai(ours, monai, x: torch.Tensor, *args):
+    """Outputs (also without autograd) to 1e-5, gradients to 1e-5 of each tensor's
+    largest."""
+    expected, expected_grads = outputs_and_grads(monai, x, *args)
+    got, grads = outputs_and_grads(ours, x, *args)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for name, grad in expected_grads.items():
+        error = (grads[name] - grad).abs().max().item()
+        assert error <= 1e-5 * grad.abs().max().item(), (name, error)
+    with torch.no_grad():  # e.g. the EMA teacher and sliding-window inference
+        got, expected = ours(x, *args), monai(x, *args)
+        for a, b in zip(*(h if isinstance(h, list) else [h] for h in (got, expected)),
+                        strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_outputs_and_gradients_equal_monai_in_float32():
@@ -38,16 +60,69 @@ def test_outputs_and_gradients_equal_monai_in_float32():
     ours = swap_window_attention(copy.deepcopy(monai_net))
     assert sum(isinstance(m, MemoryEfficientWindowAttention) for m in ours.modules()) == 8
     x = torch.randn(2, 1, 40, 40, 40, generator=torch.Generator().manual_seed(1))
-    expected, expected_grads = outputs_and_grads(monai_net, x)
-    got, grads = outputs_and_grads(ours, x)
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    for name, grad in expected_grads.items():  # to 1e-5 of each tensor's largest gradient
-        error = (grads[name] - grad).abs().max().item()
-        assert error <= 1e-5 * grad.abs().max().item(), (name, error)
-    with torch.no_grad():  # e.g. the EMA teacher and sliding-window inference
-        for a, b in zip(ours(x, True), monai_net(x, True), strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_equal_to_monai(ours, monai_net, x, True)
+
+
+def window_block(seed: int = 0) -> WindowAttention:
+    """A stage-1 block of the tiny network (dim 12, 3 heads, 7^3 windows), with a
+    relative-position bias table that is not near zero."""
+    torch.manual_seed(seed)
+    block = WindowAttention(12, 3, (7, 7, 7))
+    torch.nn.init.normal_(block.relative_position_bias_table)
+    return block
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_sdpa_path_equals_monai_in_float32(shifted, monkeypatch):
+    """SDPA forced on CPU, one block on 2 volumes: without a mask, and with MONAI's
+    shift mask of a 14^3-token volume (nw = 8 windows, b = 16; window i takes
+    mask[i % nw]). The mask reaches SDPA once per block, not per window."""
+    monai_block = window_block()
+    ours = swap_window_attention(copy.deepcopy(monai_block))
+    nw = 8
+    mask = compute_mask([14, 14, 14], (7, 7, 7), (3, 3, 3), "cpu") if shifted else None
+    if shifted:
+        assert mask.shape == (nw, 343, 343) and mask.min() < 0
+    x = torch.randn(2 * nw, 343, 12, generator=torch.Generator().manual_seed(3))
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask.shape)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with window_attention_backend("sdpa"):
+        assert ours.path(x) == "sdpa"
+        assert_equal_to_monai(ours, monai_block, x, mask)
+    assert masks and {shape[0] for shape in masks} == {1}
+    assert MemoryEfficientWindowAttention.backend == "auto"
+
+
+def test_sdpa_path_casts_the_mask_to_autocast_dtype():
+    """Under autocast q is bf16: the float32 bias is cast (bf16 rounding only)."""
+    monai_block, mask = window_block(), compute_mask([14, 14, 14], (7, 7, 7), (3, 3, 3), "cpu")
+    ours = swap_window_attention(copy.deepcopy(monai_block))
+    x = torch.randn(16, 343, 12, generator=torch.Generator().manual_seed(4))
+    with window_attention_backend("sdpa"), torch.autocast("cpu", torch.bfloat16):
+        got, expected = ours(x, mask), monai_block(x, mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_paths_by_device_autocast_and_backend():
+    block = swap_window_attention(window_block())
+    cpu, gpu_like = torch.zeros(1), torch.zeros(1, device="meta")
+    assert (block.path(cpu), block.path(gpu_like)) == ("chunked", "sdpa")
+    with torch.autocast("cpu", torch.bfloat16):
+        assert block.path(cpu) == "monai"
+        with window_attention_backend("sdpa"):
+            assert block.path(cpu) == "sdpa"
+    for backend in ("chunked", "sdpa", "monai"):
+        with window_attention_backend(backend):
+            assert block.path(gpu_like) == backend
+    with pytest.raises(ValueError, match="flash"):
+        window_attention_backend("flash").__enter__()
 
 
 def test_function_gradients_match_autograd_of_the_plain_formula():
@@ -112,14 +187,17 @@ def test_backbones_use_it_and_swapping_back_keeps_the_state_dict():
     assert backbone.state_dict().keys() == state.keys()
 
 
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
 @pytest.mark.parametrize("drop", [0.0, 0.5])
-def test_attention_dropout_in_training_falls_back_to_monai(drop):
+def test_attention_dropout_in_training_falls_back_to_monai(drop, backend):
     torch.manual_seed(0)
     attention = WindowAttention(12, 3, (3, 3, 3), attn_drop=drop)
     ours = swap_window_attention(copy.deepcopy(attention))
     x = torch.randn(4, 27, 12)
-    torch.manual_seed(5)
-    expected = attention(x, None)
-    torch.manual_seed(5)
-    got = ours(x, None)
+    with window_attention_backend(backend):
+        assert ours.path(x) == ("monai" if drop else "chunked" if backend == "auto" else "sdpa")
+        torch.manual_seed(5)
+        expected = attention(x, None)
+        torch.manual_seed(5)
+        got = ours(x, None)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)

@@ -150,6 +150,8 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     run = tmp_path / "run"
     widget = _pretrain_widget(viewer, run, train_dataset, steps=3)
     assert widget.lr.text() == "3.0e-04"  # the tiny preset's, in scientific notation
+    assert widget.batch.text() == "auto"  # the default: sized by the run, kept by presets
+    assert widget.field_overrides()["optim"]["batch_size"] == "auto"
     panel, state = widget.panel, widget.run_state
     assert state.status == "idle" and state.checkpoint == ""
     written: list[str] = []
@@ -176,6 +178,7 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
 
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "stopped" and "step" in kinds
+    assert events[0].message.startswith("optim.batch_size auto: 1 volume(s)")
     stopped = events[-1].step
     assert 1 <= stopped < 3
     checkpoint = run / "checkpoints" / "last.pt"

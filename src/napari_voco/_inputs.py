@@ -2,7 +2,8 @@
 
 * :class:`PathEdit`: a path typed or picked (*Folder…* and/or *File…*);
 * :class:`DeviceCombo`: where a network runs (CPU, each CUDA device with its free
-  memory, Apple MPS; optionally *auto*);
+  memory, Apple MPS; optionally *auto*), its free memory re-read every few seconds
+  while a run goes (:meth:`DeviceCombo.start_live`);
 * :class:`LayerCombo`: the viewer's layers of one type, kept in sync;
 * :class:`ScientificSpinBox`: a learning rate shown as ``3.0e-04``;
 * :class:`CompactStack`: a stacked widget as tall as its current page;
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import QEvent, QObject, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtGui import QValidator
 from qtpy.QtWidgets import (
     QComboBox,
@@ -179,27 +180,45 @@ def device_choices(auto: bool = False) -> list[tuple[str, str]]:
                 name = torch.cuda.get_device_name(index)
             except (RuntimeError, AssertionError):
                 name = "CUDA device"
-            try:
-                free, total = torch.cuda.mem_get_info(index)
-                memory = f"{format_bytes(free)} free of {format_bytes(total)}"
-            except (RuntimeError, AssertionError):
-                memory = "free memory unknown"
-            choices.append((f"cuda:{index} · {name} · {memory}", f"cuda:{index}"))
+            choices.append((cuda_label(index, name), f"cuda:{index}"))
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         choices.append(("Apple MPS", "mps"))
     return choices
 
 
-class DeviceCombo(QComboBox):
+def cuda_label(index: int, name: str) -> str:
+    """A CUDA device's entry: ``"cuda:0 · NVIDIA H200 · 130.2 GiB free of 139.8 GiB"``
+    (``torch.cuda.mem_get_info``: the whole device's free memory, other processes
+    included)."""
+    import torch
+
+    try:
+        free, total = torch.cuda.mem_get_info(index)
+        memory = f"{format_bytes(free)} free of {format_bytes(total)}"
+    except (RuntimeError, AssertionError):
+        memory = "free memory unknown"
+    return f"cuda:{index} · {name} · {memory}"
+
+
+class DeviceCombo(ViewerEvents, QComboBox):
     """Where a network runs: CPU and each CUDA device (name, free memory, re-read every
     time the list opens). With ``auto`` (inference widgets) *auto* comes first and is
     chosen; otherwise (training) the first CUDA device is chosen when there is one.
-    :meth:`device` is the ``run.device`` value (``"auto"``, ``"cpu"``, ``"cuda:0"``…)."""
+    :meth:`device` is the ``run.device`` value (``"auto"``, ``"cpu"``, ``"cuda:0"``…).
+
+    While a run goes (:class:`~napari_voco._run_panel.RunPanel` calls :meth:`start_live`
+    and :meth:`stop_live`), the CUDA entries' free memory is re-read every few seconds,
+    in place: the choice stays and no signal is emitted. Without a CUDA device no timer
+    runs. Closing the widget (:func:`release_viewer_events_on_close`) stops it too.
+    """
 
     def __init__(self, auto: bool = False, parent: QWidget | None = None):
         super().__init__(parent)
         self._auto = auto
+        self._cuda_names: dict[int, str] = {}  # the listed CUDA devices: index -> name
+        self.live_timer = QTimer(self)
+        self.live_timer.timeout.connect(self.update_memory)
         self.setToolTip(TOOLTIPS["device"])
         self.refresh()
         if not auto and self.count() > 1 and str(self.itemData(1)).startswith("cuda"):
@@ -208,15 +227,44 @@ class DeviceCombo(QComboBox):
     def refresh(self) -> None:
         """Re-read the devices and their free memory, keeping the chosen one."""
         current = self.device() if self.count() else None
+        choices = device_choices(self._auto)
         self.blockSignals(True)
         try:
             self.clear()
-            for label, spec in device_choices(self._auto):
+            for label, spec in choices:
                 self.addItem(label, spec)
             if current is not None:
                 self.set_device(current, add=False)
         finally:
             self.blockSignals(False)
+        self._cuda_names = {int(spec[5:]): label.split(" · ", 1)[1].rsplit(" · ", 1)[0]
+                            for label, spec in choices if spec.startswith("cuda:")}
+
+    def update_memory(self) -> None:
+        """Re-read the free memory of the listed CUDA devices, changing only their
+        labels (the list, the choice and the signals stay)."""
+        self.blockSignals(True)
+        try:
+            for index, name in self._cuda_names.items():
+                row = self.findData(f"cuda:{index}")
+                if row >= 0:
+                    self.setItemText(row, cuda_label(index, name))
+        finally:
+            self.blockSignals(False)
+
+    def start_live(self, interval_ms: int = 2000) -> None:
+        """Re-read the CUDA devices' free memory every ``interval_ms`` until
+        :meth:`stop_live` (nothing to do, so no timer, without a CUDA device)."""
+        if self._cuda_names:
+            self.live_timer.start(interval_ms)
+
+    def stop_live(self) -> None:
+        self.live_timer.stop()
+
+    def release_viewer_events(self) -> None:
+        """On close: stop the live memory read-out."""
+        self.stop_live()
+        super().release_viewer_events()
 
     def showPopup(self) -> None:
         self.refresh()

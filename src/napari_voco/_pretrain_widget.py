@@ -4,8 +4,8 @@ Data is a folder of NIfTI files / a Decathlon datalist JSON, or the open 3-D ima
 layers (written as NIfTI files with their affine to ``RUN_DIR/layers/`` when the
 run starts). The run is planned by :func:`voco_core.plan.plan_pretrain`, as the
 CLI plans it: the preset, then the fields as overrides (steps ``optim.total_steps``,
-batch ``optim.batch_size``, learning rate ``optim.lr``, teacher ``model.teacher``,
-loss ``loss.variant``, checkpoint interval ``run.checkpoint_every``, device
+batch ``optim.batch_size``, ``auto`` by default, learning rate ``optim.lr``, teacher
+``model.teacher``, loss ``loss.variant``, checkpoint interval ``run.checkpoint_every``, device
 ``run.device``), then :attr:`PretrainWidget.overrides` (a nested dict, for scripts
 and tests). *Resume from* continues a run folder or checkpoint with its own stored
 config (steps, batch, device and checkpoint interval from the widget).
@@ -159,6 +159,10 @@ class ImageLayerList(ViewerEvents, QListWidget):
             item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
 
 
+AUTO_BATCH = "auto"
+"""The batch spin box's text at 0, and the ``optim.batch_size`` value it stands for."""
+
+
 def _spin(maximum: int, tooltip: str) -> QSpinBox:
     spin = QSpinBox()
     spin.setRange(1, maximum)
@@ -201,6 +205,11 @@ class PretrainWidget(QWidget):
         self.preset.addItems(list(PRESETS))
         self.steps = _spin(100_000_000, TOOLTIPS["pretrain_steps"])
         self.batch = _spin(1024, TOOLTIPS["batch"])
+        # 0 shows "auto" (optim.batch_size: auto, the default here): the run sizes its
+        # micro-batches to the device; the status line says what it chose.
+        self.batch.setMinimum(0)
+        self.batch.setSpecialValueText(AUTO_BATCH)
+        self.batch.setValue(0)
         self.lr = ScientificSpinBox(3e-4)
         self.lr.setToolTip(TOOLTIPS["pretrain_lr"])
         self.teacher = _combo(["full", "head", "none"], TOOLTIPS["teacher"])
@@ -253,7 +262,8 @@ class PretrainWidget(QWidget):
         the preset's values."""
         config = make_config(preset, check_device=False)
         self.steps.setValue(config.optim.total_steps)
-        self.batch.setValue(config.optim.batch_size)
+        if self.batch.value() != 0:  # auto stays auto: it adapts to the preset itself
+            self.batch.setValue(config.optim.batch_size)
         self.lr.setValue(config.optim.lr)
         self.teacher.setCurrentText(config.model.teacher)
         self.variant.setCurrentText(config.loss.variant)
@@ -275,7 +285,8 @@ class PretrainWidget(QWidget):
         """The widget's fields as nested config overrides; when ``resuming``, only those
         a resumed run takes (the rest comes from its checkpoint)."""
         run = {"device": self.device.device(), "checkpoint_every": self.checkpoint_every.value()}
-        optim = {"total_steps": self.steps.value(), "batch_size": self.batch.value()}
+        optim = {"total_steps": self.steps.value(),
+                 "batch_size": self.batch.value() or AUTO_BATCH}
         if resuming:
             return {"optim": optim, "run": run}
         return {"model": {"teacher": self.teacher.currentText()},

@@ -6,7 +6,9 @@ widget gives it the settings box (disabled while a run goes) and its ``start``
 callable; it then only plans its run and calls :meth:`RunPanel.launch`. The plot
 shows the total loss and every loss term a :class:`~voco_core.train.PretrainEvent`
 carries in ``terms`` (v1: pos/neg/reg; v2: intra/inter/reg: whatever names
-arrive), plus the widget's own series (finetuning's validation Dice).
+arrive), plus the widget's own series (finetuning's validation Dice). While a run
+goes, the :class:`~napari_voco._inputs.DeviceCombo` in the settings box shows the
+CUDA devices' free memory live, and the status line each step's peak memory.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QSizePolicy, QVBoxLayout, QWidget
 
 from napari_voco import _notify
+from napari_voco._inputs import DeviceCombo
 from napari_voco._jobs import JobContext, JobRunner
 from napari_voco._text import progress_format, step_status
 from napari_voco._tooltips import TOOLTIPS
@@ -248,7 +251,9 @@ class RunPanel(QWidget):
 
     ``start`` is the widget's start method (the button calls it; it plans the run
     and calls :meth:`launch`, or :meth:`fail` on bad input). ``settings`` is disabled
-    while a run goes. ``loss_name`` names the total-loss curve.
+    while a run goes; its :class:`~napari_voco._inputs.DeviceCombo` (the run's device,
+    :attr:`run_device`) then re-reads the free memory every ``LIVE_MEMORY_MS``.
+    ``loss_name`` names the total-loss curve.
 
     Signals:
         progressed(object): every training event, after the panel showed it.
@@ -257,6 +262,7 @@ class RunPanel(QWidget):
 
     progressed = Signal(object)
     run_finished = Signal()
+    LIVE_MEMORY_MS = 2000
 
     def __init__(self, kind: str, start: Callable[[], Any], settings: QWidget, *,
                  loss_name: str = "total", ylabel: str = "loss", right: Sequence[str] = (),
@@ -266,6 +272,7 @@ class RunPanel(QWidget):
         self.settings = settings
         self.loss_name = loss_name
         self.last_event = None
+        self.run_device: str | None = None  # the device of the last run launched
         self.runner = JobRunner(kind, self)
         self.state = self.runner.state
 
@@ -324,6 +331,8 @@ class RunPanel(QWidget):
         if not resumed or Path(self.state.run_dir or ".") != Path(run_dir):
             self.plot.clear()
         self.last_event = None
+        combos = self._device_combos()
+        self.run_device = combos[0].device() if combos else None
         self._set_running(True)
         self.progress.setRange(0, 0)  # busy until the start event
         self.progress.setFormat("starting…")
@@ -348,11 +357,14 @@ class RunPanel(QWidget):
         if event.kind == "start":
             self.plot.set_steps(event.total_steps)
             self._load_history(event)
-            self.status.setText(f"step {event.step}: loading the first batch…")
+            # The start's message says what the run chose (batch_size auto's split,
+            # the weights finetuning loaded): kept on the status until the first step.
+            waiting = f"step {event.step}: loading the first batch…"
+            self.status.setText(f"{waiting}\n{event.message}" if event.message else waiting)
         elif event.kind == "step":
             self.plot.append(event.step, {self.loss_name: event.loss,
                                           **getattr(event, "terms", {})})
-            self.status.setText(step_status(event))
+            self.status.setText(step_status(event, self.run_device))
             if event.message:  # what pre-processing chose for newly loaded volumes
                 _notify.notify_notes(event.message)
         elif event.kind == "stopped":
@@ -389,7 +401,16 @@ class RunPanel(QWidget):
         self.progress.setValue(0)
         self.progress.setFormat("not started")
 
+    def _device_combos(self) -> list[DeviceCombo]:
+        return self.settings.findChildren(DeviceCombo)
+
     def _set_running(self, running: bool) -> None:
         self.settings.setEnabled(not running)
+        for combo in self._device_combos():
+            if running:
+                combo.start_live(self.LIVE_MEMORY_MS)
+            else:
+                combo.stop_live()
+                combo.update_memory()  # what the finished run left free
         self.start_button.setEnabled(True)
         self.start_button.setText("Stop" if running else "Start")

@@ -48,16 +48,27 @@ def progress_format(step: int, total: int, eta_seconds: float) -> str:
     return text
 
 
-def step_status(event: Any) -> str:
+def memory_label(device: str | None) -> str:
+    """What a step event's ``peak_memory_bytes`` is on the run's ``device``:
+    ``"step peak"`` on CUDA (the loops reset the peak every step), ``"peak RSS"``
+    elsewhere (the process's peak resident set since it started), ``"peak memory"``
+    when the device is unknown (None)."""
+    if device is None:
+        return "peak memory"
+    return "step peak" if str(device).startswith("cuda") else "peak RSS"
+
+
+def step_status(event: Any, device: str | None = None) -> str:
     """Status line of a training step event: loss, speed (crops/s when the event has
-    it), memory and learning rate."""
+    it), memory (labelled by :func:`memory_label` for the run's ``device``) and
+    learning rate."""
     parts = [f"loss {event.loss:.4f}"]
     if math.isfinite(getattr(event, "crops_per_second", math.nan)):
         parts.append(f"{event.crops_per_second:.1f} crops/s")
     if math.isfinite(event.seconds_per_step):
         parts.append(f"{event.seconds_per_step:.2f} s/step")
     if event.peak_memory_bytes:
-        parts.append(f"peak memory {format_bytes(event.peak_memory_bytes)}")
+        parts.append(f"{memory_label(device)} {format_bytes(event.peak_memory_bytes)}")
     if math.isfinite(event.lr):
         parts.append(f"lr {format_lr(event.lr)}")
     return " · ".join(parts)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 TOOLTIPS: dict[str, str] = {
     # shared
-    "device": "where the network runs (free GPU memory is read when the list opens)",
+    "device": "where the network runs (free GPU memory is read when the list opens, and "
+              "every 2 s while a run goes)",
     "output": "run folder: config.yaml, checkpoints/, log.jsonl, figures",
     "resume": "continue a run folder (or a checkpoint inside it) with its own config",
     "resumed": "taken from the run being resumed",
@@ -12,7 +13,10 @@ TOOLTIPS: dict[str, str] = {
     # pretraining
     "pretrain_layers": "3-D image layers to pretrain on (written to RUN_DIR/layers/)",
     "pretrain_steps": "optimizer steps in total (optim.total_steps)",
-    "batch": "volumes per step (optim.batch_size)",
+    "batch": "volumes per micro-batch (optim.batch_size); auto (0, the default): the "
+             "preset's volumes per step, split into micro-batches and gradient "
+             "checkpointing chosen from the device's free memory (the status line says "
+             "what was chosen; on a CPU, the preset's own split)",
     "pretrain_lr": "peak learning rate (optim.lr), after warm-up",
     "teacher": "EMA teacher (model.teacher): full (backbone + head), head only, or none",
     "variant": "loss (loss.variant): v1, the VoCo paper's position loss; v2, intra- and "

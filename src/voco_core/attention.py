@@ -1,29 +1,49 @@
-"""Memory-efficient Swin window attention for CPU training.
+"""Swin window attention: MONAI's maths, without its saved probabilities.
 
 MONAI's ``WindowAttention`` keeps each block's attention probabilities for the
 backward pass: ``(windows, heads, n, n)`` floats with ``n = 343`` for 7^3 windows.
 For one tiny pretraining step (13 crops of 40^3, full teacher) autograd saved
-3.56 GiB, most of it these matrices. :class:`WindowAttentionFunction` computes the
-same attention a few windows at a time and keeps only q, k, v and the output; the
-backward pass recomputes each chunk's probabilities (as FlashAttention does):
-0.66 GiB saved for the same step, about 19% more step time on 2 threads (median;
-docs/benchmarks.md). Outputs and gradients equal MONAI's to float rounding (tested
-to 1e-5).
+3.56 GiB, most of it these matrices. :class:`MemoryEfficientWindowAttention` (same
+parameters, same state dict) computes the same attention on one of three paths:
 
-``torch.nn.functional.scaled_dot_product_attention`` is no help here on CPU: with a
-trainable relative-position bias as its mask it falls back to the plain maths,
-which keeps the same ``(n, n)`` matrices.
+- **CPU: chunked** (:class:`WindowAttentionFunction`): a few windows at a time,
+  keeping only q, k, v and the output; the backward pass recomputes each chunk's
+  probabilities (as FlashAttention does): 0.66 GiB saved for the same step, about
+  19% more step time on 2 threads (median; docs/benchmarks.md).
+  ``torch.nn.functional.scaled_dot_product_attention`` is no help on CPU: with a
+  trainable relative-position bias as its mask it runs the plain-maths kernel and
+  keeps the same ``(n, n)`` matrices (stage 1 of a tiny step, forward + backward,
+  one thread: SDPA 3.1-5.3 s, chunks 2.4-2.6 s, MONAI 3.7-4.4 s).
+- **GPUs: SDPA** (:func:`sdpa_window_attention`, also under autocast):
+  ``scaled_dot_product_attention`` with the bias (relative-position bias plus
+  MONAI's shift mask) as ``attn_mask``; the windows are folded into the head axis
+  so that one ``(1, windows x heads, n, n)`` mask broadcasts over the volumes
+  (no per-window copy). While the bias needs a gradient, only the memory-efficient
+  kernel (which returns one) and the plain maths are allowed: cuDNN's has no
+  gradient for the mask. Its CUDA speed and memory are not measured yet.
+- **MONAI's own forward** under CPU autocast (the chunks are not written for it)
+  and with attention dropout while training (MONAI's random numbers).
 
-:func:`swap_window_attention` switches a built network's ``WindowAttention``
-modules between this implementation and MONAI's in place (same parameters, same
-state dict). The network builders apply it; GPUs keep MONAI's code path.
+Both other paths equal MONAI's outputs and gradients to float rounding in float32
+(tested to 1e-5 on CPU, the SDPA path forced). :func:`window_attention_backend` forces one path
+(tests, benchmarks). :func:`swap_window_attention` switches a built network's
+``WindowAttention`` modules between this class and MONAI's in place; the network
+builders apply it.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("auto", "chunked", "sdpa", "monai")
+"""Paths of :class:`MemoryEfficientWindowAttention`: ``auto`` (chunked on CPU, SDPA
+elsewhere), or one forced (see :meth:`MemoryEfficientWindowAttention.path`)."""
 
 CHUNK_BYTES = 4 * 2**20
 """Logits per chunk (bytes). Measured for the stage-1 attention of a tiny step (351
@@ -120,17 +140,57 @@ def _logits(q3, k3, bias_rows, period: int, start: int, rows: slice, h: int,
                          alpha=scale)
 
 
-class MemoryEfficientWindowAttention(WindowAttention):
-    """MONAI's ``WindowAttention`` with :class:`WindowAttentionFunction` on CPU.
+def sdpa_window_attention(q, k, v, bias, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias[i % P]) v for window i, through
+    ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Same parameters and state dict; MONAI's own forward runs where this one would not
-    give the same result: on GPUs (bf16 autocast and MONAI's flash path there), under
-    CPU autocast, and with attention dropout while training. Without autograd the
-    chunks still bound the transient logits (e.g. the EMA teacher's pass)."""
+    Same arguments and result as :class:`WindowAttentionFunction` (``q``, ``k``,
+    ``v``: ``(b, h, n, d)``, ``bias``: ``(P, h, n, n)``). Window ``i = j P + w`` of
+    volume ``j`` becomes head ``w h + head`` of batch row ``j``, so the bias is one
+    ``(1, P h, n, n)`` mask that SDPA broadcasts over the ``b / P`` rows, in q's dtype
+    (bf16 under autocast). Kernels that cannot return the mask's gradient are
+    excluded while it needs one."""
+    b, h, n, d = q.shape
+    period = bias.shape[0]
+    q, k, v = (t.reshape(b // period, period * h, n, d) for t in (q, k, v))
+    mask = bias.reshape(1, period * h, n, n).to(q.dtype)
+    kernels = (sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+               if mask.requires_grad else contextlib.nullcontext())
+    with kernels:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, n, d)
+
+
+class MemoryEfficientWindowAttention(WindowAttention):
+    """MONAI's ``WindowAttention`` computed on the path :meth:`path` picks.
+
+    Same parameters and state dict. Without autograd the chunks still bound the
+    transient logits on CPU (e.g. the EMA teacher's pass)."""
+
+    backend = "auto"
+    """One of :data:`BACKENDS`, for every instance (set it with
+    :func:`window_attention_backend`) or one (an instance attribute)."""
+
+    def path(self, x: torch.Tensor) -> str:
+        """``"chunked"``, ``"sdpa"`` or ``"monai"`` for input ``x``: ``auto`` takes
+        the chunks on CPU and SDPA elsewhere. MONAI's forward runs when forced, with
+        attention dropout while training, and instead of the chunks under autocast."""
+        backend = self.backend
+        if backend not in BACKENDS:
+            raise ValueError(f"window attention backend {backend!r} not in {BACKENDS}")
+        if backend == "monai" or (self.training and self.attn_drop.p > 0):
+            return "monai"
+        if backend == "auto":
+            backend = "chunked" if x.is_cpu else "sdpa"
+        device = x.device.type
+        if backend == "chunked" and torch.amp.is_autocast_available(device) \
+                and torch.is_autocast_enabled(device):
+            return "monai"
+        return backend
 
     def forward(self, x, mask):
-        if (not x.is_cpu or torch.is_autocast_enabled("cpu")
-                or (self.training and self.attn_drop.p > 0)):
+        path = self.path(x)
+        if path == "monai":
             return super().forward(x, mask)
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
@@ -140,9 +200,28 @@ class MemoryEfficientWindowAttention(WindowAttention):
         bias = bias.permute(2, 0, 1).unsqueeze(0)  # (1, h, n, n)
         if mask is not None:  # (nw, n, n): window i of the batch takes mask[i % nw]
             bias = bias + mask.to(bias.dtype).unsqueeze(1)
-        attended = WindowAttentionFunction.apply(q.contiguous(), k.contiguous(),
-                                                 v.contiguous(), bias.contiguous(), self.scale)
+        if path == "sdpa":
+            attended = sdpa_window_attention(q, k, v, bias, self.scale)
+        else:
+            attended = WindowAttentionFunction.apply(q.contiguous(), k.contiguous(),
+                                                     v.contiguous(), bias.contiguous(),
+                                                     self.scale)
         return self.proj_drop(self.proj(attended.transpose(1, 2).reshape(b, n, c)))
+
+
+@contextlib.contextmanager
+def window_attention_backend(backend: str):
+    """Within the block, every :class:`MemoryEfficientWindowAttention` without an
+    instance ``backend`` takes ``backend`` (one of :data:`BACKENDS`), e.g. the SDPA
+    path on CPU for tests and benchmarks."""
+    if backend not in BACKENDS:
+        raise ValueError(f"window attention backend {backend!r} not in {BACKENDS}")
+    previous = MemoryEfficientWindowAttention.backend
+    MemoryEfficientWindowAttention.backend = backend
+    try:
+        yield
+    finally:
+        MemoryEfficientWindowAttention.backend = previous
 
 
 def swap_window_attention(model: nn.Module, memory_efficient: bool = True) -> nn.Module:

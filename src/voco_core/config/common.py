@@ -130,6 +130,13 @@ def resolve_device(spec: str):
 
 
 
+def _type_name(annotation: Any) -> str:
+    """``int``, ``'auto'``, ``'a' or 'b'``: how an error names an accepted type."""
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
     """Convert a YAML/JSON/CLI value to the dataclass field's declared type."""
     origin = typing.get_origin(annotation)
@@ -138,7 +145,19 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
+        # The first member the value converts to: `int | Literal["auto"]` takes 4 or "auto".
+        for member in inner[:-1]:
+            try:
+                return _coerce(value, member, name)
+            except VoCoConfigError:
+                continue
+        try:
+            return _coerce(value, inner[-1], name)
+        except VoCoConfigError:
+            if len(inner) == 1:
+                raise
+            raise VoCoConfigError(f"{name} = {value!r} is invalid: expected "
+                                  f"{' or '.join(_type_name(a) for a in inner)}") from None
     if origin is Literal:
         if value not in args:
             raise VoCoConfigError(f"{name} = {value!r} is invalid: expected one of {list(args)}")

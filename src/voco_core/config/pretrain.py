@@ -150,10 +150,14 @@ class OptimConfig:
     amsgrad: bool = True
     warmup_steps: int = 5000
     total_steps: int = 250_000
-    batch_size: int = 2
-    """Volumes per micro-batch (each gives K + m crops)."""
+    batch_size: int | Literal["auto"] = 2
+    """Volumes per micro-batch (each gives K + m crops). ``auto``: the preset's volumes
+    per optimizer step (its ``batch_size x grad_accum``), split into micro-batches and
+    gradient checkpointing chosen from the device's free memory and a probe step
+    (:mod:`voco_core.train.batch_size`); the run's saved config holds the numbers
+    chosen. On a CPU, auto is the preset's own split."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (chosen too when ``batch_size`` is auto)."""
     clip_norm: float = 1.0
     """Max gradient norm (after un-scaling under AMP); 0 disables clipping."""
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
@@ -251,7 +255,8 @@ class VoCoConfig(ConfigFile):
         _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
         _require(o.total_steps >= 1, "optim.total_steps", o.total_steps, ">= 1")
         _require(0 <= o.warmup_steps, "optim.warmup_steps", o.warmup_steps, ">= 0")
-        _require(o.batch_size >= 1, "optim.batch_size", o.batch_size, ">= 1")
+        _require(o.batch_size == "auto" or o.batch_size >= 1, "optim.batch_size",
+                 o.batch_size, ">= 1 or auto")
         _require(o.grad_accum >= 1, "optim.grad_accum", o.grad_accum, ">= 1")
         _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, ">= 0")
         _require(r.checkpoint_every >= 1, "run.checkpoint_every", r.checkpoint_every, ">= 1")

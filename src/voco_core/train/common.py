@@ -52,8 +52,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for :func:`peak_memory_bytes`: on CUDA the allocator's peak
+    statistics are reset (``torch.cuda.reset_peak_memory_stats``), so a reset at the
+    start of each step makes the peak that step's. A no-op elsewhere: the process's peak
+    resident set cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA peak allocated on a GPU, else the process's peak resident set (bytes)."""
+    """Peak memory in bytes. On CUDA the peak allocated on ``device`` since the last
+    :func:`reset_peak_memory` (the step's peak when the loop resets it every step; since
+    the process started otherwise). Elsewhere (CPU, MPS) the process's peak resident set
+    since it started, which cannot be reset: it includes earlier steps and runs."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
@@ -75,6 +87,19 @@ def compile_forward(modules: list[torch.nn.Module | None], run: RunConfig) -> No
         for module in modules:
             if module is not None:
                 module.compile()
+
+
+def adamw(params, device: torch.device, **options) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with its fused kernel where torch has one for ``device``
+    (CUDA, CPU), else the default implementation. Same maths and state dict; measured
+    on CPU for the tiny backbone's 4.2 M parameters (amsgrad, one thread): 0.023 s per
+    update fused vs 0.072 s (docs/benchmarks.md)."""
+    if device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(params, fused=True, **options)
+        except (RuntimeError, ValueError):  # a torch build or dtype without the kernel
+            pass
+    return torch.optim.AdamW(params, **options)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -162,6 +187,9 @@ def restore_state(state: Mapping, source: str | Path, device: torch.device, *,
         if module is not None:
             module.load_state_dict(state[entry])
     lr_lambdas = list(getattr(scheduler, "lr_lambdas", []))
+    # The saved groups carry the implementation flags of the run that saved them
+    # (fused or not): keep this run's, chosen for its device.
+    flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -169,6 +197,8 @@ def restore_state(state: Mapping, source: str | Path, device: torch.device, *,
         raise VoCoDataError(f"checkpoint's optimizer/scheduler state does not fit this model "
                             f"({type(err).__name__}: {str(err).splitlines()[0]})",
                             source) from err
+    for group, saved_flags in zip(optimizer.param_groups, flags, strict=False):
+        group.update(saved_flags)
     if lr_lambdas:
         scheduler.lr_lambdas[:] = lr_lambdas  # pickled closures are not restored anyway
     if state.get("scaler"):

@@ -20,7 +20,8 @@ class TrainEvent:
 
     ``loss`` and ``lr`` are NaN before the first step. ``seconds_per_step`` is the
     last step's wall time, ``eta_seconds`` the remaining steps at a smoothed rate.
-    ``peak_memory_bytes``: CUDA peak allocated on a GPU, the process's peak resident
+    ``peak_memory_bytes``: CUDA peak allocated during the step on a GPU (the trainers
+    reset the peak before each step), the process's peak resident
     set on CPU. ``checkpoint`` is the file written at this event, if any.
     """
 

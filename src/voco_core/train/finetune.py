@@ -71,12 +71,14 @@ from voco_core.segmentation_loss import MaskedDiceCELoss
 from voco_core.train.common import (
     StepClock,
     StopFlag,
+    adamw,
     amp_dtype,
     autocast,
     check_finite,
     check_weights,
     compile_forward,
     peak_memory_bytes,
+    reset_peak_memory,
     restore_state,
     rng_state,
     training_settings,
@@ -266,7 +268,7 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
         parent = _load_initial(model, initial, config)
         message = f"continuing from {parent['checkpoint']} (its step {parent['step']})"
     compile_forward([model], config.run)  # run.compile (weights loaded first)
-    optimizer, lambdas = _optimizer(model, t)
+    optimizer, lambdas = _optimizer(model, t, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     dtype = amp_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -338,6 +340,7 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
                     last = replace(last, kind="stopped", checkpoint=str(folder.last))
                     yield last
                     return
+                reset_peak_memory(device)  # the event reports this step's peak
                 clock.start()
                 images, labels = _crops(train_volumes, order, crop, seed, step,
                                         t.batch_volumes, device)
@@ -433,7 +436,8 @@ class _Best:
         self.per_class = self.per_class or []
 
 
-def _optimizer(model: torch.nn.Module, t) -> tuple[torch.optim.Optimizer, list[Callable]]:
+def _optimizer(model: torch.nn.Module, t,
+               device: torch.device) -> tuple[torch.optim.Optimizer, list[Callable]]:
     """AdamW over (decoder, encoder) groups, the encoder at ``lr * encoder_lr_scale``
     (frozen when 0, at LR 0 for the first ``freeze_encoder_steps``); one LR factor
     function per group."""
@@ -449,7 +453,7 @@ def _optimizer(model: torch.nn.Module, t) -> tuple[torch.optim.Optimizer, list[C
     def encoder_schedule(s: int) -> float:
         return 0.0 if s < t.freeze_encoder_steps else schedule(s)
 
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = adamw(groups, device, lr=t.lr, weight_decay=t.weight_decay)
     return optimizer, [schedule, encoder_schedule][: len(groups)]
 
 

@@ -68,14 +68,17 @@ from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoError, VoCoTrai
 from voco_core.losses import build_loss
 from voco_core.models import VoCoModel
 from voco_core.run_folder import RunFolder, read_log
+from voco_core.train.batch_size import resolve_batch_size
 from voco_core.train.common import (
     StepClock,
     StopFlag,
+    adamw,
     amp_dtype,
     autocast,
     check_finite,
     compile_forward,
     peak_memory_bytes,
+    reset_peak_memory,
     restore_state,
     rng_state,
     training_settings,
@@ -167,15 +170,18 @@ def iter_pretrain(
         # (config.yaml, the checkpoint): the network is built for it, inference checks it.
         config = replace(config, data=replace(config.data,
                                               in_channels=check_dataset(entries, config)))
+        # batch_size auto: the numbers chosen for this device go into the saved config
+        config, batch_note = resolve_batch_size(config, device, dist_ctx)
         with folder.lock() if dist_ctx.is_main else nullcontext():
-            yield from _pretrain(config, entries, folder, dist_ctx, device, resume, stop)
+            yield from _pretrain(config, entries, folder, dist_ctx, device, resume, stop,
+                                 batch_note)
     finally:
         teardown_distributed(dist_ctx)
 
 
 def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolder,
               dist_ctx: DistContext, device: torch.device, resume: str | Path | None,
-              stop: StopFlag | None) -> Iterator[PretrainEvent]:
+              stop: StopFlag | None, batch_note: str = "") -> Iterator[PretrainEvent]:
     o, seed = config.optim, config.run.seed
     if dist_ctx.is_main:
         folder.remove_stale_temporaries()
@@ -186,7 +192,7 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
     model = VoCoModel(config.model, config.data.image_channels).to(device)
     loss_fn = build_loss(config)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
+    optimizer = adamw(params, device, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(o.warmup_steps, o.total_steps, o.min_lr / o.lr))
     dtype = amp_dtype(o.amp, device)
@@ -239,7 +245,8 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
         logger = RunLogger(folder, tag="pretrain", start_step=step,
                            tensorboard=config.run.tensorboard, figure=folder.loss_figure,
                            plot=plot_loss_curve)
-    last = PretrainEvent("start", step, o.total_steps, run_dir=str(folder.root))
+    last = PretrainEvent("start", step, o.total_steps, run_dir=str(folder.root),
+                         message=batch_note)
     saved_step = step if resume is not None else -1
     clock = StepClock()
     try:
@@ -253,6 +260,7 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
                     last = replace(last, kind="stopped", checkpoint=str(folder.last), message="")
                     yield last
                     return
+                reset_peak_memory(device)  # the event reports this step's peak
                 clock.start()
                 names, (loss, *terms) = _train_step(forward, model, loss_fn, sampler, volumes,
                                                     params, optimizer, scheduler, scaler,
@@ -400,7 +408,10 @@ def _log_record(event: PretrainEvent) -> dict[str, Any]:
 
 def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> None:
     saved = config_from_dict(state["config"], check_device=False)
-    if saved.model != config.model or saved.geometry != config.geometry:
+    # Checkpointing changes how a step is computed, not the weights (batch_size auto
+    # may choose it differently on another GPU).
+    plain = replace(saved.model, gradient_checkpointing=config.model.gradient_checkpointing)
+    if plain != config.model or saved.geometry != config.geometry:
         raise VoCoConfigError(
             f"{source}: the checkpoint's model/geometry differ from the config; resume with "
             "the run's own config (voco_core.plan.plan_pretrain(resume=...))")
