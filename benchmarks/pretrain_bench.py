@@ -5,6 +5,8 @@ Usage:
     python benchmarks/pretrain_bench.py                       # CPU sections
     python benchmarks/pretrain_bench.py --device cuda         # + the CUDA section
     python benchmarks/pretrain_bench.py --sections sampler,loss
+    python benchmarks/pretrain_bench.py --device cuda --sections levers  # issue 13's
+                                       # levers, one row each (benchmarks/levers_bench.py)
     python benchmarks/pretrain_bench.py --sections authors --authors-repo ~/src/VoCo
                                        # ours vs the authors' step (issue 13; see
                                        # benchmarks/authors_bench.py)
@@ -460,6 +462,10 @@ def main() -> None:
                         "on CPU, 2x64 on CUDA; 16 base + 2 random crops per volume)")
     parser.add_argument("--authors-variants", help="our variants to time against theirs "
                         "(default full/ckpt,full/no_ckpt,head/ckpt,head/no_ckpt)")
+    parser.add_argument("--levers-preset", choices=["tiny", "base"],
+                        help="levers section's preset (default: base on CUDA, tiny on CPU)")
+    parser.add_argument("--levers-budget", type=float, default=420.0,
+                        help="levers section: seconds after which the remaining rows skip")
     parser.add_argument("--child-step", help=argparse.SUPPRESS)
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -484,7 +490,7 @@ def main() -> None:
 
     sections = set(args.sections.split(","))
     tmp = tempfile.TemporaryDirectory()
-    needs_data = sections & {"steps", "cache", "cuda"}  # phantoms only where read
+    needs_data = sections & {"steps", "cache", "cuda", "levers"}  # phantoms only where read
     data = args.data or (str(make_phantom_dataset(Path(tmp.name) / "ph", n=4, seed=0).parent)
                          if needs_data else None)
     report: dict = {
@@ -508,6 +514,12 @@ def main() -> None:
         report["cache"] = bench_cache(args.repeats, data)
     if "cuda" in sections and args.device == "cuda":
         report["cuda"] = bench_cuda(args.steps, data)
+    if "levers" in sections:
+        from levers_bench import bench_levers
+
+        report["levers"] = bench_levers(args.device, args.levers_preset or (
+            "base" if args.device == "cuda" else "tiny"), args.steps, data,
+            budget_s=args.levers_budget)
     if "authors" in sections:
         volumes, crop_size = (map(int, args.authors_geometry.split("x"))
                               if args.authors_geometry else (None, None))
@@ -548,6 +560,10 @@ def main() -> None:
     if "cuda" in report and "skipped" not in report["cuda"]:
         parts.append(f"cuda base {report['cuda']['full']['seconds_per_step']} s/step, "
                      f"{report['cuda']['achieved_tflops']} TFLOP/s")
+    if "levers" in report:
+        from levers_bench import summary as levers_summary
+
+        parts.append(levers_summary(report["levers"]))
     if "authors" in report:
         parts.append(authors_summary(report["authors"]))
     print("pretrain_bench: " + "; ".join(parts) + f" -> {out}")
