@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "pretraining run (implies --reuse)")
     parser.add_argument("--summarize", type=Path, metavar="FILE",
                         help="only print the markdown tables of FILE and write its figures")
+    parser.add_argument("--against", type=Path, action="append", metavar="FILE",
+                        help="with --summarize: also FILE's VoCo runs against this file's, "
+                             "paired by seed (a lever against another recipe; repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="pretraining run seed")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 wastes less on a "
@@ -139,6 +142,13 @@ def summarize_file(args) -> None:
                          f"results file ({err})") from err
     report["summary"] = reporting.summarise(report)
     print(reporting.markdown(report))
+    for other_path in args.against or []:
+        try:
+            other = json.loads(other_path.read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"quality_bench: error: --against {other_path}: cannot read a "
+                             f"results file ({err})") from err
+        print("\n".join(reporting.treated_versus(report, other, other_path.name)))
     folder = ROOT / "docs" / "figures" if args.figures is None else args.figures
     if folder:
         for path in reporting.write_figures(report, Path(folder), args.summarize.stem):

@@ -74,6 +74,36 @@ def summarise(report: dict) -> dict:
     return out
 
 
+def treated_versus(report: dict, other: dict, other_name: str) -> list[str]:
+    """Markdown rows: this file's VoCo runs minus ``other``'s VoCo runs of the same
+    mode, shots and seed (e.g. a pretraining lever against the default pretraining),
+    per curve step and AUC; seeds present in both only."""
+    lines = []
+    for mode in MODES:
+        treated = INITS[mode][1]
+        mine, theirs = ({(m, s, seed): row for key, row in r.get("runs", {}).items()
+                         for m, s, seed, init in [parse_key(key)]
+                         if m == mode and init == treated} for r in (report, other))
+        common = sorted(set(mine) & set(theirs))
+        if not common:
+            continue
+        a, b = [mine[k] for k in common], [theirs[k] for k in common]
+        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in a + b)))
+        title = "Frozen-encoder probe" if mode == "probe" else "Full finetuning"
+        lines += [f"**{title}: VoCo here - VoCo of {other_name}** ({len(common)} paired seeds)",
+                  "", "| step | here | there | here - there: mean [95% t CI] (bootstrap CI), "
+                  "wins |", "| --- | --- | --- | --- |"]
+        for step in steps:
+            va = [next(p for p in r["curve"] if p["step"] == step)["mean_dice"] or 0.0 for r in a]
+            vb = [next(p for p in r["curve"] if p["step"] == step)["mean_dice"] or 0.0 for r in b]
+            lines.append(f"| {step} | {spread(va)['mean']:.3f} | {spread(vb)['mean']:.3f} | "
+                         f"{_ci(paired_difference(va, vb))} |")
+        auc_a, auc_b = [run_auc(r) for r in a], [run_auc(r) for r in b]
+        lines += [f"| AUC (normalised) | {spread(auc_a)['mean']:.3f} | "
+                  f"{spread(auc_b)['mean']:.3f} | {_ci(paired_difference(auc_a, auc_b))} |", ""]
+    return lines
+
+
 # ---------------------------------------------------------------- markdown
 
 

@@ -285,9 +285,7 @@ class ResultStore:
                 raise SystemExit(f"{prog}: error: --resume-results {path}: not a "
                                  f"results file ({err})") from err
             if old.get("fingerprint") != report["fingerprint"]:
-                differ = sorted(k for k in set(old.get("fingerprint", {})) | set(
-                    report["fingerprint"]) if old.get("fingerprint", {}).get(k)
-                    != report["fingerprint"].get(k))
+                differ = differing_keys(old.get("fingerprint", {}), report["fingerprint"])
                 raise SystemExit(f"{prog}: error: --resume-results {path} was written "
                                  f"with other settings (differ: {', '.join(differ)})")
             self.report["runs"] = old.get("runs", {})

@@ -1,0 +1,72 @@
+"""The quality benchmark's bookkeeping for levers: which control runs may be copied
+from another results file, and the VoCo-vs-VoCo comparison of two files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from quality.report import treated_versus
+from quality.runs import ResultStore, control_fingerprint, copy_controls
+
+
+def fingerprint(spacing=None, lr_scale=1.0, loss="v1", in_channels=0) -> dict:
+    data = {"spacing": spacing}
+    if in_channels is not None:
+        data["in_channels"] = in_channels
+    mode = {"data": data, "train": {"encoder_lr_scale": lr_scale, "lr": 1e-3}}
+    return {"pretrain": {"loss": {"variant": loss}}, "pretrain_seed": 0,
+            "finetune": {"probe": json.loads(json.dumps(mode)), "full": mode},
+            "populations": {"seeds": {"pool": 3003}, "n_pool": 6}}
+
+
+def row(*dice: float) -> dict:
+    return {"curve": [{"step": 20 * (i + 1), "mean_dice": d, "class_dice": {}}
+                      for i, d in enumerate(dice)]}
+
+
+def test_control_runs_ignore_the_pretraining_encoder_levers_and_old_schema():
+    base = control_fingerprint(fingerprint())
+    assert control_fingerprint(fingerprint(loss="v2")) == base  # pretraining lever
+    assert control_fingerprint(fingerprint(lr_scale=0.1)) == base  # encoder lever
+    assert control_fingerprint(fingerprint(in_channels=None)) == base  # older file
+    assert control_fingerprint(fingerprint(spacing=[2.6, 2.6, 4.5])) != base
+    assert control_fingerprint(fingerprint(in_channels=2)) != base
+
+
+def test_copy_controls_copies_only_matching_controls(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"fingerprint": fingerprint(), "runs": {
+        "full/2shot/seed0/scratch": row(0.2), "full/2shot/seed0/voco": row(0.3),
+        "full/2shot/seed5/scratch": row(0.1)}}))
+    store = ResultStore(tmp_path / "new.json", {"fingerprint": fingerprint(loss="v2"),
+                                                "runs": {}}, resume=False)
+    copied = copy_controls(store, old, {"full": "scratch"}, {"full/2shot/seed0/scratch",
+                                                             "full/2shot/seed0/voco"})
+    assert copied == 1 and list(store.report["runs"]) == ["full/2shot/seed0/scratch"]
+    assert store.report["runs"]["full/2shot/seed0/scratch"]["copied_from"] == str(old)
+
+    other = ResultStore(tmp_path / "other.json", {
+        "fingerprint": fingerprint(spacing=[2.6, 2.6, 4.5]), "runs": {}}, resume=False)
+    with pytest.raises(SystemExit, match=r"differ: finetune.full.data.spacing, "
+                                         r"finetune.probe.data.spacing"):
+        copy_controls(other, old, {"full": "scratch"}, {"full/2shot/seed0/scratch"})
+
+
+def test_treated_versus_pairs_voco_runs_of_two_files_by_seed():
+    here = {"runs": {"full/2shot/seed0/voco": row(0.30, 0.40),
+                     "full/2shot/seed1/voco": row(0.20, 0.50),
+                     "full/2shot/seed2/voco": row(0.90, 0.90)}}  # no partner: left out
+    there = {"runs": {"full/2shot/seed0/voco": row(0.25, 0.35),
+                      "full/2shot/seed1/voco": row(0.10, 0.45),
+                      "full/2shot/seed0/scratch": row(0.0, 0.0)}}
+    lines = treated_versus(here, there, "default.json")
+    text = "\n".join(lines)
+    assert "VoCo here - VoCo of default.json** (2 paired seeds)" in text
+    assert "| 20 | 0.250 | 0.175 | +0.075 " in text and ", 2/2 |" in text
+    assert "| 40 | 0.450 | 0.400 | +0.050 " in text
