@@ -112,3 +112,16 @@ def test_v2_needs_a_teacher_and_the_v2_preset_is_valid():
     assert config.base_crop_size == (64, 64, 64) and config.num_base_crops == 9
     assert (config.model.head_hidden_dim, config.model.head_out_dim) == (1024, 1024)
     assert config.model.feature_dropout == 0.2 and not config.geometry.resize_crops
+
+
+def test_plan_says_when_v2_would_pair_a_volume_with_itself(tmp_path):
+    from voco_core.plan import plan_pretrain
+
+    def notes(**optim):
+        return [n for n in plan_pretrain(preset="tiny", out=tmp_path / "run", overrides={
+            "loss": {"variant": "v2"}, "model": {"teacher": "head"}, "optim": optim}).notes
+            if "inter-volume" in n]
+
+    assert notes(batch_size=1) and "optim.batch_size >= 2" in notes(batch_size=1)[0]
+    assert notes(batch_size="auto")  # auto keeps tiny's 1 volume per micro-batch
+    assert not notes(batch_size=2)

@@ -117,6 +117,19 @@ def next_round_folder(parent_root: Path) -> Path:
     return parent_root.parent / f"{base}_r{index}"
 
 
+def _v2_batch_note(config: VoCoConfig) -> list[str]:
+    """The v2 loss pairs each volume with its neighbour in the micro-batch: with one
+    volume per micro-batch (tiny's default, and what auto keeps for it) that is the
+    volume itself, and the inter-volume term becomes a second intra-volume term."""
+    batch = config.optim.batch_size
+    if batch == "auto":
+        batch = make_config(config.preset, check_device=False).optim.batch_size
+    if config.loss.variant != "v2" or batch != 1:
+        return []
+    return ["loss.variant v2 with 1 volume per micro-batch: its inter-volume term pairs "
+            "each volume with itself; set optim.batch_size >= 2 for the spec's pairing"]
+
+
 def _plan(kind: Literal["pretrain", "finetune"], preset: str | None,
           config_file: Path | None, resume: Path | None, overrides: dict | None,
           out: Path | None, pretrained: Path | None) -> RunPlan:
@@ -154,6 +167,8 @@ def _plan(kind: Literal["pretrain", "finetune"], preset: str | None,
         config = make(preset, _with_output(overrides, out) if out is not None else overrides)
     if pretrained is not None and not Path(pretrained).exists():
         raise VoCoDataError("pretrained checkpoint not found", pretrained)
+    if kind == "pretrain":
+        notes += _v2_batch_note(config)
     run_dir = Path(config.run.output_dir)
     return RunPlan(kind, config, run_dir, resume,
                    Path(pretrained) if pretrained is not None else None, tuple(notes))
