@@ -161,6 +161,8 @@ def pretrain_or_reuse(config, data: Path, work: Path, reuse: bool) -> dict:
         saved = config_from_dict(state["config"], check_device=False).to_dict()
         mine = {k: v for k, v in config.to_dict().items() if k != "run"}
         theirs = {k: v for k, v in saved.items() if k != "run"}
+        if not mine["data"]["in_channels"]:  # 0: from the data, which the run recorded
+            theirs["data"]["in_channels"] = mine["data"]["in_channels"]
         if mine != theirs or state["step"] > total:  # never delete another evaluation's run
             raise SystemExit(f"quality_bench: error: {run_dir} holds a pretraining run of "
                              "another config; give this evaluation its own --work")
