@@ -110,6 +110,24 @@ def test_on_a_gpu_auto_sizes_from_the_probe():
             chosen.model.gradient_checkpointing) == (1, 2, True)
 
 
+def test_auto_keeps_the_v2_loss_pairs_in_one_micro_batch():
+    """v2 pairs volumes inside a micro-batch: auto checkpoints rather than split base's
+    2 volumes into 1 x 2, and says so when even 2 do not fit."""
+    config = make_config("base", {"optim": {"batch_size": "auto"}, "loss": {"variant": "v2"},
+                                  "model": {"teacher": "head"}}, check_device=False)
+
+    def probe(cfg, device, checkpointing):  # 1 volume fits plainly, 2 only checkpointed
+        return probe_of(40, 2, 12 if checkpointing else 25)
+
+    chosen, line = resolve_batch_size(config, torch.device("cuda"), probe=probe)
+    assert (chosen.optim.batch_size, chosen.optim.grad_accum,
+            chosen.model.gradient_checkpointing) == (2, 1, True)
+    assert "checkpointing on" in line
+    with pytest.raises(VoCoConfigError, match=r"2 volumes \(loss v2\) do not fit"):
+        resolve_batch_size(config, torch.device("cuda"),
+                           probe=lambda c, d, ckpt: probe_of(40, 2, 25))
+
+
 def test_a_run_with_auto_saves_the_chosen_numbers_and_says_so(tmp_path, train_dataset):
     from voco_core.config import load_config
     from voco_core.train.pretrain import iter_pretrain

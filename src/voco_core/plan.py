@@ -119,11 +119,12 @@ def next_round_folder(parent_root: Path) -> Path:
 
 def _v2_batch_note(config: VoCoConfig) -> list[str]:
     """The v2 loss pairs each volume with its neighbour in the micro-batch: with one
-    volume per micro-batch (tiny's default, and what auto keeps for it) that is the
-    volume itself, and the inter-volume term becomes a second intra-volume term."""
+    volume per micro-batch (tiny's default; with auto, a step of one volume) that is
+    the volume itself, and the inter-volume term becomes a second intra-volume term."""
     batch = config.optim.batch_size
-    if batch == "auto":
-        batch = make_config(config.preset, check_device=False).optim.batch_size
+    if batch == "auto":  # auto keeps v2's pairs when a step has 2 volumes
+        per_step, accumulated = config.preset_split()
+        batch = min(2, per_step * accumulated)
     if config.loss.variant != "v2" or batch != 1:
         return []
     return ["loss.variant v2 with 1 volume per micro-batch: its inter-volume term pairs "

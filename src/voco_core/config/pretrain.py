@@ -175,6 +175,12 @@ class VoCoConfig(ConfigFile):
     run: RunConfig = field(default_factory=RunConfig)
 
     # ------------------------------------------------------------ derived
+    def preset_split(self) -> tuple[int, int]:
+        """The preset's ``(batch_size, grad_accum)``: the volumes per optimizer step
+        that ``optim.batch_size: auto`` keeps and splits its own way."""
+        optim = make_config(self.preset, check_device=False).optim
+        return int(optim.batch_size), int(optim.grad_accum)
+
     @property
     def num_base_crops(self) -> int:
         """K = n^2."""

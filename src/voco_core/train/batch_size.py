@@ -10,7 +10,8 @@ part of the recipe. What auto chooses is how a step is computed:
    depend on the micro-batch (weights, gradients, AdamW state) and those of each
    volume (activations).
 2. The largest micro-batch that divides the volumes per step and fits in
-   :data:`HEADROOM` of the free memory, without gradient checkpointing (it costs about
+   :data:`HEADROOM` of the free memory (with the v2 loss at least 2 volumes, its
+   inter-volume pairs), without gradient checkpointing (it costs about
    30% of a step, docs/benchmarks.md); with checkpointing only when not even one
    volume fits without it; ``grad_accum`` makes up the rest.
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from voco_core.config import VoCoConfig, make_config
+from voco_core.config import VoCoConfig
 from voco_core.distributed import DistContext
 from voco_core.errors import VoCoConfigError
 
@@ -72,24 +73,28 @@ class BatchChoice:
                 f"({self.reason})")
 
 
-def volumes_per_step(preset: str) -> tuple[int, int]:
-    """The preset's ``(batch_size, grad_accum)``: what auto splits differently."""
-    optim = make_config(preset, check_device=False).optim
-    return int(optim.batch_size), int(optim.grad_accum)
+def smallest_micro_batch(config: VoCoConfig, per_step: int) -> int:
+    """The v2 loss pairs each volume with its neighbour *in the micro-batch*: auto keeps
+    2 volumes per micro-batch for it (when a step has 2), so splitting a step never
+    turns the inter-volume term into a comparison of a volume with itself."""
+    return 2 if config.loss.variant == "v2" and per_step >= 2 else 1
 
 
 def choose_split(per_step: int, plain: MemoryProbe | None,
-                 checkpointed: Callable[[], MemoryProbe | None]) -> BatchChoice:
-    """The largest micro-batch dividing ``per_step`` that fits, preferring no
-    checkpointing. ``plain``: the probe without checkpointing (None: it ran out of
-    memory); ``checkpointed``: runs the probe with checkpointing, called only when
-    needed. :class:`VoCoConfigError` when not even one volume fits."""
+                 checkpointed: Callable[[], MemoryProbe | None],
+                 smallest: int = 1) -> BatchChoice:
+    """The largest micro-batch of at least ``smallest`` volumes dividing ``per_step``
+    that fits, preferring no checkpointing. ``plain``: the probe without checkpointing
+    (None: it ran out of memory); ``checkpointed``: runs the probe with checkpointing,
+    called only when needed. :class:`VoCoConfigError` when not even ``smallest``
+    volumes fit."""
     for probe, checkpointing in ((plain, False), (None, True)):
         if checkpointing:
             probe = checkpointed()
         if probe is None:
             continue
-        fitting = [b for b in range(per_step, 0, -1) if per_step % b == 0 and probe.fits(b)]
+        fitting = [b for b in range(per_step, smallest - 1, -1)
+                   if per_step % b == 0 and probe.fits(b)]
         if fitting:
             size = fitting[0]
             return BatchChoice(size, per_step // size, checkpointing, _reason(probe, size))
@@ -97,8 +102,9 @@ def choose_split(per_step: int, plain: MemoryProbe | None,
                 f"{plain.fixed / GIB:.1f} GiB of weights and optimizer state"
                 if plain is not None else "")
     free = f" of {plain.free / GIB:.1f} GiB free" if plain is not None else ""
+    volumes = "one volume does" if smallest == 1 else f"{smallest} volumes (loss v2) do"
     raise VoCoConfigError(
-        f"optim.batch_size = 'auto': one volume does not fit in the device's memory{free}, "
+        f"optim.batch_size = 'auto': {volumes} not fit in the device's memory{free}, "
         f"even with gradient checkpointing{measured}; free the GPU or choose a smaller "
         "preset or geometry.input_size")
 
@@ -162,7 +168,7 @@ def resolve_batch_size(
     ``probe`` measures a device (tests pass a fake one)."""
     if config.optim.batch_size != "auto":
         return config, ""
-    batch_size, grad_accum = volumes_per_step(config.preset)
+    batch_size, grad_accum = config.preset_split()
     if device.type != "cuda":
         choice = BatchChoice(batch_size, grad_accum, config.model.gradient_checkpointing,
                              f"{device.type}: the {config.preset} preset's split, no "
@@ -170,7 +176,8 @@ def resolve_batch_size(
     else:
         per_step = batch_size * grad_accum
         choice = choose_split(per_step, probe(config, device, False),
-                              lambda: probe(config, device, True))
+                              lambda: probe(config, device, True),
+                              smallest_micro_batch(config, per_step))
         choice = _agree_over_ranks(choice, per_step, device, dist_ctx)
     chosen = replace(config,
                      optim=replace(config.optim, batch_size=choice.batch_size,
