@@ -174,17 +174,27 @@ def device_choices(auto: bool = False) -> list[tuple[str, str]]:
 
     choices = [("auto (CUDA when available)", "auto")] if auto else []
     choices.append(("CPU", "cpu"))
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            try:
-                name = torch.cuda.get_device_name(index)
-            except (RuntimeError, AssertionError):
-                name = "CUDA device"
-            choices.append((cuda_label(index, name), f"cuda:{index}"))
+    choices += [(cuda_label(index, name), f"cuda:{index}")
+                for index, name in cuda_device_names().items()]
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         choices.append(("Apple MPS", "mps"))
     return choices
+
+
+def cuda_device_names() -> dict[int, str]:
+    """Index -> name of every CUDA device (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    names = {}
+    for index in range(torch.cuda.device_count()):
+        try:
+            names[index] = torch.cuda.get_device_name(index)
+        except (RuntimeError, AssertionError):
+            names[index] = "CUDA device"
+    return names
 
 
 def cuda_label(index: int, name: str) -> str:
@@ -227,18 +237,16 @@ class DeviceCombo(ViewerEvents, QComboBox):
     def refresh(self) -> None:
         """Re-read the devices and their free memory, keeping the chosen one."""
         current = self.device() if self.count() else None
-        choices = device_choices(self._auto)
         self.blockSignals(True)
         try:
             self.clear()
-            for label, spec in choices:
+            for label, spec in device_choices(self._auto):
                 self.addItem(label, spec)
             if current is not None:
                 self.set_device(current, add=False)
         finally:
             self.blockSignals(False)
-        self._cuda_names = {int(spec[5:]): label.split(" · ", 1)[1].rsplit(" · ", 1)[0]
-                            for label, spec in choices if spec.startswith("cuda:")}
+        self._cuda_names = cuda_device_names()
 
     def update_memory(self) -> None:
         """Re-read the free memory of the listed CUDA devices, changing only their
