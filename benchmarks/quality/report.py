@@ -22,6 +22,21 @@ def run_auc(row: dict) -> float:
                                                               for p in row["curve"]])
 
 
+def common_steps(rows: list[dict]) -> list[int]:
+    """The curve steps every run in ``rows`` was evaluated at."""
+    return sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in rows)))
+
+
+def points_at(rows: list[dict], step: int) -> list[dict]:
+    """Each run's curve point at ``step``."""
+    return [next(p for p in r["curve"] if p["step"] == step) for r in rows]
+
+
+def mean_dice_at(rows: list[dict], step: int) -> list[float]:
+    """Each run's mean Dice at ``step`` (a missing value counts 0)."""
+    return [p["mean_dice"] or 0.0 for p in points_at(rows, step)]
+
+
 def summarise(report: dict) -> dict:
     """Per mode and shots: per-step and AUC spreads per init and paired differences
     VoCo - control, per-class differences at the first and last curve step."""
@@ -40,21 +55,16 @@ def summarise(report: dict) -> dict:
                 continue
             a = [pairs[s][treated] for s in seeds]
             b = [pairs[s][control] for s in seeds]
-            steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in a + b)))
-
-            def at(rows, step):
-                return [next(p for p in r["curve"] if p["step"] == step) for r in rows]
-
+            steps = common_steps(a + b)
             per_step = {}
             for step in steps:
-                va = [p["mean_dice"] or 0.0 for p in at(a, step)]
-                vb = [p["mean_dice"] or 0.0 for p in at(b, step)]
+                va, vb = mean_dice_at(a, step), mean_dice_at(b, step)
                 per_step[str(step)] = {treated: spread(va), control: spread(vb),
                                        "difference": paired_difference(va, vb)}
             auc_a, auc_b = [run_auc(r) for r in a], [run_auc(r) for r in b]
             per_class = {}
             for step in sorted({steps[0], steps[-1]}):
-                ca, cb = at(a, step), at(b, step)
+                ca, cb = points_at(a, step), points_at(b, step)
                 rows = {}
                 for name in ca[0]["class_dice"]:
                     pa = [p["class_dice"].get(name) for p in ca]
@@ -88,14 +98,12 @@ def treated_versus(report: dict, other: dict, other_name: str) -> list[str]:
         if not common:
             continue
         a, b = [mine[k] for k in common], [theirs[k] for k in common]
-        steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in a + b)))
         title = "Frozen-encoder probe" if mode == "probe" else "Full finetuning"
         lines += [f"**{title}: VoCo here - VoCo of {other_name}** ({len(common)} paired seeds)",
                   "", "| step | here | there | here - there: mean [95% t CI] (bootstrap CI), "
                   "wins |", "| --- | --- | --- | --- |"]
-        for step in steps:
-            va = [next(p for p in r["curve"] if p["step"] == step)["mean_dice"] or 0.0 for r in a]
-            vb = [next(p for p in r["curve"] if p["step"] == step)["mean_dice"] or 0.0 for r in b]
+        for step in common_steps(a + b):
+            va, vb = mean_dice_at(a, step), mean_dice_at(b, step)
             lines.append(f"| {step} | {spread(va)['mean']:.3f} | {spread(vb)['mean']:.3f} | "
                          f"{_ci(paired_difference(va, vb))} |")
         auc_a, auc_b = [run_auc(r) for r in a], [run_auc(r) for r in b]
