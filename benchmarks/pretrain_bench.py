@@ -168,13 +168,40 @@ def bench_steps(steps: int, data: str) -> dict:
     return result
 
 
+def bench_adamw(repeats: int) -> dict:
+    """One AdamW update (amsgrad) of the tiny backbone's parameters: the default
+    (foreach) implementation against the fused kernel the trainers now build
+    (``voco_core.train.common.adamw``), each on the same gradients, median of repeats."""
+    import torch
+
+    from voco_core.config import make_config
+    from voco_core.models import VoCoModel
+
+    config = make_config("tiny", {"run": {"device": "cpu"}})
+    params = [p for p in VoCoModel(config.model).parameters() if p.requires_grad]
+    optimizers = {}
+    for name, options in (("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        copies = [p.detach().clone().requires_grad_() for p in params]
+        for copy in copies:
+            copy.grad = torch.randn_like(copy)
+        optimizers[name] = torch.optim.AdamW(copies, lr=1e-4, weight_decay=1e-5,
+                                             amsgrad=True, **options)
+    result = {"parameters": sum(p.numel() for p in params),
+              "threads": torch.get_num_threads()}
+    for name, optimizer in optimizers.items():
+        result[name] = {"seconds_per_update": round(median_time(optimizer.step, repeats), 4)}
+    result["speedup"] = round(result["foreach"]["seconds_per_update"]
+                              / result["fused"]["seconds_per_update"], 2)
+    return result
+
+
 def bench_attention(repeats: int) -> dict:
     """A tiny training step (13 crops of 40^3, full teacher) with MONAI's window attention
     and with the memory-efficient one, alternating in one process (same load for both),
     glibc's freed memory retained as in training; plus the bytes autograd saves."""
     import torch
 
-    from voco_core.attention import swap_window_attention
+    from voco_core.attention import swap_window_attention, window_attention_backend
     from voco_core.config import make_config
     from voco_core.losses import build_loss
     from voco_core.memory import (
@@ -200,18 +227,23 @@ def bench_attention(repeats: int) -> dict:
                 labels)["total"].backward()
         optimizer.step()
 
+    # name -> (our class swapped in, its path): "sdpa" forces the GPU path on CPU
+    variants = {"monai": (False, "auto"), "memory_efficient": (True, "auto"),
+                "sdpa": (True, "sdpa")}
     saved = {}
-    for name, efficient in (("monai", False), ("memory_efficient", True)):
+    for name, (efficient, backend) in variants.items():
         swap_window_attention(model, efficient)
-        saved[name] = round(saved_tensor_bytes(lambda: model(crops)) / 2**30, 2)
-    times: dict[str, list[float]] = {"monai": [], "memory_efficient": []}
+        with window_attention_backend(backend):
+            saved[name] = round(saved_tensor_bytes(lambda: model(crops)) / 2**30, 2)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     retain_freed_memory()
     try:
-        for round_ in range(repeats + 1):  # round 0 warms both up
-            for name, efficient in (("monai", False), ("memory_efficient", True)):
+        for round_ in range(repeats + 1):  # round 0 warms them up
+            for name, (efficient, backend) in variants.items():
                 swap_window_attention(model, efficient)
-                start = time.perf_counter()
-                step()
+                with window_attention_backend(backend):
+                    start = time.perf_counter()
+                    step()
                 if round_:
                     times[name].append(time.perf_counter() - start)
     finally:
@@ -448,7 +480,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--sections",
-                        default="sampler,loss,steps,attention,memory,cache,cuda,authors")
+                        default="sampler,loss,steps,adamw,attention,memory,cache,cuda,authors")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=4, help="measured training steps")
     parser.add_argument("--data", help="phantom folder (default: made in a temp folder)")
@@ -508,6 +540,8 @@ def main() -> None:
         report["steps"] = bench_steps(args.steps, data)
     if "attention" in sections:
         report["attention"] = bench_attention(args.repeats)
+    if "adamw" in sections:
+        report["adamw"] = bench_adamw(args.repeats)
     if "memory" in sections and args.device == "cpu":
         report["memory"] = bench_memory(args.steps)
     if "cache" in sections:
@@ -545,9 +579,14 @@ def main() -> None:
     if "attention" in report:
         a = report["attention"]
         parts.append(f"tiny step MONAI attention {a['monai']['seconds_per_step']} s vs "
-                     f"memory-efficient {a['memory_efficient']['seconds_per_step']} s, saved "
+                     f"memory-efficient {a['memory_efficient']['seconds_per_step']} s, SDPA "
+                     f"{a['sdpa']['seconds_per_step']} s, saved "
                      f"{a['autograd_saved_gib']['monai']} -> "
                      f"{a['autograd_saved_gib']['memory_efficient']} GiB")
+    if "adamw" in report:
+        a = report["adamw"]
+        parts.append(f"AdamW update fused {a['fused']['seconds_per_update']} s vs foreach "
+                     f"{a['foreach']['seconds_per_update']} s ({a['speedup']}x)")
     if "memory" in report:
         m = {k: v["peak_rss_gib"] for k, v in report["memory"].items() if isinstance(v, dict)}
         parts.append(f"tiny on 4 heads: pretraining peak {m['pretrain/memory_efficient/retain']}"

@@ -12,8 +12,9 @@ parameters, same state dict) computes the same attention on one of three paths:
   19% more step time on 2 threads (median; docs/benchmarks.md).
   ``torch.nn.functional.scaled_dot_product_attention`` is no help on CPU: with a
   trainable relative-position bias as its mask it runs the plain-maths kernel and
-  keeps the same ``(n, n)`` matrices (stage 1 of a tiny step, forward + backward,
-  one thread: SDPA 3.1-5.3 s, chunks 2.4-2.6 s, MONAI 3.7-4.4 s).
+  keeps the same ``(n, n)`` matrices (a whole tiny step, one thread: saved 3.56 GiB
+  as MONAI against 0.66 GiB chunked, time equal within noise; ``pretrain_bench.py
+  --sections attention``).
 - **GPUs: SDPA** (:func:`sdpa_window_attention`, also under autocast):
   ``scaled_dot_product_attention`` with the bias (relative-position bias plus
   MONAI's shift mask) as ``attn_mask``; the windows are folded into the head axis

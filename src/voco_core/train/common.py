@@ -92,8 +92,8 @@ def compile_forward(modules: list[torch.nn.Module | None], run: RunConfig) -> No
 def adamw(params, device: torch.device, **options) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with its fused kernel where torch has one for ``device``
     (CUDA, CPU), else the default implementation. Same maths and state dict; measured
-    on CPU for the tiny backbone's 4.2 M parameters (amsgrad, one thread): 0.023 s per
-    update fused vs 0.072 s (docs/benchmarks.md)."""
+    on CPU for the tiny backbone's 4.2 M parameters (amsgrad, one thread): 0.0047 s per
+    update fused vs 0.0156 s (``pretrain_bench.py --sections adamw``)."""
     if device.type in ("cuda", "cpu"):
         try:
             return torch.optim.AdamW(params, fused=True, **options)
