@@ -140,6 +140,24 @@ def test_closing_the_widget_stops_the_live_memory(qtbot, fake_cuda):
 
 
 @pytest.mark.gui
+def test_opening_the_list_keeps_a_device_this_machine_lacks(qtbot, no_cuda):
+    pytest.importorskip("qtpy")
+    from napari_voco._inputs import DeviceCombo
+
+    combo = DeviceCombo()
+    qtbot.addWidget(combo)
+    combo.set_device("cuda:1")  # e.g. from a config written on a GPU machine
+    assert combo.device() == "cuda:1"
+    combo.refresh()  # what opening the list does
+    assert combo.device() == "cuda:1"
+    assert combo.currentText() == "cuda:1 (not found on this machine)"
+    assert _labels(combo).count("cuda:1 (not found on this machine)") == 1
+    combo.set_device("cpu")  # once another is chosen, the missing one goes
+    combo.refresh()
+    assert combo.device() == "cpu" and combo.findData("cuda:1") < 0
+
+
+@pytest.mark.gui
 def test_no_timer_without_a_cuda_device(qtbot, no_cuda):
     pytest.importorskip("qtpy")
     from napari_voco._inputs import DeviceCombo

@@ -235,7 +235,9 @@ class DeviceCombo(ViewerEvents, QComboBox):
             self.setCurrentIndex(1)
 
     def refresh(self) -> None:
-        """Re-read the devices and their free memory, keeping the chosen one."""
+        """Re-read the devices and their free memory, keeping the chosen one (also a
+        device this machine lacks, e.g. from a loaded config: starting a job then says
+        so, instead of the list quietly switching to another device)."""
         current = self.device() if self.count() else None
         self.blockSignals(True)
         try:
@@ -243,7 +245,7 @@ class DeviceCombo(ViewerEvents, QComboBox):
             for label, spec in device_choices(self._auto):
                 self.addItem(label, spec)
             if current is not None:
-                self.set_device(current, add=False)
+                self.set_device(current)
         finally:
             self.blockSignals(False)
         self._cuda_names = cuda_device_names()
