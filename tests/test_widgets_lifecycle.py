@@ -47,9 +47,10 @@ def _owner(callback):
 
 
 def _owned_by(callbacks: list, widget) -> list:
-    from qtpy.QtWidgets import QWidget
+    """The callbacks bound to ``widget`` or its children (widgets and helper objects)."""
+    from qtpy.QtCore import QObject
 
-    mine = {id(widget), *(id(child) for child in widget.findChildren(QWidget))}
+    mine = {id(widget), *(id(child) for child in widget.findChildren(QObject))}
     return [cb for cb in callbacks if id(_owner(cb)) in mine]
 
 
@@ -110,6 +111,8 @@ def test_closing_a_widget_releases_its_viewer_events(make_napari_viewer_proxy, n
     viewer.window.add_dock_widget(widget, name=f"VoCo {name}")
     viewer.add_image(np.ones((16, 16, 8), np.float32), name="added later")
     assert _owned_by(_viewer_callbacks(viewer), widget)  # it listens while docked
+    if name == "finetune":  # its training-data helper object listens too
+        assert any(_owner(cb) is widget.data for cb in _viewer_callbacks(viewer))
     followed = None
     if name == "positions":
         pretrain = PretrainWidget(viewer)

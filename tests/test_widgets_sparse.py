@@ -96,9 +96,9 @@ def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy,
     widget.val_every.setValue(2)
     widget.device.set_device("cpu")
     widget.output.set_path(tmp_path / "ft")
-    widget.image_combo.set_layer(image)
-    widget.labels_combo.set_layer(labels)
-    widget.sparse.setChecked(True)
+    widget.data.image_combo.set_layer(image)
+    widget.data.labels_combo.set_layer(labels)
+    widget.data.sparse.setChecked(True)
     assert not widget.continue_button.isEnabled() and not widget.copy_button.isEnabled()
 
     ticks: list[float] = []
@@ -188,7 +188,7 @@ def test_sparse_without_painted_voxel_notifies_naming_the_layer(make_napari_view
     widget = FinetuneWidget(viewer)
     widget.device.set_device("cpu")
     widget.output.set_path(tmp_path / "ft")
-    widget.sparse.setChecked(True)
+    widget.data.sparse.setChecked(True)
     assert not widget.start()
     assert isinstance(notified[-1], VoCoDataError)
     assert "'unpainted' has no painted voxel" in str(notified[-1])

@@ -363,10 +363,10 @@ def test_finetune_layer_pairs_dice_and_segment(make_napari_viewer_proxy, qtbot, 
     assert not widget.segment_button.isEnabled()
 
     for index in (0, 1):
-        widget.image_combo.set_layer(viewer.layers[f"phantom_{index:03d}"])
-        widget.labels_combo.set_layer(viewer.layers[f"phantom_{index:03d} labels"])
-        _click(qtbot, widget.add_pair_button)
-    assert len(widget.pairs) == 2 and widget.pair_list.count() == 2
+        widget.data.image_combo.set_layer(viewer.layers[f"phantom_{index:03d}"])
+        widget.data.labels_combo.set_layer(viewer.layers[f"phantom_{index:03d} labels"])
+        _click(qtbot, widget.data.add_pair_button)
+    assert len(widget.data.pairs) == 2 and widget.data.pair_list.count() == 2
 
     events = []
     widget.panel.progressed.connect(events.append)
@@ -419,20 +419,20 @@ def test_finetune_bad_inputs_notify_and_leave_gui_usable(make_napari_viewer_prox
     widget.device.set_device("cpu")
     widget.output.set_path(tmp_path / "ft")
 
-    _click(qtbot, widget.add_pair_button)
+    _click(qtbot, widget.data.add_pair_button)
     assert isinstance(notified[-1], VoCoDataError) and "same voxel grid" in str(notified[-1])
-    assert not widget.pairs
+    assert not widget.data.pairs
 
-    widget.source.setCurrentText("Folder or datalist JSON")
+    widget.data.source.setCurrentText("Folder or datalist JSON")
     empty = tmp_path / "empty"
     empty.mkdir()
-    widget.data_path.set_path(empty)
+    widget.data.data_path.set_path(empty)
     assert widget.start()
     _wait_idle(qtbot, widget)
     assert isinstance(notified[-1], VoCoDataError) and "no NIfTI files" in str(notified[-1])
     _assert_usable(widget)
 
-    widget.data_path.set_path(train_dataset)
+    widget.data.data_path.set_path(train_dataset)
     widget.device.set_device("cuda")
     assert not widget.start()
     assert isinstance(notified[-1], VoCoConfigError) and "CUDA" in str(notified[-1])

@@ -1,8 +1,9 @@
 """The *VoCo finetune* widget: finetune a SwinUNETR segmenter from napari.
 
-Data is a list of image + labels layer pairs (written as NIfTI files with their
-affine to ``RUN_DIR/layers/imagesTr`` and ``labelsTr`` when the run starts) or a
-folder (``imagesTr``/``labelsTr``) / Decathlon datalist JSON. The encoder can start
+Data (:mod:`napari_voco._training_data`) is a list of image + labels layer pairs
+(written as NIfTI files with their affine to ``RUN_DIR/layers/imagesTr`` and
+``labelsTr`` when the run starts) or a folder (``imagesTr``/``labelsTr``) / Decathlon
+datalist JSON. The encoder can start
 from a VoCo checkpoint (an own pretraining run or released weights); the load report
 (how many backbone tensors matched) is shown when the run starts. The run is
 planned by :func:`voco_core.plan.plan_finetune`: the preset, then the fields as
@@ -37,18 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
-    QListWidget,
-    QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
@@ -59,7 +56,6 @@ from qtpy.QtWidgets import (
 
 from napari_voco._export import BundleExporter
 from napari_voco._inputs import (
-    CompactStack,
     DeviceCombo,
     LayerCombo,
     PathEdit,
@@ -73,7 +69,6 @@ from napari_voco._jobs import JobContext, JobRunner, RunState
 from napari_voco._layers import (
     current_slice,
     layer_to_record,
-    layer_volume,
     safe_file_stem,
     show_segmentation,
     unwrap,
@@ -81,18 +76,10 @@ from napari_voco._layers import (
 )
 from napari_voco._run_panel import RunPanel, TrainingJob, check_new_run_dir, default_run_dir
 from napari_voco._segment_widget import segmentation_job
-from napari_voco._sparse import (
-    COPY_SLICE,
-    COPY_VOLUME,
-    SLICING_AXIS,
-    RoundsTable,
-    copy_prediction,
-    ignore_value,
-    slicing_axis,
-    sparse_labels,
-)
+from napari_voco._sparse import COPY_SLICE, COPY_VOLUME, RoundsTable, copy_prediction
 from napari_voco._text import format_dice
 from napari_voco._tooltips import TOOLTIPS
+from napari_voco._training_data import TrainingData
 from voco_core.config import FINETUNE_PRESETS, make_finetune_config, merge
 from voco_core.data.datalists import DatalistEntry
 from voco_core.errors import VoCoDataError
@@ -103,7 +90,6 @@ from voco_core.run_folder import RunFolder
 if TYPE_CHECKING:
     import napari
 
-SOURCE_PAIRS, SOURCE_FOLDER = "Image / labels layer pairs", "Folder or datalist JSON"
 DICE_SERIES = "val Dice"
 
 
@@ -116,20 +102,6 @@ class FinetuneJob(TrainingJob):
     continue_from: Path | None = None
     """A finetuning run folder to continue from (:func:`voco_core.plan.plan_continue`,
     planned in the worker: it loads the checkpoint); ``out`` is the new run folder."""
-
-
-def class_names_of(label_names: Any, max_label: int) -> list[str] | None:
-    """Class names from a labels layer's ``metadata["voco"]["label_names"]`` when they
-    name every value ``0..n-1`` (n >= 2) and cover the largest label found."""
-    if not label_names:
-        return None
-    try:
-        by_value = {int(k): str(v) for k, v in label_names.items()}
-    except (AttributeError, TypeError, ValueError):
-        return None
-    if sorted(by_value) != list(range(len(by_value))) or max_label >= len(by_value):
-        return None
-    return [by_value[i] for i in range(len(by_value))] if len(by_value) >= 2 else None
 
 
 def finetune_job(job: FinetuneJob, context: JobContext) -> Iterator[Any]:
@@ -171,12 +143,10 @@ class FinetuneWidget(ViewerEvents, QWidget):
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        from napari.layers import Labels
 
         self.viewer = napari_viewer
         self.overrides: dict = {}
         """Nested config overrides merged last (e.g. ``{"train": {"samples_per_volume": 1}}``)."""
-        self.pairs: list[tuple[Any, Any]] = []
         self.best_checkpoint: Path | None = None
         self.class_dice: dict[str, float] = {}
         self.labels_layer = None
@@ -187,36 +157,8 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self._run_note = ""  # parent and annotated slices, shown with the status
         self._from_random = False  # the running job starts from random weights
 
-        # -- data
-        self.source = narrow(QComboBox())
-        self.source.addItems([SOURCE_PAIRS, SOURCE_FOLDER])
-        self.image_combo = LayerCombo(napari_viewer)
-        self.labels_combo = LayerCombo(napari_viewer, Labels)
-        self.add_pair_button = QPushButton("Add pair")
-        self.add_pair_button.setToolTip(TOOLTIPS["add_pair"])
-        self.add_pair_button.clicked.connect(self.add_current_pair)
-        self.remove_pair_button = QPushButton("Remove")
-        self.remove_pair_button.clicked.connect(self.remove_selected_pair)
-        self.pair_list = QListWidget()
-        self.pair_list.setMaximumHeight(90)
-        self.pair_list.setToolTip(TOOLTIPS["pairs"])
-        pair_page = QWidget()
-        pair_form = QFormLayout(pair_page)
-        pair_form.setContentsMargins(0, 0, 0, 0)
-        pair_form.addRow("Image", self.image_combo)
-        pair_form.addRow("Labels", self.labels_combo)
-        pair_buttons = QHBoxLayout()
-        pair_buttons.addWidget(self.add_pair_button)
-        pair_buttons.addWidget(self.remove_pair_button)
-        pair_form.addRow("", pair_buttons)
-        pair_form.addRow("Pairs", self.pair_list)
-        self.data_path = PathEdit("folder with imagesTr/ and labelsTr/, or a datalist JSON",
-                                  file_filter="Datalists (*.json)", file_button="JSON…")
-        self.data_stack = CompactStack()
-        self.data_stack.addWidget(pair_page)
-        self.data_stack.addWidget(self.data_path)
-        self.source.currentIndexChanged.connect(self.data_stack.setCurrentIndex)
-        self.listen(napari_viewer.layers.events.removed, self._prune_pairs)
+        # -- data (its rows go first in the settings form)
+        self.data = TrainingData(napari_viewer, lambda err: self.panel.fail(err), self)
 
         # -- settings
         self.pretrained = PathEdit("optional: VoCo pretraining run, checkpoint or released "
@@ -239,21 +181,13 @@ class FinetuneWidget(ViewerEvents, QWidget):
                                file_filter="Checkpoints (*.pt)")
         self.resume.setToolTip(TOOLTIPS["resume"])
         self.resume.changed.connect(self._on_resume_changed)
-        self.sparse = QCheckBox("annotated slices only")
-        self.sparse.setToolTip(TOOLTIPS["sparse"])
-        self.sparse_axis = narrow(QComboBox(), 6)
-        self.sparse_axis.addItems([SLICING_AXIS, "axis 0", "axis 1", "axis 2"])
-        self.sparse_axis.setToolTip(TOOLTIPS["sparse_axis"])
         self.preset.currentTextChanged.connect(self.apply_preset)
         self.preset.setCurrentText("base" if self.device.device().startswith("cuda")
                                    else "tiny")
         self.apply_preset(self.preset.currentText())
 
         form = QFormLayout()
-        form.addRow("Data", self.source)
-        form.addRow("", self.data_stack)
-        form.addRow("Sparse labels", self.sparse)  # two rows: one would not fit a
-        form.addRow("Slices along", self.sparse_axis)  # dock beside another (1600 px)
+        self.data.add_rows(form)
         form.addRow("Pretrained", self.pretrained)
         form.addRow("Preset", self.preset)
         form.addRow("Steps", self.steps)
@@ -338,45 +272,6 @@ class FinetuneWidget(ViewerEvents, QWidget):
     def segmenting(self) -> bool:
         return self.segment_runner.running
 
-    # ------------------------------------------------------------------ data
-
-    def add_pair(self, image: Any, labels: Any) -> None:
-        """Add an image + labels layer pair (:class:`VoCoDataError` when they do not fit)."""
-        image, labels = unwrap(image), unwrap(labels)
-        if image is None or labels is None:
-            raise VoCoDataError("choose an image layer and a labels layer to add a pair")
-        image_shape = np.shape(image.data[0] if image.multiscale else image.data)
-        labels_shape = np.shape(labels.data[0] if labels.multiscale else labels.data)
-        if image_shape != labels_shape:
-            raise VoCoDataError(f"labels layer {labels.name!r} has shape {labels_shape}, "
-                                f"image layer {image.name!r} {image_shape}: a pair needs the "
-                                "same voxel grid")
-        if any(pair[0] is image and pair[1] is labels for pair in self.pairs):
-            return
-        self.pairs.append((image, labels))
-        self.pair_list.addItem(QListWidgetItem(f"{image.name}  +  {labels.name}"))
-
-    def add_current_pair(self) -> None:
-        """The *Add pair* button."""
-        try:
-            self.add_pair(self.image_combo.layer(), self.labels_combo.layer())
-        except Exception as err:
-            self.panel.fail(err)
-
-    def remove_selected_pair(self) -> None:
-        row = self.pair_list.currentRow()
-        if 0 <= row < len(self.pairs):
-            del self.pairs[row]
-            self.pair_list.takeItem(row)
-
-    def _prune_pairs(self, event: Any = None) -> None:
-        present = [unwrap(layer) for layer in self.viewer.layers]
-        for row in reversed(range(len(self.pairs))):
-            image, labels = self.pairs[row]
-            if not any(image is p for p in present) or not any(labels is p for p in present):
-                del self.pairs[row]
-                self.pair_list.takeItem(row)
-
     # ------------------------------------------------------------------ settings
 
     def apply_preset(self, preset: str) -> None:
@@ -401,36 +296,6 @@ class FinetuneWidget(ViewerEvents, QWidget):
             train["lr"] = float(self.lr.value())
         return {"train": train, "run": {"device": self.device.device()}}
 
-    def _layer_pairs(self) -> list[tuple[Any, Any]]:
-        """The pairs to train on: the list, else the pair chosen in the combo boxes."""
-        if not self.pairs:
-            image, labels = self.image_combo.layer(), self.labels_combo.layer()
-            if image is None or labels is None:
-                raise VoCoDataError("no training pair: choose an image and a labels layer "
-                                    "(Add pair), or a data folder")
-            self.add_pair(image, labels)
-        return list(self.pairs)
-
-    def sparse_axis_of(self, layer: Any) -> int:
-        """The axis of *annotated slices only* (and of *current slice only*) for ``layer``."""
-        text = self.sparse_axis.currentText()
-        return slicing_axis(self.viewer, layer) if text == SLICING_AXIS else int(text[-1])
-
-    def _sparse_pairs(self, layer_pairs: list, pairs: list, num_classes: int) -> dict:
-        """Turn ``pairs``' labels into "annotated slices only" maps, in place; returns the
-        ``data`` overrides (the ignore label) and notes the slice counts for the status."""
-        max_label = max(int(labels.max()) if labels.size else 0 for _, _, (labels, _) in pairs)
-        ignore = ignore_value(max_label, num_classes)
-        counts = []
-        for row, ((_, labels_layer), (name, image, (labels, affine))) in enumerate(
-                zip(layer_pairs, pairs, strict=True)):
-            axis = self.sparse_axis_of(labels_layer)
-            sparse, count = sparse_labels(labels_layer.name, labels, axis, ignore)
-            pairs[row] = (name, image, (sparse, affine))
-            counts.append(f"{labels_layer.name} {count}/{labels.shape[axis]} (axis {axis})")
-        self._run_note = f"annotated slices: {', '.join(counts)}; ignore label {ignore}"
-        return {"ignore_label": ignore}
-
     def make_job(self, continue_from: Path | None = None) -> FinetuneJob:
         """Check the inputs and plan the run (GUI thread; typed errors for bad input);
         ``continue_from``: a finished run folder this run continues (new folder beside it)."""
@@ -448,22 +313,10 @@ class FinetuneWidget(ViewerEvents, QWidget):
             out = default_run_dir("finetune")
             self.output.set_path(out)
         overrides = self.field_overrides(resuming=resume is not None)
-        self._run_note = ""
-        pairs = []
-        if self.source.currentText() == SOURCE_PAIRS:
-            layer_pairs = self._layer_pairs()
-            pairs = [(image.name, layer_volume(image), layer_volume(labels, "labels"))
-                     for image, labels in layer_pairs]
-            label_names = ((layer_pairs[0][1].metadata or {}).get("voco") or {}).get(
-                "label_names")
-            max_label = max(int(labels.max()) if labels.size else 0
-                            for _, _, (labels, _) in pairs)
-            names = class_names_of(label_names, max_label)
-            if names and fresh:
-                overrides["data"] = {"num_classes": len(names), "class_names": names}
-            if self.sparse.isChecked():
-                overrides = merge(overrides, {"data": self._sparse_pairs(
-                    layer_pairs, pairs, len(names) if names else 0)})
+        inputs = self.data.gather(fresh)
+        self._run_note = inputs.note
+        if inputs.data_overrides:
+            overrides = merge(overrides, {"data": inputs.data_overrides})
         if continue_from is not None:
             self._run_note = "; ".join(filter(None, (
                 f"continues {continue_from.name} → {out.name}", self._run_note)))
@@ -479,12 +332,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
             resolve_device(self.device.device())  # a missing GPU is reported at once
             job = FinetuneJob(resume=resume, overrides=overrides, out=out,
                               continue_from=continue_from)
-        job.pairs = pairs
-        if not pairs:
-            job.data = self.data_path.path()
-            if job.data is None:
-                raise VoCoDataError("no data chosen: pick a folder with imagesTr/ and "
-                                    "labelsTr/, or a datalist JSON")
+        job.pairs, job.data = inputs.pairs, inputs.data
         return job
 
     # ------------------------------------------------------------------ actions
@@ -532,18 +380,6 @@ class FinetuneWidget(ViewerEvents, QWidget):
             return False
         return self.start(continue_from=self.last_run_dir)
 
-    def _copy_target(self) -> Any:
-        """The training Labels layer paired with the segmented image."""
-        image = self.segmented_image
-        for pair_image, labels in self.pairs:
-            if pair_image is image:
-                return labels
-        if image is not None and self.image_combo.layer() is image:
-            if self.labels_combo.layer() is not None:
-                return self.labels_combo.layer()
-        raise VoCoDataError(f"no training labels layer is paired with image "
-                            f"{getattr(image, 'name', '?')!r}: add its image + labels pair")
-
     def copy_prediction(self) -> int:
         """*Copy prediction to training labels* (whole volume or the current slice);
         returns the number of voxels changed (-1 and a notification on failure)."""
@@ -552,10 +388,10 @@ class FinetuneWidget(ViewerEvents, QWidget):
                     unwrap(layer) is self.labels_layer for layer in self.viewer.layers):
                 raise VoCoDataError("no prediction to copy: segment an image with the best "
                                     "checkpoint first")
-            target = self._copy_target()
+            target = self.data.labels_paired_with(self.segmented_image)
             axis = index = None
             if self.copy_scope.currentText() == COPY_SLICE:
-                axis = self.sparse_axis_of(target)
+                axis = self.data.sparse_axis_of(target)
                 index = current_slice(self.viewer, target, axis)
             changed = copy_prediction(self.labels_layer, target, axis, index)
         except Exception as err:

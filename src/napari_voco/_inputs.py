@@ -68,15 +68,17 @@ class ViewerEvents:
 
 class _ReleaseOnClose(QObject):
     """Event filter: on close, or when napari takes the widget out of its dock (its
-    parent becomes None), release the viewer events of the widget and its children."""
+    parent becomes None), release the viewer events of the widget and its children
+    (widgets and helper objects)."""
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
         kind = event.type()
         if kind == QEvent.Type.Close or (kind == QEvent.Type.ParentChange
                                          and watched.parent() is None):
-            for widget in (watched, *watched.findChildren(QWidget)):
-                if isinstance(widget, ViewerEvents):
-                    widget.release_viewer_events()
+            # QObject: helper objects (e.g. the finetune widget's TrainingData) too
+            for child in (watched, *watched.findChildren(QObject)):
+                if isinstance(child, ViewerEvents):
+                    child.release_viewer_events()
         return False
 
 

@@ -1,0 +1,243 @@
+"""The finetune widget's training data: what it trains on, gathered from napari.
+
+Either image + labels layer pairs (checked to share a voxel grid, dropped from the
+list when a layer is deleted) or a folder (``imagesTr``/``labelsTr``) / Decathlon
+datalist JSON. With *annotated slices only* each pair's labels become a sparse map
+(:mod:`napari_voco._sparse`): painted slices along the chosen axis, the rest the
+ignore label. :meth:`TrainingData.gather` turns the choice into what a
+:class:`~napari_voco._finetune_widget.FinetuneJob` needs: the layer volumes to write
+(with their affines), else the folder, plus the ``data`` overrides they imply (class
+names from the first labels layer, the ignore label).
+
+:class:`TrainingData` is a helper object of the widget, not a widget: its rows go into
+the widget's own settings form (:meth:`TrainingData.add_rows`), so the labels line up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import QObject
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QWidget,
+)
+
+from napari_voco._inputs import CompactStack, LayerCombo, PathEdit, ViewerEvents, narrow
+from napari_voco._layers import layer_volume, unwrap
+from napari_voco._sparse import SLICING_AXIS, ignore_value, slicing_axis, sparse_labels
+from napari_voco._tooltips import TOOLTIPS
+from voco_core.errors import VoCoDataError
+
+if TYPE_CHECKING:
+    import napari
+
+SOURCE_PAIRS, SOURCE_FOLDER = "Image / labels layer pairs", "Folder or datalist JSON"
+
+
+def class_names_of(label_names: Any, max_label: int) -> list[str] | None:
+    """Class names from a labels layer's ``metadata["voco"]["label_names"]`` when they
+    name every value ``0..n-1`` (n >= 2) and cover the largest label found."""
+    if not label_names:
+        return None
+    try:
+        by_value = {int(k): str(v) for k, v in label_names.items()}
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if sorted(by_value) != list(range(len(by_value))) or max_label >= len(by_value):
+        return None
+    return [by_value[i] for i in range(len(by_value))] if len(by_value) >= 2 else None
+
+
+@dataclass
+class TrainingInputs:
+    """What one finetuning run trains on (:meth:`TrainingData.gather`)."""
+
+    pairs: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    """``(name, (image, affine), (labels, affine))`` to write into the run folder."""
+    data: Path | None = None
+    """The folder or datalist JSON (when there are no pairs)."""
+    data_overrides: dict = field(default_factory=dict)
+    """``data`` config overrides the layers imply (``num_classes``, ``class_names``,
+    ``ignore_label``)."""
+    note: str = ""
+    """The annotated slices per pair, for the status line ("" when dense)."""
+
+
+class TrainingData(ViewerEvents, QObject):
+    """The finetune widget's data rows: source, layer pairs or folder, sparse labels.
+
+    ``fail`` reports a bad *Add pair* (the widget's notification)."""
+
+    def __init__(self, viewer: napari.Viewer, fail: Callable[[Exception], None],
+                 parent: QObject | None = None):
+        super().__init__(parent)
+        from napari.layers import Labels
+
+        self.viewer = viewer
+        self._fail = fail
+        self.pairs: list[tuple[Any, Any]] = []
+        """The image + labels layer pairs, in the order of :attr:`pair_list`."""
+
+        self.source = narrow(QComboBox())
+        self.source.addItems([SOURCE_PAIRS, SOURCE_FOLDER])
+        self.image_combo = LayerCombo(viewer)
+        self.labels_combo = LayerCombo(viewer, Labels)
+        self.add_pair_button = QPushButton("Add pair")
+        self.add_pair_button.setToolTip(TOOLTIPS["add_pair"])
+        self.add_pair_button.clicked.connect(self.add_current_pair)
+        self.remove_pair_button = QPushButton("Remove")
+        self.remove_pair_button.clicked.connect(self.remove_selected_pair)
+        self.pair_list = QListWidget()
+        self.pair_list.setMaximumHeight(90)
+        self.pair_list.setToolTip(TOOLTIPS["pairs"])
+        pair_page = QWidget()
+        pair_form = QFormLayout(pair_page)
+        pair_form.setContentsMargins(0, 0, 0, 0)
+        pair_form.addRow("Image", self.image_combo)
+        pair_form.addRow("Labels", self.labels_combo)
+        pair_buttons = QHBoxLayout()
+        pair_buttons.addWidget(self.add_pair_button)
+        pair_buttons.addWidget(self.remove_pair_button)
+        pair_form.addRow("", pair_buttons)
+        pair_form.addRow("Pairs", self.pair_list)
+        self.data_path = PathEdit("folder with imagesTr/ and labelsTr/, or a datalist JSON",
+                                  file_filter="Datalists (*.json)", file_button="JSON…")
+        self.data_stack = CompactStack()
+        self.data_stack.addWidget(pair_page)
+        self.data_stack.addWidget(self.data_path)
+        self.source.currentIndexChanged.connect(self.data_stack.setCurrentIndex)
+        self.sparse = QCheckBox("annotated slices only")
+        self.sparse.setToolTip(TOOLTIPS["sparse"])
+        self.sparse_axis = narrow(QComboBox(), 6)
+        self.sparse_axis.addItems([SLICING_AXIS, "axis 0", "axis 1", "axis 2"])
+        self.sparse_axis.setToolTip(TOOLTIPS["sparse_axis"])
+        self.listen(viewer.layers.events.removed, self._prune_pairs)
+
+    def add_rows(self, form: QFormLayout) -> None:
+        """Put the data rows into ``form`` (the widget's settings)."""
+        form.addRow("Data", self.source)
+        form.addRow("", self.data_stack)
+        form.addRow("Sparse labels", self.sparse)  # two rows: one would not fit a
+        form.addRow("Slices along", self.sparse_axis)  # dock beside another (1600 px)
+
+    # ------------------------------------------------------------------ pairs
+
+    def add_pair(self, image: Any, labels: Any) -> None:
+        """Add an image + labels layer pair (:class:`VoCoDataError` when they do not fit)."""
+        image, labels = unwrap(image), unwrap(labels)
+        if image is None or labels is None:
+            raise VoCoDataError("choose an image layer and a labels layer to add a pair")
+        image_shape = np.shape(image.data[0] if image.multiscale else image.data)
+        labels_shape = np.shape(labels.data[0] if labels.multiscale else labels.data)
+        if image_shape != labels_shape:
+            raise VoCoDataError(f"labels layer {labels.name!r} has shape {labels_shape}, "
+                                f"image layer {image.name!r} {image_shape}: a pair needs the "
+                                "same voxel grid")
+        if any(pair[0] is image and pair[1] is labels for pair in self.pairs):
+            return
+        self.pairs.append((image, labels))
+        self.pair_list.addItem(QListWidgetItem(f"{image.name}  +  {labels.name}"))
+
+    def add_current_pair(self) -> None:
+        """The *Add pair* button."""
+        try:
+            self.add_pair(self.image_combo.layer(), self.labels_combo.layer())
+        except Exception as err:
+            self._fail(err)
+
+    def remove_selected_pair(self) -> None:
+        row = self.pair_list.currentRow()
+        if 0 <= row < len(self.pairs):
+            del self.pairs[row]
+            self.pair_list.takeItem(row)
+
+    def _prune_pairs(self, event: Any = None) -> None:
+        present = [unwrap(layer) for layer in self.viewer.layers]
+        for row in reversed(range(len(self.pairs))):
+            image, labels = self.pairs[row]
+            if not any(image is p for p in present) or not any(labels is p for p in present):
+                del self.pairs[row]
+                self.pair_list.takeItem(row)
+
+    def layer_pairs(self) -> list[tuple[Any, Any]]:
+        """The pairs to train on: the list, else the pair chosen in the combo boxes."""
+        if not self.pairs:
+            image, labels = self.image_combo.layer(), self.labels_combo.layer()
+            if image is None or labels is None:
+                raise VoCoDataError("no training pair: choose an image and a labels layer "
+                                    "(Add pair), or a data folder")
+            self.add_pair(image, labels)
+        return list(self.pairs)
+
+    def labels_paired_with(self, image: Any) -> Any:
+        """The training Labels layer paired with ``image`` (the list, else the combo
+        boxes); :class:`VoCoDataError` when there is none."""
+        for pair_image, labels in self.pairs:
+            if pair_image is image:
+                return labels
+        if image is not None and self.image_combo.layer() is image:
+            if self.labels_combo.layer() is not None:
+                return self.labels_combo.layer()
+        raise VoCoDataError(f"no training labels layer is paired with image "
+                            f"{getattr(image, 'name', '?')!r}: add its image + labels pair")
+
+    # ------------------------------------------------------------------ sparse labels
+
+    def sparse_axis_of(self, layer: Any) -> int:
+        """The axis of *annotated slices only* (and of *current slice only*) for ``layer``."""
+        text = self.sparse_axis.currentText()
+        return slicing_axis(self.viewer, layer) if text == SLICING_AXIS else int(text[-1])
+
+    def _sparsify(self, layer_pairs: list, pairs: list, num_classes: int) -> tuple[int, str]:
+        """Turn ``pairs``' labels into "annotated slices only" maps, in place; returns the
+        ignore label and the slice counts for the status."""
+        max_label = max(int(labels.max()) if labels.size else 0 for _, _, (labels, _) in pairs)
+        ignore = ignore_value(max_label, num_classes)
+        counts = []
+        for row, ((_, labels_layer), (name, image, (labels, affine))) in enumerate(
+                zip(layer_pairs, pairs, strict=True)):
+            axis = self.sparse_axis_of(labels_layer)
+            sparse, count = sparse_labels(labels_layer.name, labels, axis, ignore)
+            pairs[row] = (name, image, (sparse, affine))
+            counts.append(f"{labels_layer.name} {count}/{labels.shape[axis]} (axis {axis})")
+        return ignore, f"annotated slices: {', '.join(counts)}; ignore label {ignore}"
+
+    # ------------------------------------------------------------------ a run's inputs
+
+    def gather(self, fresh: bool) -> TrainingInputs:
+        """What the next run trains on (GUI thread; typed errors for bad input).
+        ``fresh``: a new run, not a resumed or continued one (only a new run takes its
+        classes from the layers)."""
+        if self.source.currentText() != SOURCE_PAIRS:
+            data = self.data_path.path()
+            if data is None:
+                raise VoCoDataError("no data chosen: pick a folder with imagesTr/ and "
+                                    "labelsTr/, or a datalist JSON")
+            return TrainingInputs(data=data)
+        layer_pairs = self.layer_pairs()
+        inputs = TrainingInputs(pairs=[
+            (image.name, layer_volume(image), layer_volume(labels, "labels"))
+            for image, labels in layer_pairs])
+        label_names = ((layer_pairs[0][1].metadata or {}).get("voco") or {}).get(
+            "label_names")
+        max_label = max(int(labels.max()) if labels.size else 0
+                        for _, _, (labels, _) in inputs.pairs)
+        names = class_names_of(label_names, max_label)
+        if names and fresh:
+            inputs.data_overrides.update(num_classes=len(names), class_names=names)
+        if self.sparse.isChecked():
+            ignore, inputs.note = self._sparsify(layer_pairs, inputs.pairs,
+                                                 len(names) if names else 0)
+            inputs.data_overrides["ignore_label"] = ignore
+        return inputs
