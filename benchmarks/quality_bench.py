@@ -51,6 +51,7 @@ from quality.runs import (
     log,
     make_populations,
     pretrain_or_reuse,
+    pretrained_checkpoint,
     report_header,
     run_key,
 )
@@ -162,8 +163,10 @@ def fingerprint(args, config) -> dict:
         values = finetune_config(args, mode, 0).to_dict()
         finetune[mode] = {k: v for k, v in values.items() if k != "run"}
     pretrain = {k: v for k, v in config.to_dict().items() if k != "run"}
+    # Only when used, so that older results files keep matching (--resume-results).
+    used = {} if args.pretrained_step is None else {"pretrained_step": args.pretrained_step}
     return json.loads(json.dumps({
-        "pretrain": pretrain, "pretrain_seed": args.seed, "finetune": finetune,
+        **used, "pretrain": pretrain, "pretrain_seed": args.seed, "finetune": finetune,
         "populations": {"seeds": POPULATION_SEEDS, "shape": list(args.phantom_shape),
                         "n_pretrain": args.n_pretrain, "n_heldout": args.n_heldout,
                         "n_pool": args.n_pool}}))
@@ -224,6 +227,10 @@ def main(argv=None) -> None:
                                     if k not in ("checkpoint", "kept")}}
         log(f"pretraining: loss {pretraining['loss_first_mean']} -> "
             f"{pretraining['loss_last_mean']}, {pretraining['median_s_per_step']} s/step")
+        checkpoint = pretrained_checkpoint(pretraining, args.pretrained_step)
+        if args.pretrained_step is not None:
+            report["pretraining"]["voco_runs_start_from_step"] = args.pretrained_step
+            log(f"--pretrained-step: VoCo runs start from {checkpoint}")
         store.save()
 
         heldout = heldout_entries(folders["heldout"], args.n_heldout)
@@ -248,7 +255,7 @@ def main(argv=None) -> None:
                             continue
                         row = finetune_run(finetune_config(args, mode, seed),
                                            [pool[i] for i in chosen], heldout,
-                                           pretraining["checkpoint"] if init == "voco" else None,
+                                           checkpoint if init == "voco" else None,
                                            work / f"finetune_{out.stem}")
                         row["subjects"] = [f"pool/phantom_{i:03d}" for i in chosen]
                         row["loadavg_1min"] = round(os.getloadavg()[0], 2)

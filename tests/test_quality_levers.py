@@ -70,3 +70,14 @@ def test_treated_versus_pairs_voco_runs_of_two_files_by_seed():
     assert "VoCo here - VoCo of default.json** (2 paired seeds)" in text
     assert "| 20 | 0.250 | 0.175 | +0.075 " in text and ", 2/2 |" in text
     assert "| 40 | 0.450 | 0.400 | +0.050 " in text
+
+
+def test_pretrained_step_picks_a_kept_student_or_says_which_exist():
+    from quality.runs import pretrained_checkpoint
+
+    pretraining = {"checkpoint": "run/checkpoints/last.pt",
+                   "kept": {"50": "kept/step_00050.pt", "100": "kept/step_00100.pt"}}
+    assert pretrained_checkpoint(pretraining, None) == "run/checkpoints/last.pt"
+    assert pretrained_checkpoint(pretraining, 50) == "kept/step_00050.pt"
+    with pytest.raises(SystemExit, match=r"--pretrained-step 60: .*kept: 50, 100\)"):
+        pretrained_checkpoint(pretraining, 60)

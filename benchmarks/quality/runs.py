@@ -200,6 +200,18 @@ def pretrain_or_reuse(config, data: Path, work: Path, reuse: bool) -> dict:
     return pretraining_record(run_dir, seconds, kept)
 
 
+def pretrained_checkpoint(pretraining: dict, step: int | None) -> str:
+    """The checkpoint the VoCo runs start from: the run's last one, or (``step``, the
+    ``--pretrained-step`` lever) the student kept at that pretraining step."""
+    if step is None:
+        return pretraining["checkpoint"]
+    kept = {int(k): v for k, v in pretraining["kept"].items()}
+    if step not in kept:
+        raise SystemExit(f"quality_bench: error: --pretrained-step {step}: no student kept "
+                         f"at that step (kept: {', '.join(map(str, sorted(kept))) or 'none'})")
+    return kept[step]
+
+
 def _kept(keep_dir: Path) -> dict[int, str]:
     return {int(p.stem.split("_")[1]): str(p) for p in sorted(keep_dir.glob("step_*.pt"))}
 

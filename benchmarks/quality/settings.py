@@ -207,6 +207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full finetuning train.encoder_lr_scale (the probe always uses 0)")
     levers.add_argument("--freeze-encoder-steps", type=int, default=None,
                         help="full finetuning train.freeze_encoder_steps")
+    levers.add_argument("--pretrained-step", type=int, default=None, metavar="N",
+                        help="VoCo runs start from the student kept at pretraining step N "
+                             "(a multiple of --eval-every) instead of the last: pretraining "
+                             "length measured without another pretraining run")
     levers.add_argument("--control-from", type=Path, default=None, metavar="FILE",
                         help="for a lever of the pretrained init only (pretraining recipe, "
                              "encoder lr, decoder warm-up): take the control runs (scratch, "
