@@ -27,6 +27,7 @@ Usage:
     python benchmarks/quality_bench.py --resume-results benchmarks/results/quality_eval_cpu.json
     python benchmarks/quality_bench.py --work W2 --align-scales --out R.json  # one lever
     python benchmarks/quality_bench.py --summarize R.json   # tables + figures from a file
+    python benchmarks/quality_bench.py --merge R.json PART.json --out ALL.json  # split runs
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ from quality.runs import (
     import_package,
     log,
     make_populations,
+    merge_results,
     pretrain_or_reuse,
     pretrained_checkpoint,
     report_header,
     run_key,
+    write_json_atomic,
 )
 from quality.settings import (
     INITS,
@@ -94,6 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--against", type=Path, action="append", metavar="FILE",
                         help="with --summarize: also FILE's VoCo runs against this file's, "
                              "paired by seed (a lever against another recipe; repeatable)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
+                        help="only merge results files of one evaluation (same settings, e.g. "
+                             "seeds split over processes: --first-seed, --seeds) into --out: "
+                             "the first file plus the runs the others add, summarised anew")
     parser.add_argument("--seed", type=int, default=0, help="pretraining run seed")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 wastes less on a "
@@ -103,7 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "or is reused)")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.summarize:
+    if args.merge and not args.out:
+        parser.error("--merge: give the merged file's --out")
+    if args.summarize or args.merge:
         return args
     fill_defaults(args)
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
@@ -156,6 +165,15 @@ def summarize_file(args) -> None:
             print(f"figure: {path}")
 
 
+def merge_files(args) -> None:
+    report = merge_results(args.merge)
+    report["summary"] = reporting.summarise(report)
+    write_json_atomic(args.out, report)
+    print(reporting.markdown(report))
+    print(f"quality_bench: {len(report['runs'])} runs from {len(args.merge)} files, "
+          f"status {report['status']} -> {args.out}")
+
+
 def fingerprint(args, config) -> dict:
     """What must match for ``--resume-results`` to reuse finished runs."""
     finetune = {}
@@ -176,6 +194,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.summarize:
         summarize_file(args)
+        return
+    if args.merge:
+        merge_files(args)
         return
     started = time.perf_counter()
 

@@ -81,3 +81,41 @@ def test_pretrained_step_picks_a_kept_student_or_says_which_exist():
     assert pretrained_checkpoint(pretraining, 50) == "kept/step_00050.pt"
     with pytest.raises(SystemExit, match=r"--pretrained-step 60: .*kept: 50, 100\)"):
         pretrained_checkpoint(pretraining, 60)
+
+
+def test_merge_adds_the_runs_of_split_processes_and_refuses_other_settings(tmp_path, capsys):
+    import quality_bench
+
+    def results(name, runs, status="finished", **settings):
+        path = tmp_path / name
+        path.write_text(json.dumps({"fingerprint": fingerprint(**settings), "status": status,
+                                    "command": f"run {name}", "runs": runs,
+                                    "timings_s": {"probe": 1.0}}))
+        return path
+
+    seeds_0_1 = results("a.json", {"probe/2shot/seed0/random": row(0.1, 0.2),
+                                   "probe/2shot/seed0/voco": row(0.2, 0.3),
+                                   "probe/2shot/seed1/random": row(0.1, 0.1)})
+    seeds_1_2 = results("b.json", {"probe/2shot/seed1/random": row(0.9, 0.9),  # a's kept
+                                   "probe/2shot/seed1/voco": row(0.2, 0.2),
+                                   "probe/2shot/seed2/random": row(0.1, 0.2),
+                                   "probe/2shot/seed2/voco": row(0.2, 0.4)}, status="running")
+    out = tmp_path / "all.json"
+    quality_bench.main(["--merge", str(seeds_0_1), str(seeds_1_2), "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert len(merged["runs"]) == 6 and merged["status"] == "partial"  # b was not finished
+    assert merged["runs"]["probe/2shot/seed1/random"] == row(0.1, 0.1)
+    assert merged["merged_from"] == [{"file": "b.json", "command": "run b.json",
+                                      "started_at": None, "runs": [
+                                          "probe/2shot/seed1/voco", "probe/2shot/seed2/random",
+                                          "probe/2shot/seed2/voco"]}]
+    assert merged["timings_s"] == {"probe": 1.0, "b:probe": 1.0}
+    summary = merged["summary"]["probe/2shot"]
+    assert summary["seeds"] == [0, 1, 2]  # seed 1 paired across the two files
+    assert summary["per_step"]["40"]["difference"]["diffs"] == pytest.approx([0.1, 0.1, 0.2])
+    assert "6 runs from 2 files, status partial" in capsys.readouterr().out
+
+    other = results("c.json", {}, loss="v2")
+    with pytest.raises(SystemExit, match=r"--merge .*c.json was written with other settings "
+                                         r".*differ: pretrain.loss.variant"):
+        quality_bench.main(["--merge", str(seeds_0_1), str(other), "--out", str(out)])

@@ -350,6 +350,38 @@ def control_fingerprint(fingerprint: dict) -> dict:
     return {"populations": fingerprint.get("populations"), "finetune": finetune}
 
 
+def merge_results(paths: list[Path], prog: str = "quality_bench") -> dict:
+    """One report from results files of the same evaluation (same fingerprint), e.g.
+    seeds or sections split over processes: the first file, plus every run of the
+    others it lacks (a run key in two files keeps the first file's). ``merged_from``
+    lists each added file, its command and the keys it brought; the status is
+    ``finished`` only when every file's is. The summary is left to the caller."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"{prog}: error: --merge {path}: not a results file "
+                             f"({err})") from err
+    merged = json.loads(json.dumps(reports[0]))
+    merged.setdefault("merged_from", [])
+    merged.setdefault("timings_s", {})
+    for path, other in zip(paths[1:], reports[1:], strict=True):
+        if other.get("fingerprint") != merged.get("fingerprint"):
+            differ = differing_keys(merged.get("fingerprint", {}), other.get("fingerprint", {}))
+            raise SystemExit(f"{prog}: error: --merge {path} was written with other settings "
+                             f"than {paths[0]} (differ: {', '.join(differ)})")
+        added = [key for key in other.get("runs", {}) if key not in merged["runs"]]
+        merged["runs"].update({key: other["runs"][key] for key in added})
+        merged["merged_from"].append({"file": Path(path).name, "command": other.get("command"),
+                                      "started_at": other.get("started_at"), "runs": added})
+        for key, value in other.get("timings_s", {}).items():
+            merged["timings_s"][f"{Path(path).stem}:{key}"] = value
+    merged["status"] = ("finished" if all(r.get("status") == "finished" for r in reports)
+                        else "partial")
+    return merged
+
+
 def differing_keys(a, b, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts (``finetune.full.data.spacing``)."""
     if not (isinstance(a, dict) and isinstance(b, dict)):
