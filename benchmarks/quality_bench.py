@@ -42,11 +42,12 @@ import time
 from pathlib import Path
 
 from quality import report as reporting
+from quality.jobs import Jobs, default_jobs, finetune_job
+from quality.positions import position_section
 from quality.runs import (
     ResultStore,
     choose_subjects,
     copy_controls,
-    finetune_run,
     heldout_entries,
     import_package,
     log,
@@ -103,8 +104,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the first file plus the runs the others add, summarised anew")
     parser.add_argument("--seed", type=int, default=0, help="pretraining run seed")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's; 1 wastes less on a "
-                             "machine shared with other jobs)")
+                        help="torch CPU threads per process (default: torch's with --jobs 1, "
+                             "else the cores / --jobs; 1 wastes less on a shared machine)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="worker processes for the pretraining and finetuning runs "
+                             "(default: 2 on a CPU with >= 2 cores, 1 on a GPU); the control "
+                             "runs go beside the pretraining")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma list of {','.join(SECTIONS)} (pretraining always runs "
                              "or is reused)")
@@ -115,6 +120,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.summarize or args.merge:
         return args
     fill_defaults(args)
+    if args.jobs is None:
+        args.jobs = default_jobs(args.device)
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error(f"--jobs {args.jobs} / --threads {args.threads}: expected >= 1")
+    if args.jobs > 1 and args.threads is None:  # the cores shared out, for the record too
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
@@ -238,22 +249,6 @@ def main(argv=None) -> None:
         folders = make_populations(args, work)
         timings["phantoms"] = round(time.perf_counter() - t, 1)
 
-        t = time.perf_counter()
-        log(f"pretraining: {args.pretrain_steps} steps, preset {args.preset}, teacher "
-            f"{config.model.teacher}, flips/rot90 {'on' if args.spec_augment else 'off'}")
-        pretraining = pretrain_or_reuse(config, folders["pretrain"], work, args.reuse)
-        timings["pretraining"] = round(time.perf_counter() - t, 1)
-        report["pretraining"] = {"steps": args.pretrain_steps, "config": config.to_dict(),
-                                 **{k: v for k, v in pretraining.items()
-                                    if k not in ("checkpoint", "kept")}}
-        log(f"pretraining: loss {pretraining['loss_first_mean']} -> "
-            f"{pretraining['loss_last_mean']}, {pretraining['median_s_per_step']} s/step")
-        checkpoint = pretrained_checkpoint(pretraining, args.pretrained_step)
-        if args.pretrained_step is not None:
-            report["pretraining"]["voco_runs_start_from_step"] = args.pretrained_step
-            log(f"--pretrained-step: VoCo runs start from {checkpoint}")
-        store.save()
-
         heldout = heldout_entries(folders["heldout"], args.n_heldout)
         if args.control_from:
             modes = [m for m in ("probe", "full") if m in args.sections]
@@ -264,46 +259,90 @@ def main(argv=None) -> None:
                                    {m: INITS[m][0] for m in modes}, wanted)
             log(f"--control-from: {copied} control runs from {args.control_from}")
         pool = load_datalist(folders["pool"], require_labels=True)
-        # Modes in the order --sections names them (a lever may want its full runs first).
+        # Modes in the order --sections names them (a lever may want its full runs
+        # first); per seed the control, then VoCo (the pairs a partial file holds).
+        planned = []
         for mode in [m for m in args.sections if m in ("probe", "full")]:
-            t = time.perf_counter()
             for shots in args.shots:
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
                     chosen = choose_subjects(len(pool), shots, seed)
-                    for init in INITS[mode]:
-                        key = run_key(mode, shots, seed, init)
-                        if store.done(key):
-                            continue
-                        row = finetune_run(finetune_config(args, mode, seed),
-                                           [pool[i] for i in chosen], heldout,
-                                           checkpoint if init == "voco" else None,
-                                           work / f"finetune_{out.stem}")
-                        row["subjects"] = [f"pool/phantom_{i:03d}" for i in chosen]
-                        row["loadavg_1min"] = round(os.getloadavg()[0], 2)
-                        store.add(key, row)
-                        curve = ", ".join(f"{p['step']}: {p['mean_dice']}" for p in row["curve"])
-                        log(f"  {key}: Dice {curve} ({row['seconds']} s, "
-                            f"{row['median_s_per_step']} s/step)")
-            timings[mode] = round(time.perf_counter() - t, 1)
-        # Positions last: the paired finetuning runs are what a partial run must hold.
-        if "positions" in args.sections:
-            from quality.positions import position_section
+                    config_of_run = finetune_config(args, mode, seed)  # checked up front
+                    planned += [(run_key(mode, shots, seed, init), init, config_of_run,
+                                 [pool[i] for i in chosen],
+                                 [f"pool/phantom_{i:03d}" for i in chosen])
+                                for init in INITS[mode]
+                                if not store.done(run_key(mode, shots, seed, init))]
+
+        with Jobs(args.jobs, args.threads) as jobs:
+            runs_dir = work / f"finetune_{out.stem}"
+
+            def submit_runs(rows, checkpoint):
+                return [jobs.submit(finetune_job, key, config_of_run, entries, subjects,
+                                    heldout, checkpoint if init == "voco" else None,
+                                    runs_dir / key.replace("/", "_"))
+                        for key, init, config_of_run, entries, subjects in rows]
+
+            def record(handle):  # saved as each run ends: a stopped evaluation keeps it
+                key, row = handle.result()
+                store.add(key, row)
+                curve = ", ".join(f"{p['step']}: {p['mean_dice']}" for p in row["curve"])
+                log(f"  {key}: Dice {curve} ({row['seconds']} s, "
+                    f"{row['median_s_per_step']} s/step)")
 
             t = time.perf_counter()
-            report["positions"] = position_section(
-                args, config, [h.image for h in heldout], pretraining)
-            timings["positions"] = round(time.perf_counter() - t, 1)
-            final = report["positions"]["pretrained"][str(args.pretrain_steps)]
-            log(f"positions ({timings['positions']} s): top-1 same "
-                f"{final['same_volume']['top1']}, cross {final['cross_volume']['top1']} "
-                f"(random {report['positions']['random_init_mean']['cross_volume']['top1']})")
+            log(f"pretraining: {args.pretrain_steps} steps, preset {args.preset}, teacher "
+                f"{config.model.teacher}, flips/rot90 {'on' if args.spec_augment else 'off'}"
+                + (f"; {args.jobs} worker processes" if jobs.parallel else ""))
+            pretraining_job = jobs.submit(pretrain_or_reuse, config, folders["pretrain"],
+                                          work, args.reuse)
+            # In parallel, the control runs (which never load the checkpoint) go first,
+            # beside the pretraining.
+            early = {row[0] for row in planned if row[1] != "voco"} if jobs.parallel else set()
+            handles = submit_runs([row for row in planned if row[0] in early], None)
+            for handle in jobs.finished([pretraining_job, *handles]):
+                if handle is pretraining_job:
+                    break
+                record(handle)
+                handles.remove(handle)
+            pretraining = pretraining_job.result()
+            timings["pretraining"] = round(time.perf_counter() - t, 1)
+            report["pretraining"] = {"steps": args.pretrain_steps, "config": config.to_dict(),
+                                     **{k: v for k, v in pretraining.items()
+                                        if k not in ("checkpoint", "kept")}}
+            log(f"pretraining: loss {pretraining['loss_first_mean']} -> "
+                f"{pretraining['loss_last_mean']}, {pretraining['median_s_per_step']} s/step")
+            checkpoint = pretrained_checkpoint(pretraining, args.pretrained_step)
+            if args.pretrained_step is not None:
+                report["pretraining"]["voco_runs_start_from_step"] = args.pretrained_step
+                log(f"--pretrained-step: VoCo runs start from {checkpoint}")
             store.save()
+
+            t = time.perf_counter()
+            handles += submit_runs([row for row in planned if row[0] not in early], checkpoint)
+            # Positions last: the paired finetuning runs are what a partial run must hold.
+            positions_job = None
+            if "positions" in args.sections:
+                positions_job = jobs.submit(position_section, args, config,
+                                            [h.image for h in heldout], pretraining)
+            for handle in jobs.finished(handles):
+                record(handle)
+            timings["finetuning"] = round(time.perf_counter() - t, 1)
+            if positions_job is not None:
+                t = time.perf_counter()
+                report["positions"] = positions_job.result()
+                timings["positions_after_finetuning"] = round(time.perf_counter() - t, 1)
+                final = report["positions"]["pretrained"][str(args.pretrain_steps)]
+                log(f"positions: top-1 same {final['same_volume']['top1']}, cross "
+                    f"{final['cross_volume']['top1']} (random "
+                    f"{report['positions']['random_init_mean']['cross_volume']['top1']})")
+                store.save()
     except VoCoError as err:
         raise SystemExit(f"quality_bench: error: {err}") from err
 
     timings["total"] = round(time.perf_counter() - started, 1)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    timings["cpu_user_plus_system"] = round(usage.ru_utime + usage.ru_stime, 1)
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                  resource.RUSAGE_CHILDREN)]  # + workers
+    timings["cpu_user_plus_system"] = round(sum(u.ru_utime + u.ru_stime for u in usage), 1)
     store.finish(reporting.summarise(report))
     made = reporting.write_figures(report, Path(figures), out.stem) if figures else []
     if temporary and not args.quick:

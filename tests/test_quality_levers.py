@@ -119,3 +119,28 @@ def test_merge_adds_the_runs_of_split_processes_and_refuses_other_settings(tmp_p
     with pytest.raises(SystemExit, match=r"--merge .*c.json was written with other settings "
                                          r".*differ: pretrain.loss.variant"):
         quality_bench.main(["--merge", str(seeds_0_1), str(other), "--out", str(out)])
+
+
+def test_jobs_run_inline_in_order_or_over_workers_as_they_end():
+    import math
+    import time
+
+    from quality.jobs import Inline, Jobs, default_jobs
+
+    calls = []
+    with Jobs(1, threads=1) as jobs:
+        handles = [jobs.submit(calls.append, i) for i in range(3)]
+        assert isinstance(handles[0], Inline) and calls == []  # nothing runs at submit
+        assert [h.result() or calls[-1] for h in jobs.finished(handles)] == [0, 1, 2]
+        handles[0].result()
+        assert calls == [0, 1, 2]  # once each
+
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="math domain"), Jobs(2, threads=1) as jobs:
+        slow, fast = jobs.submit(time.sleep, 1.5), jobs.submit(math.sqrt, 4.0)
+        assert list(jobs.finished([slow, fast])) == [fast, slow]  # spawned workers
+        assert fast.result() == 2.0
+        jobs.submit(time.sleep, 60.0)
+        jobs.submit(math.sqrt, -1.0).result()  # the error reaches the caller...
+    assert time.perf_counter() - started < 50  # ...and the run in flight is stopped
+    assert default_jobs("cuda:0") == 1 and default_jobs("cpu") in (1, 2)
