@@ -15,14 +15,16 @@ from quality.report import treated_versus
 from quality.runs import ResultStore, control_fingerprint, copy_controls
 
 
-def fingerprint(spacing=None, lr_scale=1.0, loss="v1", in_channels=0) -> dict:
+def fingerprint(spacing=None, lr_scale=1.0, loss="v1", in_channels=0, n_pretrain=16,
+                n_pool=6) -> dict:
     data = {"spacing": spacing}
     if in_channels is not None:
         data["in_channels"] = in_channels
     mode = {"data": data, "train": {"encoder_lr_scale": lr_scale, "lr": 1e-3}}
     return {"pretrain": {"loss": {"variant": loss}}, "pretrain_seed": 0,
             "finetune": {"probe": json.loads(json.dumps(mode)), "full": mode},
-            "populations": {"seeds": {"pool": 3003}, "n_pool": 6}}
+            "populations": {"seeds": {"pretrain": 1001, "pool": 3003},
+                            "n_pretrain": n_pretrain, "n_pool": n_pool}}
 
 
 def row(*dice: float) -> dict:
@@ -35,6 +37,8 @@ def test_control_runs_ignore_the_pretraining_encoder_levers_and_old_schema():
     assert control_fingerprint(fingerprint(loss="v2")) == base  # pretraining lever
     assert control_fingerprint(fingerprint(lr_scale=0.1)) == base  # encoder lever
     assert control_fingerprint(fingerprint(in_channels=None)) == base  # older file
+    assert control_fingerprint(fingerprint(n_pretrain=32)) == base  # pretraining data
+    assert control_fingerprint(fingerprint(n_pool=8)) != base
     assert control_fingerprint(fingerprint(spacing=[2.6, 2.6, 4.5])) != base
     assert control_fingerprint(fingerprint(in_channels=2)) != base
 

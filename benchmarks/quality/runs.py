@@ -338,7 +338,8 @@ def control_fingerprint(fingerprint: dict) -> dict:
     """What a control run (scratch, random init) depends on: the populations and the
     finetuning configs, without the encoder levers (they only treat a pretrained
     encoder) and without the keys of :data:`SCHEMA_ADDITIONS` at their old meaning.
-    Not the pretraining: a control run never loads the pretrained checkpoint."""
+    Not the pretraining, nor its unlabelled population: a control run never loads the
+    pretrained checkpoint."""
     finetune = json.loads(json.dumps(fingerprint.get("finetune", {})))
     for mode in finetune.values():
         for key in ENCODER_LEVERS:
@@ -347,7 +348,10 @@ def control_fingerprint(fingerprint: dict) -> dict:
             section, key = dotted_key.split(".")
             if mode.get(section, {}).get(key, old_value) == old_value:
                 mode.get(section, {}).pop(key, None)
-    return {"populations": fingerprint.get("populations"), "finetune": finetune}
+    populations = json.loads(json.dumps(fingerprint.get("populations") or {}))
+    populations.pop("n_pretrain", None)
+    populations.get("seeds", {}).pop("pretrain", None)
+    return {"populations": populations, "finetune": finetune}
 
 
 def merge_results(paths: list[Path], prog: str = "quality_bench") -> dict:
