@@ -122,8 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     fill_defaults(args)
     if args.jobs is None:
         args.jobs = default_jobs(args.device)
-    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
-        parser.error(f"--jobs {args.jobs} / --threads {args.threads}: expected >= 1")
+    for name in ("jobs", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: expected >= 1")
     if args.jobs > 1 and args.threads is None:  # the cores shared out, for the record too
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
@@ -267,11 +268,11 @@ def main(argv=None) -> None:
                 for seed in range(args.first_seed, args.first_seed + args.seeds):
                     chosen = choose_subjects(len(pool), shots, seed)
                     config_of_run = finetune_config(args, mode, seed)  # checked up front
-                    planned += [(run_key(mode, shots, seed, init), init, config_of_run,
-                                 [pool[i] for i in chosen],
-                                 [f"pool/phantom_{i:03d}" for i in chosen])
-                                for init in INITS[mode]
-                                if not store.done(run_key(mode, shots, seed, init))]
+                    for init in INITS[mode]:
+                        key = run_key(mode, shots, seed, init)
+                        if not store.done(key):
+                            planned.append((key, init, config_of_run, [pool[i] for i in chosen],
+                                            [f"pool/phantom_{i:03d}" for i in chosen]))
 
         with Jobs(args.jobs, args.threads) as jobs:
             runs_dir = work / f"finetune_{out.stem}"
@@ -296,9 +297,10 @@ def main(argv=None) -> None:
             pretraining_job = jobs.submit(pretrain_or_reuse, config, folders["pretrain"],
                                           work, args.reuse)
             # In parallel, the control runs (which never load the checkpoint) go first,
-            # beside the pretraining.
-            early = {row[0] for row in planned if row[1] != "voco"} if jobs.parallel else set()
-            handles = submit_runs([row for row in planned if row[0] in early], None)
+            # beside the pretraining; one process keeps the paired order.
+            early = [row for row in planned if row[1] != "voco"] if jobs.parallel else []
+            later = [row for row in planned if row[1] == "voco"] if jobs.parallel else planned
+            handles = submit_runs(early, None)
             for handle in jobs.finished([pretraining_job, *handles]):
                 if handle is pretraining_job:
                     break
@@ -318,7 +320,7 @@ def main(argv=None) -> None:
             store.save()
 
             t = time.perf_counter()
-            handles += submit_runs([row for row in planned if row[0] not in early], checkpoint)
+            handles += submit_runs(later, checkpoint)
             # Positions last: the paired finetuning runs are what a partial run must hold.
             positions_job = None
             if "positions" in args.sections:
