@@ -70,7 +70,7 @@ def test_cli_style_overrides():
     [
         ({"geometry": {"grid_size": 5}}, "geometry.grid_size = 5 .* divisor"),
         ({"geometry": {"random_crop_size": [400, 96]}}, "random_crop_size .* at most"),
-        ({"optim": {"lr": -1e-4}}, r"optim.lr = -0.0001 .* > 0"),
+        ({"optim": {"lr": -1e-4}}, r"optim.lr = -0.0001 .* a learning rate in \(0, 1\)"),
         ({"run": {"device": "gpu0"}}, "run.device = 'gpu0'"),
         ({"model": {"teacher": "half"}}, "model.teacher = 'half' .* one of"),
         ({"model": {"feature_size": 20}}, "multiple of 12"),

@@ -224,7 +224,7 @@ def test_cli_export_refusals_leave_nothing_behind(finetune_run, tmp_path, capsys
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
     assert main(["export", str(finetune_run), "--out", str(occupied)]) == 1
-    one_line_error(capsys, "not empty", "--force")
+    one_line_error(capsys, "not empty", "--overwrite")
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
     assert main(["export", str(finetune_run), "--out", str(occupied), "--force",
                  "--authors", "A. Tester"]) == 0

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from voco_core.checkpoint import load_checkpoint
+from voco_core.checkpoint import load_checkpoint, load_segmentation_checkpoint
 from voco_core.data.datalists import DatalistEntry, load_datalist
 from voco_core.errors import VoCoConfigError, VoCoDataError
 from voco_core.train.finetune import (
     finetune_resume_config,
     iter_finetune,
-    load_finetune_checkpoint,
 )
 
 from conftest import save_nifti, tiny_finetune_config
@@ -146,7 +145,7 @@ def test_resume_refuses_a_best_checkpoint_and_other_formats(finetune_run, train_
                            resume=finetune_run / "checkpoints" / "best.pt"))
     torch.save({"format": "napari-voco/pretrain"}, tmp_path / "pre.pt")
     with pytest.raises(VoCoDataError, match="pretraining checkpoint"):
-        load_finetune_checkpoint(tmp_path / "pre.pt")
+        load_segmentation_checkpoint(tmp_path / "pre.pt")
 
 
 def test_closing_after_start_or_failing_set_up_restores_the_backend_flags(train_dataset,

@@ -222,12 +222,12 @@ def test_damaged_checkpoint_weights_are_one_line_errors(finetune_run, pretrain_r
                                         weights_only=True)["model"])
     pre_name = _first_weight(torch.load(pretrain_run / "checkpoints" / "last.pt",
                                         weights_only=True)["student"])
-    shape = r"is \(\d+, \d+\) in the file, \(\d+, \d+\) expected"
+    shape = r"has shape \(\d+, \d+\), expected \(\d+, \d+\)"
     expected = {
-        "missing": (re.escape(f"{seg}: missing key 'model.{seg_name}'"),
-                    re.escape(f"{pre}: missing key 'student.{pre_name}'")),
-        "shape": (re.escape(f"{seg}: shape of 'model.{seg_name}' ") + shape,
-                  re.escape(f"{pre}: shape of 'student.{pre_name}' ") + shape),
+        "missing": (re.escape(f"{seg}: entry 'model': weight '{seg_name}' is missing"),
+                    re.escape(f"{pre}: entry 'student': weight '{pre_name}' is missing")),
+        "shape": (re.escape(f"{seg}: entry 'model': weight '{seg_name}' ") + shape,
+                  re.escape(f"{pre}: entry 'student': weight '{pre_name}' ") + shape),
     }[fault]
     with pytest.raises(VoCoDataError, match=expected[0]):
         load_segmenter(seg, device="cpu")

@@ -100,6 +100,8 @@ def test_unwritable_dataset_json_is_one_line_and_leaves_no_temporary_file(tmp_pa
     from voco_core.errors import VoCoDataError
 
     (tmp_path / "dataset.json").mkdir()  # something in the way
+    with pytest.raises(VoCoDataError, match=r"dataset\.json: exists; .*--overwrite"):
+        make_phantom_dataset(tmp_path, n=1, shape=(32, 32, 32))  # refused before writing
     with pytest.raises(VoCoDataError, match=r"dataset\.json: cannot write"):
-        make_phantom_dataset(tmp_path, n=1, shape=(32, 32, 32))
+        make_phantom_dataset(tmp_path, n=1, shape=(32, 32, 32), overwrite=True)
     assert not list(tmp_path.glob("*.tmp"))

@@ -150,7 +150,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     path = atomic_torch_save({"step": 1}, tmp_path / "last.pt")
 
     def disk_full(obj, file, *args, **kwargs):
-        Path(file).write_bytes(b"partial")
+        file.write(b"partial")  # torch writes into the open temporary file
         raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter "
                            "failed writing file data/3: file write failed")
 

@@ -493,3 +493,98 @@ def test_positions_widget_follows_the_running_pretraining(make_napari_viewer_pro
     assert len(model_keys) >= 2, model_keys
     positions.follow.activated.emit(0)  # "off"
     assert positions.followed is None and positions.follow.currentText() == "off"
+
+
+def test_napari_survives_a_killed_trainer_and_resumes_the_run(
+        make_napari_viewer_proxy, qtbot, train_dataset, tmp_path, notified):
+    """kill -9 of the training process (what the out-of-memory killer does): one
+    notification naming the last checkpoint, every layer intact, the widget usable and
+    the run resumable from it."""
+    import multiprocessing
+    import os
+    import signal
+
+    from voco_core.checkpoint import load_checkpoint
+    from voco_core.train.child import TrainerDied
+
+    viewer = make_napari_viewer_proxy()
+    painted = viewer.add_labels(np.zeros((16, 16, 8), np.uint8), name="painted")
+    painted.data[3, 4, 5] = 2  # unsaved work of the user
+    run = tmp_path / "run"
+    widget = _pretrain_widget(viewer, run, train_dataset, steps=20)
+    widget.checkpoint_every.setValue(1)
+    killed: list[int] = []
+
+    def kill_after_two_steps(event):
+        if event.kind == "step" and event.step >= 2 and not killed:
+            (child,) = multiprocessing.active_children()
+            os.kill(child.pid, signal.SIGKILL)
+            killed.append(child.pid)
+
+    widget.panel.progressed.connect(kill_after_two_steps)
+    assert widget.start()
+    _wait_idle(qtbot, widget)
+    assert killed and len(notified) == 1 and isinstance(notified[0], TrainerDied)
+    last = run / "checkpoints" / "last.pt"
+    assert "SIGKILL" in str(notified[0]) and str(last) in str(notified[0])
+    assert widget.run_state.status == "failed" and "failed" in widget.panel.status.text()
+    assert [layer.name for layer in viewer.layers] == ["painted"]
+    assert painted.data[3, 4, 5] == 2
+    _assert_usable(widget)
+
+    saved = load_checkpoint(last)["step"]
+    widget.panel.progressed.disconnect(kill_after_two_steps)
+    widget.resume.set_path(run)
+    widget.steps.setValue(saved + 1)
+    assert widget.start()
+    _wait_idle(qtbot, widget)
+    assert len(notified) == 1, notified
+    assert widget.panel.last_event.kind == "done"
+    assert load_checkpoint(last)["step"] == saved + 1
+    _assert_usable(widget)
+
+
+def test_follow_run_shows_a_run_started_elsewhere(make_napari_viewer_proxy, qtbot,
+                                                  pretrain_run, finetune_run, notified):
+    from voco_core.errors import VoCoDataError
+
+    viewer = make_napari_viewer_proxy()
+    widget = _pretrain_widget(viewer, None)
+    panel = widget.panel
+    written: list[str] = []
+    widget.run_state.checkpoint_written.connect(written.append)
+    assert not panel.follow(finetune_run)  # another kind of run: one line, nothing runs
+    assert isinstance(notified[-1], VoCoDataError) and "finetune widget" in str(notified[-1])
+    notified.clear()
+    assert panel.follow(pretrain_run)
+    assert panel.start_button.text() == "Stop following" and not panel.follow_button.isEnabled()
+    _wait_idle(qtbot, widget)
+    assert not notified, notified
+    assert panel.last_event.kind == "done" and panel.plot.series["total"][0] == [1.0]
+    assert written == [str(pretrain_run / "checkpoints" / "last.pt")]
+    assert widget.run_state.status == "done" and "done: 1 steps" in panel.status.text()
+    _assert_usable(widget)
+    assert panel.follow_button.isEnabled()
+
+
+def test_pretrain_widget_starts_torchrun_with_two_processes(make_napari_viewer_proxy, qtbot,
+                                                            train_dataset, tmp_path, notified,
+                                                            monkeypatch):
+    """Where several GPUs are visible the widget offers one process per GPU; here, on a
+    CPU, two gloo ranks stand in for them."""
+    from voco_core.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    viewer = make_napari_viewer_proxy()
+    run = tmp_path / "ddp"
+    widget = _pretrain_widget(viewer, run, train_dataset, steps=2)
+    widget.processes.setMaximum(2)
+    widget.processes.setValue(2)
+    assert widget.start()
+    _wait_idle(qtbot, widget)
+    assert not notified, notified
+    assert widget.panel.last_event.kind == "done" and widget.run_state.status == "done"
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 2 and state["world_size"] == 2
+    assert widget.panel.plot.series["total"][0] == [1.0, 2.0]
+    _assert_usable(widget)

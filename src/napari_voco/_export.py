@@ -21,6 +21,7 @@ from qtpy.QtWidgets import QFileDialog, QLabel, QPushButton, QWidget
 from napari_voco import _notify
 from napari_voco._jobs import JobContext, JobRunner
 from napari_voco._tooltips import TOOLTIPS
+from voco_core.run_folder import RunFolder
 
 BUTTON_TEXT = "Export MONAI Bundle…"
 
@@ -36,9 +37,7 @@ def bundle_destination(chosen: Path, run: Path) -> Path:
     ``<run name>_bundle`` in it (``run``: a run folder or a checkpoint inside it)."""
     if chosen.is_dir() and not any(chosen.iterdir()):
         return chosen
-    if run.suffix == ".pt":  # a checkpoint: RUN/checkpoints/best.pt is named after RUN
-        run = run.parent.parent if run.parent.name == "checkpoints" else run.with_suffix("")
-    return chosen / f"{run.name}_bundle"
+    return chosen / f"{RunFolder.name_of(run)}_bundle"
 
 
 def export_job(run: Path, out: Path, context: JobContext) -> Iterator[Any]:

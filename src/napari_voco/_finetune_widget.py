@@ -12,9 +12,9 @@ interval ``train.val_every``, device ``run.device``, class names from the first
 labels layer), then :attr:`FinetuneWidget.overrides`. *Resume from* continues a
 finetuning run folder or its ``last.pt``.
 
-The loop is :func:`voco_core.train.iter_finetune`, run by the same
-:class:`~napari_voco._run_panel.RunPanel` as pretraining (one Start/Stop button,
-progress with ETA, live loss and validation Dice curves); the Dice of every class
+The loop is :func:`voco_core.train.iter_finetune`, run in a child process and
+supervised by the same :class:`~napari_voco._run_panel.RunPanel` as pretraining (one
+Start/Stop button, progress with ETA, live loss and validation Dice curves); the Dice of every class
 at the latest validation is listed in a table. When a run ends with a best
 checkpoint, *Segment <image> with best checkpoint* segments the chosen image layer
 with it (the segment widget's job) into the Labels layer ``"<image> segmentation"``.
@@ -74,7 +74,7 @@ from napari_voco._layers import (
     unwrap,
     write_training_volume,
 )
-from napari_voco._run_panel import RunPanel, TrainingJob, check_new_run_dir, default_run_dir
+from napari_voco._run_panel import RunPanel, TrainingJob, default_run_dir, plan_new_run
 from napari_voco._segment_widget import segmentation_job
 from napari_voco._sparse import COPY_SLICE, COPY_VOLUME, RoundsTable, copy_prediction
 from napari_voco._text import format_dice
@@ -84,7 +84,7 @@ from voco_core.config import FINETUNE_PRESETS, make_finetune_config, merge
 from voco_core.data.datalists import DatalistEntry
 from voco_core.errors import VoCoDataError
 from voco_core.inference import SegmentationResult
-from voco_core.plan import next_round_folder, plan_continue, plan_finetune
+from voco_core.plan import default_preset, next_round_folder, plan_continue, plan_finetune
 from voco_core.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -105,9 +105,10 @@ class FinetuneJob(TrainingJob):
 
 
 def finetune_job(job: FinetuneJob, context: JobContext) -> Iterator[Any]:
-    """The worker's body: plan a resumed run, write layer pairs, then
-    :func:`~voco_core.train.iter_finetune`'s events."""
-    from voco_core.train import iter_finetune
+    """The worker's body: plan a resumed or continued run, write layer pairs, then the
+    events of the finetuning, which runs in a child process
+    (:func:`~voco_core.train.child.iter_plan_in_child`: napari survives it)."""
+    from voco_core.train.child import iter_plan_in_child
 
     if job.plan is not None:
         plan = job.plan
@@ -126,8 +127,7 @@ def finetune_job(job: FinetuneJob, context: JobContext) -> Iterator[Any]:
                 write_training_volume(folder / "imagesTr" / f"{stem}.nii", image, image_affine),
                 write_training_volume(folder / "labelsTr" / f"{stem}.nii", labels,
                                       labels_affine, labels=True)))
-    yield from iter_finetune(plan.config, data, plan.run_dir, pretrained=plan.pretrained,
-                             resume=plan.resume, stop=context.stop, initial=plan.initial)
+    yield from iter_plan_in_child(plan, data, context.stop)
 
 
 class FinetuneWidget(ViewerEvents, QWidget):
@@ -182,8 +182,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.resume.setToolTip(TOOLTIPS["resume"])
         self.resume.changed.connect(self._on_resume_changed)
         self.preset.currentTextChanged.connect(self.apply_preset)
-        self.preset.setCurrentText("base" if self.device.device().startswith("cuda")
-                                   else "tiny")
+        self.preset.setCurrentText(default_preset(self.device.device())[0])
         self.apply_preset(self.preset.currentText())
 
         form = QFormLayout()
@@ -322,10 +321,9 @@ class FinetuneWidget(ViewerEvents, QWidget):
                 f"continues {continue_from.name} → {out.name}", self._run_note)))
         overrides = merge(overrides, self.overrides)
         if fresh:
-            check_new_run_dir(out)
-            job = FinetuneJob(plan_finetune(preset=self.preset.currentText(),
-                                            overrides=overrides, out=out,
-                                            pretrained=pretrained))
+            job = FinetuneJob(plan_new_run(plan_finetune, preset=self.preset.currentText(),
+                                           overrides=overrides, out=out,
+                                           pretrained=pretrained))
         else:  # resumed or continued: planned in the worker (it loads a checkpoint)
             from voco_core.config import resolve_device
 

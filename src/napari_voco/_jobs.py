@@ -1,7 +1,14 @@
 """One job runner for every VoCo widget: a generator in a napari thread worker.
 
-A *job* is a generator function ``body(context)`` that does the slow work
-(training, segmentation, position predictions) and yields typed events; it runs in
+A *job* is a generator function ``body(context)`` that does the slow work, or
+supervises it, and yields typed events: trainings run in a child process
+(:func:`voco_core.train.child.iter_plan_in_child`: every core, their memory gone with
+them, napari unharmed when they are killed) whose events the body passes on;
+following a run folder reads what another process writes
+(:func:`voco_core.run_follow.follow_run`); segmentation and position predictions run
+in this process (a few window batches of an already loaded model: a child would add
+its start-up, seconds of importing torch and MONAI, to jobs that take about as long,
+and could not share the loaded model between predictions). The body runs in
 a :func:`napari.qt.threading.create_worker` generator worker, so napari lists it
 as a running task of the current viewer's window (closing that window while a job
 runs asks first, naming it). :class:`JobRunner` relays every yielded event to the

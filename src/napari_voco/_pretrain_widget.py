@@ -10,9 +10,11 @@ batch ``optim.batch_size``, ``auto`` by default, learning rate ``optim.lr``, tea
 and tests). *Resume from* continues a run folder or checkpoint with its own stored
 config (steps, batch, device and checkpoint interval from the widget).
 
-The loop is :func:`voco_core.train.iter_pretrain`, run by the widget's
-:class:`~napari_voco._run_panel.RunPanel` in a napari thread worker; the GUI only
-displays its events: progress with ETA, live total loss and loss-term curves,
+The loop is :func:`voco_core.train.iter_pretrain`, run in a child process
+(:func:`voco_core.train.child.iter_plan_in_child`: it uses every core, its memory goes
+with it, and napari survives it being killed) that the widget's
+:class:`~napari_voco._run_panel.RunPanel` supervises from a napari thread worker; the
+GUI only displays its events: progress with ETA, live total loss and loss-term curves,
 crops/s and memory. *Stop* takes effect before the next step and writes the run's
 ``last.pt``.
 
@@ -47,18 +49,19 @@ from napari_voco._inputs import (
     PathEdit,
     ScientificSpinBox,
     ViewerEvents,
+    cuda_device_names,
     narrow,
     release_viewer_events_on_close,
     scrolling_layout,
 )
 from napari_voco._jobs import JobContext, RunState
 from napari_voco._layers import layer_volume, safe_file_stem, unwrap, write_training_volume
-from napari_voco._run_panel import RunPanel, TrainingJob, check_new_run_dir, default_run_dir
+from napari_voco._run_panel import RunPanel, TrainingJob, default_run_dir, plan_new_run
 from napari_voco._tooltips import TOOLTIPS
 from voco_core.config import PRESETS, make_config, merge
 from voco_core.data.datalists import DatalistEntry
 from voco_core.errors import VoCoDataError
-from voco_core.plan import plan_pretrain
+from voco_core.plan import default_preset, plan_pretrain
 
 if TYPE_CHECKING:
     import napari
@@ -72,12 +75,15 @@ class PretrainJob(TrainingJob):
 
     layers: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
     """``(name, array, affine)`` of image layers to write to ``RUN_DIR/layers``."""
+    processes: int = 1
+    """Training processes: more than 1 runs ``torchrun --nproc_per_node N`` (DDP)."""
 
 
 def pretrain_job(job: PretrainJob, context: JobContext) -> Iterator[Any]:
-    """The worker's body: plan a resumed run, write layer volumes, then
-    :func:`~voco_core.train.iter_pretrain`'s events."""
-    from voco_core.train import iter_pretrain
+    """The worker's body: plan a resumed run, write layer volumes, then the events of
+    the pretraining, which runs in a child process
+    (:func:`~voco_core.train.child.iter_plan_in_child`: napari survives it)."""
+    from voco_core.train.child import iter_plan_in_child, iter_plan_torchrun
 
     plan = job.plan or plan_pretrain(resume=job.resume, overrides=job.overrides, out=job.out)
     data: Any = job.data
@@ -87,8 +93,11 @@ def pretrain_job(job: PretrainJob, context: JobContext) -> Iterator[Any]:
                     plan.run_dir / "layers" / f"{safe_file_stem(name, taken)}.nii", array,
                     affine))
                 for name, array, affine in job.layers]
-    yield from iter_pretrain(plan.config, data, plan.run_dir, resume=plan.resume,
-                             stop=context.stop)
+    if job.processes > 1:  # the ranks read the data themselves: a folder
+        yield from iter_plan_torchrun(plan, plan.run_dir / "layers" if job.layers else data,
+                                      job.processes, context.stop)
+    else:
+        yield from iter_plan_in_child(plan, data, context.stop)
 
 
 class ImageLayerList(ViewerEvents, QListWidget):
@@ -217,6 +226,10 @@ class PretrainWidget(QWidget):
         self.variant.currentTextChanged.connect(self._on_variant_changed)
         self.checkpoint_every = _spin(100_000_000, TOOLTIPS["checkpoint_every"])
         self.device = DeviceCombo()
+        gpus = len(cuda_device_names())
+        self.processes = _spin(max(gpus, 1), TOOLTIPS["processes"])
+        self.processes.setMinimum(1)
+        self.processes.setValue(1)
         self.output = PathEdit("run folder (default: ~/napari-voco/runs/pretrain-<time>)")
         self.output.setToolTip(TOOLTIPS["output"])
         self.resume = PathEdit("optional: run folder or last.pt to continue",
@@ -224,8 +237,7 @@ class PretrainWidget(QWidget):
         self.resume.setToolTip(TOOLTIPS["resume"])
         self.resume.changed.connect(self._on_resume_changed)
         self.preset.currentTextChanged.connect(self.apply_preset)
-        self.preset.setCurrentText("base" if self.device.device().startswith("cuda")
-                                   else "tiny")
+        self.preset.setCurrentText(default_preset(self.device.device())[0])
         self.apply_preset(self.preset.currentText())
 
         form = QFormLayout()
@@ -239,6 +251,8 @@ class PretrainWidget(QWidget):
         form.addRow("Loss", self.variant)
         form.addRow("Checkpoint every", self.checkpoint_every)
         form.addRow("Device", self.device)
+        if gpus > 1:  # one process per GPU through torchrun
+            form.addRow("GPUs (torchrun)", self.processes)
         form.addRow("Output folder", self.output)
         form.addRow("Resume from", self.resume)
         self.settings = QGroupBox("Pretraining")
@@ -304,14 +318,14 @@ class PretrainWidget(QWidget):
             self.output.set_path(out)
         overrides = merge(self.field_overrides(resuming=resume is not None), self.overrides)
         if resume is None:
-            check_new_run_dir(out)
-            job = PretrainJob(plan_pretrain(preset=self.preset.currentText(),
-                                            overrides=overrides, out=out))
+            job = PretrainJob(plan_new_run(plan_pretrain, preset=self.preset.currentText(),
+                                           overrides=overrides, out=out))
         else:
             from voco_core.config import resolve_device
 
             resolve_device(self.device.device())  # a missing GPU is reported at once
             job = PretrainJob(resume=resume, overrides=overrides, out=out)
+        job.processes = int(self.processes.value())
         if self.source.currentText() == SOURCE_LAYERS:
             layers = self.layer_list.checked_layers()
             if not layers:

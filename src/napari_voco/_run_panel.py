@@ -13,38 +13,59 @@ CUDA devices' free memory live, and the status line each step's peak memory.
 
 from __future__ import annotations
 
+import functools
 import math
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt, QTimer, Signal
-from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_voco import _notify
 from napari_voco._inputs import DeviceCombo
 from napari_voco._jobs import JobContext, JobRunner
 from napari_voco._text import progress_format, step_status
 from napari_voco._tooltips import TOOLTIPS
-from voco_core.errors import VoCoDataError
+from voco_core.errors import ExistingRunError, VoCoDataError, VoCoError
 from voco_core.plan import RunPlan
+from voco_core.plan import default_run_dir as plan_default_run_dir
 from voco_core.run_folder import RunFolder
 
 
 def default_run_dir(kind: str) -> Path:
     """``~/napari-voco/runs/<kind>-<date>-<time>``: where a run goes when no output
-    folder is given."""
-    return Path.home() / "napari-voco" / "runs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder is given (the planner's rule, :func:`voco_core.plan.default_run_dir`, under
+    the user's home: napari's working directory may be anywhere)."""
+    return plan_default_run_dir(kind, Path.home() / "napari-voco" / "runs")
 
 
-def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse to start a fresh run over an existing one (its checkpoints would be
-    overwritten): :class:`VoCoDataError` when the folder already has a ``last.pt``."""
-    if RunFolder(run_dir).last.is_file():
+def follow_job(run_dir: Path, context: JobContext) -> Iterator[Any]:
+    """The worker's body of *Follow run…*: the followed run's events until it ends or
+    the user stops following."""
+    from voco_core.run_follow import follow_run
+
+    yield from follow_run(run_dir, context.stop)
+
+
+def plan_new_run(plan: Callable[..., RunPlan], **options: Any) -> RunPlan:
+    """``plan(**options)`` (``plan_pretrain``/``plan_finetune``), with the planner's
+    refusal of an output folder that already holds a run in the widgets' words."""
+    try:
+        return plan(**options)
+    except ExistingRunError as err:
         raise VoCoDataError("this output folder already holds a run: resume it (Resume from) "
-                            "or choose another output folder", run_dir)
+                            "or choose another output folder", err.path) from None
 
 
 @dataclass
@@ -279,6 +300,10 @@ class RunPanel(QWidget):
         self.start_button = QPushButton("Start")
         self.start_button.setToolTip(TOOLTIPS["start"])
         self.start_button.clicked.connect(self.toggle)
+        self.follow_button = QPushButton("Follow run…")
+        self.follow_button.setToolTip(TOOLTIPS["follow_run"])
+        self.follow_button.clicked.connect(self.ask_follow)
+        self.following = False  # the running job follows a folder (not our own run)
         self.progress = QProgressBar()
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -289,7 +314,10 @@ class RunPanel(QWidget):
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.start_button)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button, 1)
+        buttons.addWidget(self.follow_button)
+        layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addWidget(self.plot, 1)
@@ -338,6 +366,37 @@ class RunPanel(QWidget):
         self.progress.setFormat("starting…")
         self.status.setText(f"preparing data and model… (run folder {run_dir})")
         self.runner.start(body, description, run_dir=str(run_dir))
+
+    def ask_follow(self) -> None:
+        """*Follow run…*: pick a run folder and :meth:`follow` it."""
+        chosen = QFileDialog.getExistingDirectory(self, "Follow a run folder")
+        if chosen:
+            self.follow(Path(chosen))
+
+    def follow(self, run_dir: Path) -> bool:
+        """Show the run in ``run_dir`` as it is written, whoever writes it
+        (:func:`voco_core.run_follow.follow_run`): loss, progress, validation, notes, and
+        each new checkpoint on :attr:`state` (an inspector following this widget
+        refreshes). False (and the failure shown) when it is not a run of this widget's
+        kind, or a job runs."""
+        from voco_core.run_follow import run_kind
+
+        if self.running:
+            return False
+        try:
+            kind = run_kind(RunFolder(run_dir))
+            if kind != self.state.kind:
+                what = "pretraining" if kind == "pretrain" else "finetuning"
+                raise VoCoDataError(f"is a {what} run: follow it from the VoCo {kind} widget",
+                                    run_dir)
+        except VoCoError as err:
+            self.fail(err)
+            return False
+        self.following = True
+        self.launch(functools.partial(follow_job, Path(run_dir)), f"following {run_dir}",
+                    Path(run_dir), resumed=False)
+        self.status.setText(f"following {run_dir}")
+        return True
 
     def fail(self, err: BaseException) -> None:
         """Show a failure: one notification, and the status line says it."""
@@ -412,5 +471,9 @@ class RunPanel(QWidget):
             else:
                 combo.stop_live()
                 combo.update_memory()  # what the finished run left free
+        if not running:
+            self.following = False
+        self.follow_button.setEnabled(not running)
         self.start_button.setEnabled(True)
-        self.start_button.setText("Stop" if running else "Start")
+        self.start_button.setText(("Stop following" if self.following else "Stop")
+                                  if running else "Start")

@@ -10,6 +10,9 @@ TOOLTIPS: dict[str, str] = {
     "resume": "continue a run folder (or a checkpoint inside it) with its own config",
     "resumed": "taken from the run being resumed",
     "start": "start; while it runs: stop at the next step (a checkpoint is written)",
+    "follow_run": "show a run folder as it is written, whoever runs it (a terminal, torchrun, "
+                  "a cluster job on a shared folder): loss, progress, validation and each "
+                  "new checkpoint; Stop ends following, not the run",
     # pretraining
     "pretrain_layers": "3-D image layers to pretrain on (written to RUN_DIR/layers/)",
     "pretrain_steps": "optimizer steps in total (optim.total_steps)",
@@ -21,6 +24,8 @@ TOOLTIPS: dict[str, str] = {
     "teacher": "EMA teacher (model.teacher): full (backbone + head), head only, or none",
     "variant": "loss (loss.variant): v1, the VoCo paper's position loss; v2, intra- and "
                "inter-volume consistency (needs an EMA teacher: head or full)",
+    "processes": "training processes, one per GPU: more than 1 starts the run as "
+                 "'torchrun --nproc_per_node N' (DDP), followed like any run folder",
     "checkpoint_every": "steps between checkpoints (run.checkpoint_every): fresh weights for "
                         "live inspection; one is also written at the end and on Stop",
     # finetuning

@@ -8,22 +8,25 @@ downloaded files, i.e. untrusted).
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import pickle
 import zipfile
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from voco_core import __version__
 from voco_core.errors import VoCoDataError
+from voco_core.outputs import (  # noqa: F401  (re-exported: the checkpoint's writers)
+    atomic_write,
+    atomic_write_text,
+    json_safe,
+    write_json,
+    write_through_file,
+)
+from voco_core.run_folder import RunFolder
 
-CHECKPOINT_NAME = "last.pt"
-BEST_NAME = "best.pt"
 PRETRAIN_FORMAT = "napari-voco/pretrain"
 SEGMENTATION_FORMAT = "napari-voco/segmentation"
 
@@ -68,65 +71,18 @@ def require_keys(state: dict, keys: tuple[str, ...], path: str | Path) -> None:
                             f"(expected {', '.join(keys)})", path)
 
 
-def _temporary(path: Path) -> Path:
-    """``.NAME.<pid>.tmp`` beside ``path``: same file system (atomic rename), and
-    recognisable as a leftover by :meth:`RunFolder.remove_stale_temporaries`."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object], what: str = "file"
-                 ) -> Path:
-    """``write(tmp)`` to a temporary file in the same folder, then ``os.replace``: a
-    crash or a full disk never leaves a half-written file under ``path`` (the previous
-    one stays). Failures are one :class:`VoCoDataError` naming ``path``."""
-    path = Path(path)
-    tmp = _temporary(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        # torch.save reports a full disk as RuntimeError ("PytorchStreamWriter failed
-        # writing file ..."), not OSError.
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else (
-            str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise VoCoDataError(f"cannot write {what} ({reason})", path) from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` through :func:`atomic_write`."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), "checkpoint")
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def write_json(path: str | Path, value: Any) -> Path:
-    """Plain JSON, atomically; NaN and infinities are written as null (JSON has none)."""
-    return atomic_write_text(path, json.dumps(json_safe(value), indent=2, allow_nan=False)
-                             + "\n")
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float (nested in dicts, lists) replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    return value
+    """``torch.save`` through :func:`~voco_core.outputs.atomic_write`, into an open file
+    (so a full disk says ``No space left on device``)."""
+    return atomic_write(path, write_through_file(lambda file: torch.save(obj, file)),
+                        "checkpoint")
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run folder holding ``checkpoints/last.pt``."""
     path = Path(path)
     if path.is_dir():
-        candidate = path / "checkpoints" / CHECKPOINT_NAME
+        candidate = RunFolder(path).last
         if not candidate.is_file():
             raise VoCoDataError(f"no checkpoint in this run folder (expected {candidate})", path)
         return candidate
@@ -176,9 +132,10 @@ def find_segmentation_checkpoint(path: str | Path) -> Path:
     ``last.pt``; or the file itself (typed error when neither exists)."""
     path = Path(path)
     if path.is_dir():
-        for name in (BEST_NAME, CHECKPOINT_NAME):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
+        folder = RunFolder(path)
+        for candidate in (folder.best, folder.last):
+            if candidate.is_file():
+                return candidate
     return find_checkpoint(path)
 
 
@@ -194,3 +151,57 @@ def load_segmentation_checkpoint(path: str | Path,
         raise VoCoDataError(f"not a napari-voco segmentation checkpoint (format "
                             f"{state.get('format')!r}){hint}", path)
     return state
+
+
+def check_weights(saved: object, expected: Mapping[str, torch.Tensor], source: str | Path,
+                  entry: str) -> None:
+    """Refuse saved weights (the checkpoint ``source``'s ``entry``) whose names or
+    shapes differ from ``expected``'s, naming the first that does, before anything is
+    loaded (PyTorch's own report is many lines)."""
+    where = f"{source}: entry {entry!r}"
+    if not isinstance(saved, Mapping):
+        raise VoCoDataError(f"{where} holds a {type(saved).__name__}, expected a state dict")
+    for name, tensor in expected.items():
+        if name not in saved:
+            raise VoCoDataError(f"{where}: weight {name!r} is missing (a checkpoint of "
+                                "another model?)")
+        value = saved[name]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+            raise VoCoDataError(f"{where}: weight {name!r} has shape {shape}, expected "
+                                f"{tuple(tensor.shape)}")
+    unexpected = next((name for name in saved if name not in expected), None)
+    if unexpected is not None:
+        raise VoCoDataError(f"{where}: unexpected weight {unexpected!r} (a checkpoint of "
+                            "another model?)")
+
+
+def saved_config(state: dict, kind: Literal["pretrain", "finetune"], path: str | Path):
+    """The run config stored in a checkpoint (``state["config"]``), built and validated
+    as ``kind``'s config (:class:`~voco_core.config.VoCoConfig` or
+    :class:`~voco_core.config.FinetuneConfig`; the device is not checked: a run saved
+    on a GPU loads on a CPU). A missing or invalid one is a :class:`VoCoDataError`
+    naming ``path``. The one reader of a checkpoint's config: planning a resume,
+    restoring, continuing, inference and export all use it."""
+    from voco_core.config import config_from_dict, finetune_config_from_dict
+    from voco_core.errors import VoCoConfigError
+
+    if not isinstance(state.get("config"), dict) or not isinstance(
+            state["config"].get("run", {}), dict):
+        raise VoCoDataError("missing key 'config' (the run's configuration)", path)
+    from_dict = config_from_dict if kind == "pretrain" else finetune_config_from_dict
+    try:
+        return from_dict(state["config"], check_device=False)
+    except VoCoConfigError as err:
+        raise VoCoDataError(f"the configuration stored in it is invalid: {err}", path) from err
+
+
+def require_resumable(state: dict, kind: Literal["pretrain", "finetune"],
+                      path: str | Path) -> None:
+    """Refuse a checkpoint that cannot be resumed: a finetuning ``best.pt`` (model only,
+    no optimizer state), or one lacking an entry a resume needs."""
+    if kind == "finetune" and state.get("kind") != "last":
+        raise VoCoDataError("is a best-model checkpoint without optimizer state; resume "
+                            "from the run folder or its checkpoints/last.pt", path)
+    require_keys(state, PRETRAIN_RESUME_KEYS if kind == "pretrain"
+                 else SEGMENTATION_RESUME_KEYS, path)

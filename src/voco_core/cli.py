@@ -51,7 +51,7 @@ def _cmd_make_phantoms(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     dataset_json = make_phantom_dataset(
         args.out, n=args.n, seed=args.seed, shape=tuple(args.shape),
-        spacing=tuple(args.spacing) if args.spacing else None,
+        spacing=tuple(args.spacing) if args.spacing else None, overwrite=args.overwrite,
     )
     print(
         f"wrote {args.n} phantoms of shape {tuple(args.shape)} to {args.out} "
@@ -101,7 +101,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from voco_core.plan import plan_pretrain
 
     plan = plan_pretrain(preset=args.preset, config_file=args.config, resume=args.resume,
-                         overrides=_flag_overrides(args, "optim"), out=args.out)
+                         overrides=_flag_overrides(args, "optim"), out=args.out,
+                         overwrite=args.overwrite)
     return _run(plan, args.data)
 
 
@@ -115,11 +116,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                 raise VoCoConfigError(f"{flag} and --continue-from exclude each other: a "
                                       "continued run takes its parent's config and network")
         plan = plan_continue(args.continue_from, overrides=_flag_overrides(args, "train"),
-                             out=args.out)
+                             out=args.out, overwrite=args.overwrite)
     else:
         plan = plan_finetune(preset=args.preset, config_file=args.config, resume=args.resume,
                              overrides=_flag_overrides(args, "train"), out=args.out,
-                             pretrained=args.pretrained)
+                             pretrained=args.pretrained, overwrite=args.overwrite)
     return _run(plan, args.data)
 
 
@@ -171,7 +172,7 @@ def _run(plan, data) -> int:
     from tqdm import tqdm
 
     from voco_core.run_folder import RunFolder
-    from voco_core.train import iter_finetune, iter_pretrain
+    from voco_core.train.child import iter_plan
 
     for note in plan.notes:
         print(note)
@@ -179,13 +180,7 @@ def _run(plan, data) -> int:
     rank0 = int(os.environ.get("RANK", "0")) == 0  # torchrun: only rank 0 reports
     bar, last = None, None
     with _StopOnSignals() as signals:
-        if plan.kind == "pretrain":
-            events = iter_pretrain(plan.config, data, plan.run_dir, resume=plan.resume,
-                                   stop=signals.flag)
-        else:
-            events = iter_finetune(plan.config, data, plan.run_dir, pretrained=plan.pretrained,
-                                   resume=plan.resume, stop=signals.flag,
-                                   initial=plan.initial)
+        events = iter_plan(plan, data, stop=signals.flag)
         try:
             for event in events:
                 last = event
@@ -290,38 +285,71 @@ def _inputs(path: Path) -> list:
     return [path]
 
 
+def _prediction_stems(files: list) -> list[Path]:
+    """Each input's output name, without suffix, relative to ``--out``: its own name
+    (``case_001`` for ``case_001.nii.gz``), or, where two inputs share a name (the KiTS
+    layout ``case_00000/imaging.nii.gz``), its folders below the inputs' common folder
+    too (``case_00000/imaging``). Inputs that still clash (``case.nii.gz`` and
+    ``case.nrrd`` in one folder) are refused before anything is written."""
+    from voco_core.data.formats import volume_stem
+
+    firsts = [Path(f[0] if isinstance(f, list | tuple) else f) for f in files]
+    stems = [Path(volume_stem(f)) for f in firsts]
+    common = Path(os.path.commonpath([str(f.resolve().parent) for f in firsts]))
+    clashing = {s for s in stems if stems.count(s) > 1}
+    stems = [f.resolve().parent.relative_to(common) / s.name if s in clashing else s
+             for f, s in zip(firsts, stems, strict=True)]
+    for i, stem in enumerate(stems):
+        if stems.index(stem) != i:
+            other = firsts[stems.index(stem)]
+            raise VoCoConfigError(f"--input: {other} and {firsts[i]} would both be written as "
+                                  f"{stem}_seg.nii.gz; rename one or predict them separately")
+    return stems
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from voco_core.data.formats import file_format, write_itk_volume
     from voco_core.data.io import read_volume, write_volume
     from voco_core.inference import load_segmenter, segment
+    from voco_core.outputs import refuse_existing
 
     files = _inputs(args.input)
+    stems = _prediction_stems(files)
     segmenter = load_segmenter(args.checkpoint, args.device)
     print(f"model {segmenter.source}: {segmenter.config.data.num_classes} classes "
           f"({', '.join(segmenter.class_names[1:])})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for source in files:  # a path, or a tuple of one image's channel files
+
+    def outputs(source, stem: Path) -> dict[str, Path]:
+        first = source[0] if isinstance(source, list | tuple) else source
+        named = {"labels": args.out / f"{stem}_seg.nii.gz"}
+        native = {"NRRD": ".nrrd", "MetaImage": ".mha"}.get(file_format(first))
+        if native is not None:  # also in the input's format, on the same grid
+            named["native"] = args.out / f"{stem}_seg{native}"
+        if args.probabilities:
+            named.update({f"prob {name}": args.out / f"{stem}_prob_{name}.nii.gz"
+                          for name in segmenter.class_names})
+        return named
+
+    planned = [outputs(source, stem) for source, stem in zip(files, stems, strict=True)]
+    refuse_existing([path for named in planned for path in named.values()], args.overwrite)
+    for source, named in zip(files, planned, strict=True):  # a path or channel files
         start = time.perf_counter()
         record = read_volume(source)
-        file = record.path
         result = segment(record, segmenter, overlap=args.overlap,
                          probabilities=args.probabilities)
-        out = args.out / f"{record.name}_seg.nii.gz"
-        write_volume(out, result.labels, record)
-        written = str(out)
-        native = {"NRRD": ".nrrd", "MetaImage": ".mha"}.get(file_format(file))
-        if native is not None:  # also in the input's format, on the same grid
-            copy = write_itk_volume(out.with_name(f"{record.name}_seg{native}"),
-                                    result.labels, record.affine)
-            written += f" and {copy.name}"
+        write_volume(named["labels"], result.labels, record)
+        written = str(named["labels"])
+        if "native" in named:
+            write_itk_volume(named["native"], result.labels, record.affine)
+            written += f" and {named['native'].name}"
         if result.probabilities is not None:
             import numpy as np
 
             for c, name in enumerate(result.class_names):
-                write_volume(args.out / f"{record.name}_prob_{name}.nii.gz",
+                write_volume(named[f"prob {name}"],
                              result.probabilities[c].astype(np.float32), record)
-        print(f"{file.name} -> {written} ({time.perf_counter() - start:.1f} s; intensity: "
-              f"{result.intensity})")
+        print(f"{record.path.name} -> {written} ({time.perf_counter() - start:.1f} s; "
+              f"intensity: {result.intensity})")
     return 0
 
 
@@ -329,7 +357,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from voco_core.export import export_run
 
     start = time.perf_counter()
-    result = export_run(args.run, args.out, format=args.format, force=args.force,
+    result = export_run(args.run, args.out, format=args.format, overwrite=args.overwrite,
                         authors=args.authors, license=args.license)
     print(f"wrote a MONAI Bundle of {result.checkpoint} to {result.path} "
           f"({len(result.class_names)} classes: {', '.join(result.class_names[1:])}; "
@@ -340,17 +368,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_positions(args: argparse.Namespace) -> int:
-    from voco_core.checkpoint import write_json
+    from voco_core.data.formats import volume_stem
     from voco_core.data.io import read_volume
     from voco_core.inference import plot_positions, position_report, positions
+    from voco_core.outputs import refuse_existing, write_json
 
+    stem = volume_stem(args.input)
+    json_path, png_path = (args.out / f"{stem}_positions.json",
+                           args.out / f"{stem}_positions.png")
+    refuse_existing([json_path, png_path], args.overwrite)
     record = read_volume(args.input)
     result = positions(record, args.checkpoint, n=args.n, seed=args.seed, device=args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {"input": str(args.input), "checkpoint": str(args.checkpoint),
               **position_report(result)}
-    json_path = write_json(args.out / f"{record.name}_positions.json", report)
-    png = plot_positions(result, args.out / f"{record.name}_positions.png")
+    write_json(json_path, report)
+    png = plot_positions(result, png_path)
     print(f"{len(result.predicted)} sub-volumes: top-1 accuracy {report['top1_accuracy']:.3f} "
           f"(chance {report['chance_top1']:.3f}), mean |error| {report['mean_abs_error']:.3f}; "
           f"{json_path}, {png}")
@@ -363,19 +395,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from voco_core.run_folder import RunFolder, read_log
 
     folder = RunFolder(args.out)
-    if folder.last.exists():
-        raise VoCoConfigError(f"--out {args.out} already holds a run; choose a new folder")
     data = Path(args.data)
-    if not (data / "dataset.json").is_file():
-        make_phantom_dataset(data, n=args.phantoms, seed=0)
-        print(f"wrote {args.phantoms} phantoms to {data}")
     # Flips and rot90 drawn independently per crop (the spec's augmentation) make the
     # pretext task need orientation invariance, which a few CPU minutes do not learn:
     # measured over 50 tiny steps, mean loss 0.43 -> 0.39 with them, 0.42 -> 0.20
     # without. The demo keeps the intensity shift and says so.
-    plan = plan_pretrain(preset="tiny", out=folder.root, overrides={
+    plan = plan_pretrain(preset="tiny", out=folder.root, overwrite=args.overwrite, overrides={
         "optim": {"total_steps": args.steps}, "augment": {"flip_prob": 0.0, "rot90_prob": 0.0},
         "run": {"device": "cpu"}})
+    if not (data / "dataset.json").is_file():  # after planning: a refused run writes nothing
+        make_phantom_dataset(data, n=args.phantoms, seed=0)
+        print(f"wrote {args.phantoms} phantoms to {data}")
     print("demo: tiny preset on CPU without flip/rot90 augmentation (see docs/pretraining.md)")
     start = time.perf_counter()
     status = _run(plan, data)
@@ -410,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--spacing", type=_positive_float, nargs=3, metavar=("SX", "SY", "SZ"),
         help="voxel size in mm (default: a 400 x 400 x 288 mm field of view / shape)",
     )
+    phantoms.add_argument("--overwrite", action="store_true",
+                             help="replace phantom files already in --out")
     phantoms.set_defaults(func=_cmd_make_phantoms)
 
     info = commands.add_parser("info", help="print shape, spacing, orientation, intensities")
@@ -431,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", type=Path, help="run folder or checkpoint to continue")
     pre.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                      help="override any config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    pre.add_argument("--overwrite", action="store_true",
+                        help="move a run already in --out aside (RUN.old-<time>) and start anew")
     pre.set_defaults(func=_cmd_pretrain)
 
     fine = commands.add_parser("finetune", help="finetune SwinUNETR for segmentation")
@@ -450,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "the current labels (correct-and-retrain); default --out RUN_r2")
     fine.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                       help="override a field, e.g. --set train.lr=1e-4 (repeatable)")
+    fine.add_argument("--overwrite", action="store_true",
+                         help="move a run already in --out aside (RUN.old-<time>) and start anew")
     fine.set_defaults(func=_cmd_finetune)
 
     predict = commands.add_parser(
@@ -465,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--probabilities", action="store_true",
                          help="also write one probability map per class")
     predict.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    predict.add_argument("--overwrite", action="store_true",
+                            help="replace output files that already exist")
     predict.set_defaults(func=_cmd_predict)
 
     export = commands.add_parser("export",
@@ -476,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export format: monai-bundle (the default and only one)")
     export.add_argument("--out", type=Path, required=True,
                         help="bundle folder to create (must not exist or be empty)")
-    export.add_argument("--force", action="store_true",
-                        help="replace an existing non-empty --out")
+    export.add_argument("--overwrite", "--force", action="store_true", dest="overwrite",
+                        help="replace an existing non-empty --out (never the run exported)")
     export.add_argument("--authors", help="the model's authors (metadata.json)")
     export.add_argument("--license", help="the model's license (metadata.json, docs/license.txt)")
     export.set_defaults(func=_cmd_export)
@@ -492,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     pos.add_argument("--seed", type=int, default=0)
     pos.add_argument("--out", type=Path, required=True, help="output folder (JSON + PNG)")
     pos.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    pos.add_argument("--overwrite", action="store_true",
+                        help="replace output files that already exist")
     pos.set_defaults(func=_cmd_positions)
 
     demo = commands.add_parser(
@@ -500,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--steps", type=_positive_int, default=60)
     demo.add_argument("--phantoms", type=_positive_int, default=8)
+    demo.add_argument("--overwrite", action="store_true",
+                         help="move a run already in --out aside (RUN.old-<time>)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

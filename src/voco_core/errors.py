@@ -30,3 +30,9 @@ class VoCoConfigError(VoCoError, ValueError):
 
 class VoCoTrainingError(VoCoError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the last checkpoint is kept."""
+
+
+class ExistingRunError(VoCoDataError):
+    """A new run was asked for in a folder that already holds a run: nothing is
+    written. ``path`` is that folder; callers word the ways on (CLI: ``--resume`` or
+    another ``--out``; the GUI: *Resume from* or another output folder)."""

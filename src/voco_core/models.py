@@ -187,10 +187,6 @@ def backbone_state_dict(model: VoCoModel | VoCoNet | VoCoBackbone) -> dict[str, 
             if k.startswith(BACKBONE_PREFIXES)}
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def build_swin_unetr(config, num_classes: int, in_channels: int = 1) -> nn.Module:
     """MONAI's SwinUNETR for ``num_classes`` output channels (background included).
 

@@ -12,6 +12,10 @@ with :func:`plan_pretrain`/:func:`plan_finetune`, then run the plan::
 Resuming continues with the run's own config (from its checkpoint) in the run's own
 folder: ``resume`` may be the run folder or a checkpoint inside it, so
 ``voco finetune --resume RUN/checkpoints/last.pt`` writes to ``RUN``.
+
+A new run (not a resume) never starts in a folder that holds a run
+(:func:`claim_run_folder`): planning refuses with :class:`ExistingRunError`, or, with
+``overwrite=True``, moves the old run aside to ``RUN.old-<time>`` (never deletes it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from voco_core.checkpoint import (
     find_segmentation_checkpoint,
     load_pretrain_checkpoint,
     load_segmentation_checkpoint,
+    require_resumable,
+    saved_config,
 )
 from voco_core.config import (
     FinetuneConfig,
@@ -37,7 +43,7 @@ from voco_core.config import (
     make_finetune_config,
     merge,
 )
-from voco_core.errors import VoCoConfigError, VoCoDataError
+from voco_core.errors import ExistingRunError, VoCoConfigError, VoCoDataError
 from voco_core.run_folder import RunFolder
 
 
@@ -57,33 +63,54 @@ class RunPlan:
     (:func:`plan_continue`); its run is recorded as the parent in ``meta.json``."""
 
 
-def default_preset() -> tuple[str, str]:
-    """(preset, note) when none is given: ``base`` with CUDA, else ``tiny``."""
+def default_preset(device: str = "auto") -> tuple[str, str]:
+    """(preset, note) when none is given: ``base`` on a CUDA device (``device`` names
+    one, or is ``auto`` and CUDA is available), else ``tiny``. The CLI and both
+    training widgets choose with this."""
     import torch
 
-    if torch.cuda.is_available():
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
         return "base", "preset: base (no preset given; CUDA)"
     return "tiny", "preset: tiny (no preset given; no CUDA)"
 
 
+DEFAULT_RUNS_FOLDER = Path("runs")
+"""Where new runs go when no output folder is given (the CLI: relative to the working
+directory; the napari widgets pass ``~/napari-voco/runs``, since napari's working
+directory may be anywhere)."""
+
+
+def default_run_dir(kind: str, base: Path | None = None) -> Path:
+    """``<base>/<kind>-<YYYYmmdd-HHMMSS>`` (``base``: :data:`DEFAULT_RUNS_FOLDER`): a new
+    folder for each new run when none is given, so a repeated command never meets its
+    previous run."""
+    import time
+
+    return (base or DEFAULT_RUNS_FOLDER) / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def plan_pretrain(*, preset: str | None = None, config_file: Path | None = None,
                   resume: Path | None = None, overrides: dict | None = None,
-                  out: Path | None = None) -> RunPlan:
+                  out: Path | None = None, overwrite: bool = False) -> RunPlan:
     """Plan ``voco pretrain``: the run's own config when resuming, else the config file,
-    else the preset; then ``overrides`` (nested dicts) and the output folder."""
-    return _plan("pretrain", preset, config_file, resume, overrides, out, None)
+    else the preset; then ``overrides`` (nested dicts) and the output folder. A new run
+    in a folder holding a run: see :func:`claim_run_folder`."""
+    return _plan("pretrain", preset, config_file, resume, overrides, out, None, overwrite)
 
 
 def plan_finetune(*, preset: str | None = None, config_file: Path | None = None,
                   resume: Path | None = None, overrides: dict | None = None,
-                  out: Path | None = None, pretrained: Path | None = None) -> RunPlan:
+                  out: Path | None = None, pretrained: Path | None = None,
+                  overwrite: bool = False) -> RunPlan:
     """Plan ``voco finetune`` like :func:`plan_pretrain`; ``pretrained`` is the VoCo
     checkpoint (run folder or file) for the encoder of a new run."""
-    return _plan("finetune", preset, config_file, resume, overrides, out, pretrained)
+    return _plan("finetune", preset, config_file, resume, overrides, out, pretrained,
+                 overwrite)
 
 
 def plan_continue(parent: Path, *, overrides: dict | None = None,
-                  out: Path | None = None) -> RunPlan:
+                  out: Path | None = None, overwrite: bool = False) -> RunPlan:
     """Plan a new finetuning run that continues from ``parent`` (a finetuning run
     folder: its ``best.pt``, else ``last.pt``; or one of those files): the parent's
     config (classes, ignore label, model, pre-processing) and whole network, new
@@ -93,16 +120,40 @@ def plan_continue(parent: Path, *, overrides: dict | None = None,
     parent = Path(parent)
     checkpoint = find_segmentation_checkpoint(parent)
     state = load_segmentation_checkpoint(checkpoint)
-    config = state.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
-        raise VoCoDataError("checkpoint has no usable 'config' entry", checkpoint)
+    config = saved_config(state, "finetune", checkpoint).to_dict()
     folder = RunFolder.of(checkpoint)
     if out is None:
         out = next_round_folder(folder.root if folder is not None else checkpoint.parent)
     config = _from_dict("finetune", merge(config, _with_output(dict(overrides or {}), out)))
-    note = f"continuing from {checkpoint} (step {state.get('step')})"
-    return RunPlan("finetune", config, Path(config.run.output_dir), None, None, (note,),
-                   initial=checkpoint)
+    run_dir = Path(config.run.output_dir)
+    notes = claim_run_folder(run_dir, overwrite, keep={"the run it continues": checkpoint})
+    notes.append(f"continuing from {checkpoint} (step {state.get('step')})")
+    return RunPlan("finetune", config, run_dir, None, None, tuple(notes), initial=checkpoint)
+
+
+def claim_run_folder(run_dir: Path, overwrite: bool = False,
+                     keep: dict[str, Path | None] | None = None) -> list[str]:
+    """Make sure a new run can start in ``run_dir`` without destroying anything.
+
+    A folder that holds a run (:meth:`RunFolder.holds_run`: a config, log, meta.json
+    or checkpoint) is refused with :class:`ExistingRunError` naming it, unless
+    ``overwrite``: then it is moved aside to ``RUN.old-<time>`` and a note says where.
+    ``keep`` names inputs of the new run (``{"the pretrained checkpoint": path}``):
+    a folder holding one of them is never moved, even with ``overwrite``. Returns the
+    notes for the user (empty when the folder was free)."""
+    folder = RunFolder(run_dir)
+    if not folder.holds_run():
+        return []
+    for what, path in (keep or {}).items():
+        if path is not None and folder.contains(path):
+            raise VoCoConfigError(f"--out {run_dir} holds {what} ({path}); a new run needs "
+                                  "another output folder")
+    if not overwrite:
+        raise ExistingRunError("already holds a run; resume it with --resume "
+                               f"{run_dir}, or choose another --out (--overwrite moves the "
+                               "old run aside instead)", run_dir)
+    moved = folder.move_aside()
+    return [f"moved the run that was in {run_dir} aside to {moved}"]
 
 
 def next_round_folder(parent_root: Path) -> Path:
@@ -133,7 +184,7 @@ def _v2_batch_note(config: VoCoConfig) -> list[str]:
 
 def _plan(kind: Literal["pretrain", "finetune"], preset: str | None,
           config_file: Path | None, resume: Path | None, overrides: dict | None,
-          out: Path | None, pretrained: Path | None) -> RunPlan:
+          out: Path | None, pretrained: Path | None, overwrite: bool = False) -> RunPlan:
     overrides = dict(overrides or {})
     notes: list[str] = []
     if resume is not None:
@@ -162,15 +213,22 @@ def _plan(kind: Literal["pretrain", "finetune"], preset: str | None,
             overrides, out if out is not None else Path(values["run"]["output_dir"]))))
     else:
         if preset is None:
-            preset, note = default_preset()
+            preset, note = default_preset(str((overrides.get("run") or {}).get("device",
+                                                                               "auto")))
             notes.append(note)
         make = make_config if kind == "pretrain" else make_finetune_config
-        config = make(preset, _with_output(overrides, out) if out is not None else overrides)
+        if out is None:  # an explicit --set run.output_dir, else a new folder
+            named = (overrides.get("run") or {}).get("output_dir")
+            out = Path(named) if named else default_run_dir(kind)
+        config = make(preset, _with_output(overrides, out))
     if pretrained is not None and not Path(pretrained).exists():
         raise VoCoDataError("pretrained checkpoint not found", pretrained)
     if kind == "pretrain":
         notes += _v2_batch_note(config)
     run_dir = Path(config.run.output_dir)
+    if resume is None:
+        notes += claim_run_folder(run_dir, overwrite,
+                                  keep={"the pretrained checkpoint": pretrained})
     return RunPlan(kind, config, run_dir, resume,
                    Path(pretrained) if pretrained is not None else None, tuple(notes))
 
@@ -183,16 +241,10 @@ def _from_dict(kind: str, values: dict[str, Any]) -> VoCoConfig | FinetuneConfig
     return (config_from_dict if kind == "pretrain" else finetune_config_from_dict)(values)
 
 
-def _saved_config(kind: str, checkpoint: Path) -> dict[str, Any]:
+def _saved_config(kind: Literal["pretrain", "finetune"], checkpoint: Path) -> dict[str, Any]:
     """The config dict stored in a resumable checkpoint of the right kind."""
-    if kind == "pretrain":
-        state = load_pretrain_checkpoint(checkpoint)
-    else:
-        state = load_segmentation_checkpoint(checkpoint)
-        if state.get("kind") != "last":
-            raise VoCoDataError("is a best-model checkpoint without optimizer state; resume "
-                                "from the run folder or its checkpoints/last.pt", checkpoint)
-    config = state.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
-        raise VoCoDataError("checkpoint has no usable 'config' entry", checkpoint)
-    return config
+    load = load_pretrain_checkpoint if kind == "pretrain" else load_segmentation_checkpoint
+    state = load(checkpoint)
+    if kind == "finetune":
+        require_resumable(state, kind, checkpoint)
+    return saved_config(state, kind, checkpoint).to_dict()

@@ -12,7 +12,10 @@
     RUN_DIR/.lock                    pid and host of the run writing here (while it runs)
 
 A run holds :meth:`RunFolder.lock` for as long as it writes, so a second run on the
-same folder is refused instead of interleaving checkpoints and logs.
+same folder is refused instead of interleaving checkpoints and logs. A new run never
+starts in a folder that already holds one (:meth:`RunFolder.holds_run`): the user
+resumes it, chooses another folder, or asks for it to be moved aside
+(:meth:`RunFolder.move_aside`, ``RUN_DIR.old-<time>``); nothing is deleted.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,6 +95,60 @@ class RunFolder:
         if path.parent.name == "checkpoints":
             return cls(path.parent.parent)
         return None
+
+    @classmethod
+    def name_of(cls, path: str | Path) -> str:
+        """A run's name: the run folder's, for the folder or a checkpoint inside it; a
+        loose checkpoint file's stem."""
+        folder = cls.of(path)
+        return folder.root.name if folder is not None else Path(path).stem
+
+    def held(self) -> bool:
+        """Whether a run holds the folder now: its lock names a live process on this
+        host, or a process on another host (which cannot be checked from here)."""
+        return self.lock_file.exists() and _is_alive(_read_lock(self.lock_file))
+
+    def holds_run(self) -> bool:
+        """Whether the folder holds anything a run wrote: its config, log, meta.json or
+        a checkpoint (a lock or an empty ``checkpoints/`` alone is not a run)."""
+        if any(path.is_file() for path in (self.config_file, self.log, self.meta)):
+            return True
+        return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.pt"))
+
+    def require_no_run(self) -> None:
+        """The trainers' own guard (planning refuses first, :func:`voco_core.plan.
+        claim_run_folder`): a new run never writes into a folder that holds one."""
+        from voco_core.errors import ExistingRunError
+
+        if self.holds_run():
+            raise ExistingRunError("already holds a run; resume it, or start the new run "
+                                   "in another folder", self.root)
+
+    def contains(self, path: str | Path) -> bool:
+        """Whether ``path`` lies inside this folder (both resolved; the folder itself
+        counts)."""
+        root, path = self.root.resolve(), Path(path).resolve()
+        return path == root or root in path.parents
+
+    def move_aside(self) -> Path:
+        """Rename the folder to ``RUN_DIR.old-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... when
+        that exists) and return the new path; refused while a run writes here."""
+        holder = _read_lock(self.lock_file)
+        if self.lock_file.exists() and _is_alive(holder):
+            raise VoCoDataError(f"another run is writing to this folder (pid "
+                                f"{holder.get('pid')} on {holder.get('host')}); stop it "
+                                "first or choose another output folder", self.root)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target, index = self.root.with_name(f"{self.root.name}.old-{stamp}"), 2
+        while target.exists():
+            target = self.root.with_name(f"{self.root.name}.old-{stamp}-{index}")
+            index += 1
+        try:
+            os.rename(self.root, target)
+        except OSError as err:
+            raise VoCoDataError(f"cannot move the existing run aside to {target.name} "
+                                f"({err.strerror or err})", self.root) from err
+        return target
 
     def create(self) -> None:
         """Make the folder and its ``checkpoints/``; one typed line when that fails."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from voco_core.checkpoint import load_checkpoint
+from voco_core.checkpoint import PRETRAIN_FORMAT, load_checkpoint
 from voco_core.errors import VoCoDataError
 from voco_core.models import BACKBONE_PREFIXES, INPUT_LAYER_WEIGHTS
 
@@ -109,7 +109,7 @@ def normalise_key(key: str) -> str:
 
 def extract_tensors(state: dict, source: str) -> tuple[dict[str, torch.Tensor], str]:
     """The tensor dict inside a loaded checkpoint, and a name for its layout."""
-    if state.get("format") == "napari-voco/pretrain":
+    if state.get("format") == PRETRAIN_FORMAT:
         return state["student"], "napari-voco pretraining checkpoint (student)"
     for key in _WRAPPER_KEYS:
         inner = state.get(key)

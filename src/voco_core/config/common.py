@@ -222,7 +222,23 @@ def _from_preset(cls, presets: dict, preset: str, overrides: dict[str, Any] | No
         overrides = dict(overrides)
         overrides.pop("preset", None)
         _update(config, overrides, "")
+    _require_finite(config, "")
     return config.validate(check_device=check_device)
+
+
+def _require_finite(section: Any, prefix: str) -> None:
+    """Refuse NaN and infinities anywhere in a config (``--set optim.lr=inf`` would
+    otherwise pass ``> 0`` checks and train into non-finite weights)."""
+    import math
+
+    for field in fields(section):
+        value, name = getattr(section, field.name), f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value):
+            _require_finite(value, f"{name}.")
+            continue
+        values = value if isinstance(value, tuple | list) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise VoCoConfigError(f"{name}: {value!r} is not a finite number")
 
 
 

@@ -135,7 +135,7 @@ class FinetuneConfig(ConfigFile):
         _require(min(t.pos_neg_ratio) >= 0 and max(t.pos_neg_ratio) > 0, "train.pos_neg_ratio",
                  t.pos_neg_ratio, "non-negative, not both 0")
         _require(t.batch_volumes >= 1, "train.batch_volumes", t.batch_volumes, ">= 1")
-        _require(t.lr > 0, "train.lr", t.lr, "> 0")
+        _require(0 < t.lr < 1, "train.lr", t.lr, "a learning rate in (0, 1), e.g. 1e-4")
         _require(0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, "in [0, train.lr]")
         _require(t.total_steps >= 1, "train.total_steps", t.total_steps, ">= 1")
         _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, ">= 0")

@@ -256,7 +256,7 @@ class VoCoConfig(ConfigFile):
                  "head or full with loss.variant v2 (its intra-volume term compares the "
                  "student with the teacher)")
 
-        _require(o.lr > 0, "optim.lr", o.lr, "> 0")
+        _require(0 < o.lr < 1, "optim.lr", o.lr, "a learning rate in (0, 1), e.g. 1e-4")
         _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, "in [0, optim.lr]")
         _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
         _require(o.total_steps >= 1, "optim.total_steps", o.total_steps, ">= 1")

@@ -55,13 +55,6 @@ def first_file(image: str | Path | Sequence[str | Path]) -> Path:
     return Path(image[0]) if is_channel_list(image) else Path(image)
 
 
-def image_source_name(image: str | Path | Sequence[str | Path]) -> str:
-    """``"case.nii.gz"``, or ``"t1.nii.gz (+3 channel files)"`` for channel files."""
-    name = first_file(image).name
-    extra = len(image) - 1 if is_channel_list(image) else 0
-    return f"{name} (+{extra} channel file{'s' if extra > 1 else ''})" if extra else name
-
-
 def resolve_in_channels(channels: Sequence[tuple[str | Path, int]], configured: int) -> int:
     """The channel count of a data set: every volume's (``(file, channels)`` pairs, in
     data order) must equal the first one's, else a :class:`VoCoDataError` naming the

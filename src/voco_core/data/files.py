@@ -130,7 +130,8 @@ def _check_claimed_size(path: Path, image, shape: tuple[int, ...], dtype: np.dty
 
     ``.nii``: the file must hold ``vox_offset + prod(shape) * itemsize`` bytes.
     ``.nii.gz``: that many bytes can be at most :data:`MAX_DEFLATE_RATIO` times the
-    compressed file size.
+    compressed file size, and the stream must really inflate to that many
+    (:func:`gzip_inflates_to_at_least`: its size field, else a bounded count).
     """
     # where nibabel will start reading: vox_offset, or past the header and extensions
     offset = int(getattr(image.dataobj, "offset", image.header.get_data_offset()))
@@ -153,3 +154,49 @@ def _check_claimed_size(path: Path, image, shape: tuple[int, ...], dtype: np.dty
             f"(gzip expands at most {MAX_DEFLATE_RATIO}x)",
             path,
         )
+    if nifti_suffix(path) == ".nii.gz":
+        inflated = gzip_inflates_to_at_least(path, needed)
+        if inflated < needed:
+            raise VoCoDataError(
+                f"is corrupt or truncated: {claim} ({needed:,} bytes uncompressed), but its "
+                f"data inflate to only {inflated:,} bytes", path)
+
+
+GZIP_CHUNK = 1 << 20
+"""Compressed bytes read at a time when counting what a gzip stream inflates to."""
+
+
+def gzip_inflates_to_at_least(path: Path, needed: int) -> int:
+    """How many bytes the gzip file ``path`` inflates to, counted up to ``needed``
+    (returns ``needed`` once reached, else the whole, smaller size), without holding
+    more than one chunk in memory.
+
+    The gzip trailer's size field (the last member's length modulo 2**32) answers at
+    once for an ordinary single-member file of less than 4 GiB; otherwise (several
+    members, a larger claim, a trailer that disagrees) the stream is inflated chunk
+    by chunk and counted. A corrupt stream counts as ending where it breaks.
+    """
+    total = 0
+    try:
+        with open(path, "rb") as file:
+            file.seek(-4, os.SEEK_END)
+            trailer_size = int.from_bytes(file.read(4), "little")
+            if needed < 2**32 and trailer_size >= needed:
+                return needed
+            file.seek(0)
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            while total < needed:
+                chunk = file.read(GZIP_CHUNK)
+                if not chunk:
+                    break
+                while chunk and total < needed:
+                    # bounded output per call: a chunk of zeros may inflate 1000-fold
+                    total += len(inflater.decompress(chunk, GZIP_CHUNK))
+                    chunk = inflater.unconsumed_tail
+                    if inflater.eof:  # the next member starts in what is left
+                        rest = inflater.unused_data + chunk
+                        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                        chunk = rest
+            return min(total, needed)
+    except (OSError, zlib.error):
+        return min(total, needed)

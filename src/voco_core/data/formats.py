@@ -85,6 +85,7 @@ from voco_core.data.itk_headers import (
     itk_reason,
     quiet_itk,
     require_metaimage_header,
+    require_nrrd_data_file,
     require_scalar_3d,
 )
 from voco_core.errors import VoCoDataError
@@ -255,6 +256,8 @@ def _check_itk_header(path: Path, kind: str) -> tuple[int, int, int]:
     require_file(path, kind)
     if fmt == "MetaImage":
         require_metaimage_header(path)
+    else:
+        require_nrrd_data_file(path)
     reader = header_reader(path, _IMAGE_IO[fmt], fmt, path)
     shape = require_scalar_3d(reader, kind, path)
     check_claimed_size(path, fmt, math.prod(shape) * ITEM_BYTES[reader.GetPixelID()])

@@ -81,6 +81,27 @@ def require_scalar_3d(reader, kind: str, path: Path) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- claimed size
 
 
+def require_nrrd_data_file(path: Path) -> None:
+    """A detached NRRD header (``.nhdr``) names its data file: refuse one that is
+    missing with a line naming it (ITK's own text is a cut-off chain of teem errors).
+    Lists and numbered patterns of data files are left to ITK."""
+    text = _header_text(path)
+    end = re.search(r"\r?\n\r?\n", text)
+    for line in (text[: end.start()] if end else text).splitlines()[1:]:
+        key, colon, value = line.partition(":")
+        if not colon or line.startswith("#") or key.strip().lower() not in (
+                "data file", "datafile"):
+            continue
+        name = value.strip()
+        if name.upper().startswith("LIST") or "%" in name or " " in name:
+            return
+        data_file = path.parent / name
+        if not data_file.is_file():
+            raise VoCoDataError(f"its data file {name} (named by the header's 'data file' "
+                                f"field) is missing from {data_file.parent.resolve()}", path)
+        return
+
+
 def check_claimed_size(path: Path, fmt: str, needed: int) -> None:
     """Refuse a header claiming more voxel bytes (``needed``) than its data file can
     hold, before ITK allocates them. Reads the header's text fields (encoding,

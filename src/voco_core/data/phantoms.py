@@ -253,17 +253,24 @@ def make_phantom_dataset(
     seed: int = 0,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     spacing: tuple[float, float, float] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``n`` phantoms in Decathlon layout: ``imagesTr/``, ``labelsTr/``, ``dataset.json``.
 
     Returns the path of ``dataset.json``. Files are named ``phantom_000.nii.gz``...
+    Files of those names already in ``out`` are refused before anything is written
+    (:func:`~voco_core.outputs.refuse_existing`), unless ``overwrite``.
     """
     from voco_core.data.io import write_volume
     from voco_core.errors import VoCoDataError
+    from voco_core.outputs import refuse_existing
 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     out = Path(out)
+    names = [f"phantom_{index:03d}.nii.gz" for index in range(n)]
+    refuse_existing([out / "dataset.json", *(out / sub / name for name in names
+                                             for sub in ("imagesTr", "labelsTr"))], overwrite)
     training = []
     for index in range(n):
         phantom = make_phantom(seed, index, shape, spacing)

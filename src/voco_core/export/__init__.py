@@ -14,8 +14,10 @@ MONAI alone (:mod:`voco_core.export.monai_bundle` says what it reproduces)::
 
 The bundle is built in a temporary sibling folder and renamed into place: a failure
 leaves nothing under ``out`` but what was there before. An existing non-empty ``out``
-is refused (as MONAI's ``init_bundle`` refuses an existing folder) unless ``force``
-replaces it.
+is refused (as MONAI's ``init_bundle`` refuses an existing folder) unless
+``overwrite`` replaces it; an ``out`` that holds the checkpoint being exported (the
+run folder, its ``checkpoints/``) is refused even then: an export never deletes its
+own source.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from voco_core.export.monai_bundle import (
     read_finetuned_run,
     write_bundle,
 )
+from voco_core.outputs import OVERWRITE_FLAG, write_failure
+from voco_core.run_folder import RunFolder
 
 EXPORT_FORMATS = ("monai-bundle",)
 
@@ -44,7 +48,7 @@ __all__ = ["EXPORT_FORMATS", "ExportResult", "FinetunedRun", "bundle_metadata", 
 
 
 def export_run(run: str | Path, out: str | Path, *, format: str = "monai-bundle",
-               force: bool = False, authors: str | None = None,
+               overwrite: bool = False, authors: str | None = None,
                license: str | None = None) -> ExportResult:
     """Export a finetuned run (folder: its ``best.pt``, else ``last.pt``; or a checkpoint
     file) as ``format`` into ``out``, atomically (see the module doc)."""
@@ -54,10 +58,13 @@ def export_run(run: str | Path, out: str | Path, *, format: str = "monai-bundle"
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VoCoDataError("exists and is not a folder; choose a new bundle folder", out)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise VoCoDataError("folder exists and is not empty; choose a new bundle folder, or "
-                            "replace it with --force", out)
     finetuned = read_finetuned_run(run)  # bad input fails before anything is written
+    if RunFolder(out).contains(finetuned.checkpoint):
+        raise VoCoDataError(f"holds the checkpoint being exported ({finetuned.checkpoint}); "
+                            "choose a bundle folder outside the run's checkpoints", out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise VoCoDataError(f"folder exists and is not empty; choose a new bundle folder, or "
+                            f"replace it with {OVERWRITE_FLAG}", out)
     return _build_atomically(out, lambda tmp: write_bundle(tmp, finetuned, authors=authors,
                                                            license=license))
 
@@ -88,8 +95,9 @@ def _build_atomically(out: Path, build: Callable[[Path], ExportResult]) -> Expor
                 raise
         else:
             os.replace(tmp, out)
-    except OSError as err:
-        raise VoCoDataError(f"cannot write the bundle ({err.strerror or err})", out) from err
+    except (OSError, RuntimeError) as err:  # torch reports some full disks as RuntimeError
+        raise VoCoDataError(f"cannot write the bundle ({write_failure(err, out.parent)})",
+                            out) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -26,6 +26,8 @@ from typing import Any
 from voco_core import __version__
 from voco_core.errors import VoCoDataError
 from voco_core.export.bundle_docs import LOGGING_CONF, bundle_readme
+from voco_core.outputs import write_through_file
+from voco_core.run_folder import RunFolder
 
 BUNDLE_VERSION = "0.1.0"
 META_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
@@ -177,7 +179,7 @@ def bundle_metadata(config, state: dict, *, run_name: str, authors: str | None =
     import numpy
     import torch
 
-    from voco_core.checkpoint import json_safe
+    from voco_core.outputs import json_safe
 
     data, train = config.data, config.train
     names = list(data.class_names)
@@ -249,20 +251,21 @@ class FinetunedRun:
     @property
     def name(self) -> str:
         """The run folder's name (``RUN/checkpoints/best.pt``), else the file's stem."""
-        source = self.checkpoint
-        return source.parent.parent.name if source.parent.name == "checkpoints" else source.stem
+        return RunFolder.name_of(self.checkpoint)
 
 
 def read_finetuned_run(run: str | Path) -> FinetunedRun:
     """A finetuning run folder (its ``best.pt``, else ``last.pt``) or checkpoint file,
     loaded and checked (typed one-line errors naming the file)."""
-    from voco_core.checkpoint import find_segmentation_checkpoint, load_segmentation_checkpoint
-    from voco_core.config import finetune_config_from_dict
-    from voco_core.inference.common import config_in_checkpoint
+    from voco_core.checkpoint import (
+        find_segmentation_checkpoint,
+        load_segmentation_checkpoint,
+        saved_config,
+    )
 
     source = find_segmentation_checkpoint(run)
     state = load_segmentation_checkpoint(source)
-    config = config_in_checkpoint(state, finetune_config_from_dict, source)
+    config = saved_config(state, "finetune", source)
     if not isinstance(state.get("model"), dict):
         raise VoCoDataError("missing key 'model' (the network's weights)", source)
     return FinetunedRun(source, state, config)
@@ -282,11 +285,9 @@ def write_bundle(folder: Path, run: FinetunedRun, *, authors: str | None = None,
     (folder / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     (folder / "configs" / "inference.json").write_text(json.dumps(inference, indent=2) + "\n")
     (folder / "configs" / "logging.conf").write_text(LOGGING_CONF)
-    try:
-        torch.save({k: v.detach().cpu() for k, v in state["model"].items()},
-                   folder / "models" / "model.pt")
-    except RuntimeError as err:  # torch.save reports a full disk as RuntimeError
-        raise OSError(str(err).splitlines()[0] if str(err) else "torch.save failed") from err
+    weights = {k: v.detach().cpu() for k, v in state["model"].items()}
+    # into an open file, so a full disk is an OSError (ENOSPC), not torch's assertion
+    write_through_file(lambda file: torch.save(weights, file))(folder / "models" / "model.pt")
     (folder / "docs" / "README.md").write_text(bundle_readme(config, meta,
                                                               intensity_text(config.data)))
     (folder / "docs" / "license.txt").write_text((license or DEFAULT_LICENSE) + "\n")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from voco_core.checkpoint import check_weights
 from voco_core.data.io import VolumeRecord, read_volume
-from voco_core.errors import VoCoConfigError, VoCoDataError
+from voco_core.errors import VoCoDataError
 
 
 def as_record(volume: VolumeRecord | str | Path) -> VolumeRecord:
@@ -32,39 +33,12 @@ def check_channels(record: VolumeRecord, expected: int, source: str | Path) -> N
                             record.path)
 
 
-def config_in_checkpoint(state: dict, from_dict, path: str | Path):
-    """The run config stored in a checkpoint (``state["config"]``), built with
-    ``from_dict``; a missing or invalid one is a :class:`VoCoDataError` naming ``path``."""
-    if not isinstance(state.get("config"), dict):
-        raise VoCoDataError("missing key 'config' (the run's configuration)", path)
-    try:
-        return from_dict(state["config"], check_device=False)
-    except VoCoConfigError as err:
-        raise VoCoDataError(f"the configuration stored in it is invalid: {err}", path) from err
-
-
 def load_weights(module: torch.nn.Module, state: dict, key: str, path: str | Path) -> None:
-    """Load ``state[key]`` into ``module``, strictly, with one-line errors naming ``path``.
-
-    A missing key or a tensor of the wrong shape (a damaged file, or one whose config
-    does not describe its weights) says which, e.g. ``missing key 'student.head.mlp.0.weight'``
-    or ``shape of 'model.out.conv.weight' is (3, 48) in the file, (2, 48) expected``,
-    instead of PyTorch's multi-line report.
-    """
+    """Load ``state[key]`` into ``module``, strictly, after the key-by-key check of
+    :func:`voco_core.checkpoint.check_weights` (one line naming ``path``, the entry and
+    the first missing, unexpected or mis-shaped weight)."""
     weights = state.get(key)
     if not isinstance(weights, dict):
         raise VoCoDataError(f"missing key {key!r} (the network's weights)", path)
-    expected = module.state_dict()
-    for name, tensor in expected.items():
-        if name not in weights:
-            raise VoCoDataError(f"missing key '{key}.{name}'", path)
-        found = weights[name]
-        if not isinstance(found, torch.Tensor) or found.shape != tensor.shape:
-            shape = tuple(found.shape) if isinstance(found, torch.Tensor) else type(found).__name__
-            raise VoCoDataError(f"shape of '{key}.{name}' is {shape} in the file, "
-                                f"{tuple(tensor.shape)} expected", path)
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected:
-        raise VoCoDataError(f"unexpected key '{key}.{unexpected[0]}' (the config stored in "
-                            "the checkpoint does not describe these weights)", path)
+    check_weights(weights, module.state_dict(), path, key)
     module.load_state_dict(weights)

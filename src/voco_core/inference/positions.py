@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voco_core.checkpoint import find_checkpoint, load_pretrain_checkpoint
-from voco_core.config import VoCoConfig, config_from_dict, resolve_device
+from voco_core.checkpoint import find_checkpoint, load_pretrain_checkpoint, saved_config
+from voco_core.config import VoCoConfig, resolve_device
 from voco_core.data.io import VolumeRecord
 from voco_core.data.sampling import preprocess_transforms
 from voco_core.data.segmentation import to_meta_tensor
@@ -52,7 +52,6 @@ from voco_core.inference.common import (
     as_record,
     check_3d,
     check_channels,
-    config_in_checkpoint,
     load_weights,
 )
 from voco_core.losses import overlap_logits
@@ -84,7 +83,7 @@ def load_position_model(checkpoint: str | Path, device: str = "auto") -> Positio
     wrong shape) are one :class:`VoCoDataError` line naming the file."""
     path = find_checkpoint(checkpoint)
     state = load_pretrain_checkpoint(path)
-    config = config_in_checkpoint(state, config_from_dict, path)
+    config = saved_config(state, "pretrain", path)
     channels = config.data.image_channels
     net = VoCoNet(config.model, channels)
     load_weights(net, state, "student", path)
@@ -105,7 +104,7 @@ def _config_of(source: VoCoConfig | PositionModel | str | Path) -> VoCoConfig:
         return source
     if isinstance(source, PositionModel):
         return source.config
-    return config_from_dict(load_pretrain_checkpoint(source)["config"], check_device=False)
+    return saved_config(load_pretrain_checkpoint(source), "pretrain", source)
 
 
 @dataclass
@@ -337,5 +336,6 @@ def plot_positions(result: PositionResult, out_png: str | Path, max_rows: int = 
                 ax.set_title(title, fontsize=9)
         mark = "ok" if result.top1_correct[r] else "miss"
         axes[r, 0].set_ylabel(f"#{r} ({mark})", fontsize=8)
-    fig.savefig(out_png, dpi=90)
-    return Path(out_png)
+    from voco_core.outputs import atomic_write
+
+    return atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")

@@ -19,8 +19,8 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
-from voco_core.checkpoint import load_segmentation_checkpoint
-from voco_core.config import FinetuneConfig, finetune_config_from_dict, resolve_device
+from voco_core.checkpoint import load_segmentation_checkpoint, saved_config
+from voco_core.config import FinetuneConfig, resolve_device
 from voco_core.data.intensity import INTENSITY_KEY, describe_intensity
 from voco_core.data.io import VolumeRecord
 from voco_core.data.segmentation import seg_transforms, to_meta_tensor
@@ -29,7 +29,6 @@ from voco_core.inference.common import (
     as_record,
     check_3d,
     check_channels,
-    config_in_checkpoint,
     load_weights,
 )
 from voco_core.models import build_swin_unetr
@@ -66,7 +65,7 @@ def load_segmenter(checkpoint: str | Path, device: str = "auto") -> Segmenter:
     A file whose weights do not fit the SwinUNETR its stored config describes (a
     missing key, a wrong shape) is one :class:`VoCoDataError` line naming it."""
     state = load_segmentation_checkpoint(checkpoint)
-    config = config_in_checkpoint(state, finetune_config_from_dict, checkpoint)
+    config = saved_config(state, "finetune", checkpoint)
     torch_device = resolve_device(device)
     model = build_swin_unetr(config.model, config.data.num_classes, config.data.image_channels)
     load_weights(model, state, "model", checkpoint)

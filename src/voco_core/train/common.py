@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from voco_core.checkpoint import check_weights
 from voco_core.config import RunConfig
 from voco_core.errors import VoCoDataError, VoCoTrainingError
 from voco_core.memory import release_freed_memory, retain_freed_memory
@@ -77,6 +78,19 @@ def check_finite(loss: torch.Tensor | float, step: int, hint: str) -> None:
     value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
         raise VoCoTrainingError(f"the loss became {value} at step {step + 1}; the last "
+                                f"checkpoint is kept ({hint})")
+
+
+def require_finite_weights(modules: list[torch.nn.Module | None], step: int,
+                           hint: str) -> None:
+    """Refuse to save non-finite weights: an update can make them inf or NaN (an absurd
+    learning rate) while the loss that led to it was finite. Checked before every
+    save, so the checkpoint on disk stays the last good one; the next step's loss is
+    NaN anyway and stops the run (:func:`check_finite`)."""
+    tensors = [t for module in modules if module is not None
+               for t in module.state_dict().values() if t.is_floating_point()]
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise VoCoTrainingError(f"the weights became non-finite by step {step}; the last "
                                 f"checkpoint is kept ({hint})")
 
 
@@ -182,7 +196,7 @@ def restore_state(state: Mapping, source: str | Path, device: torch.device, *,
     """
     for entry, module in modules.items():
         if module is not None:
-            check_weights(state[entry], module.state_dict(), f"{source}: entry {entry!r}")
+            check_weights(state[entry], module.state_dict(), source, entry)
     for entry, module in modules.items():
         if module is not None:
             module.load_state_dict(state[entry])
@@ -204,22 +218,3 @@ def restore_state(state: Mapping, source: str | Path, device: torch.device, *,
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"], device)
-
-
-def check_weights(saved: object, expected: Mapping[str, torch.Tensor], where: str) -> None:
-    """Refuse saved weights whose names or shapes differ from ``expected``'s."""
-    if not isinstance(saved, Mapping):
-        raise VoCoDataError(f"{where} holds a {type(saved).__name__}, expected a state dict")
-    for name, tensor in expected.items():
-        if name not in saved:
-            raise VoCoDataError(f"{where}: weight {name!r} is missing (a checkpoint of "
-                                "another model?)")
-        value = saved[name]
-        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
-            raise VoCoDataError(f"{where}: weight {name!r} has shape {shape}, expected "
-                                f"{tuple(tensor.shape)}")
-    unexpected = next((name for name in saved if name not in expected), None)
-    if unexpected is not None:
-        raise VoCoDataError(f"{where}: unexpected weight {unexpected!r} (a checkpoint of "
-                            "another model?)")

@@ -37,15 +37,17 @@ from monai.inferers import sliding_window_inference
 from voco_core import __version__
 from voco_core.checkpoint import (
     SEGMENTATION_FORMAT,
-    SEGMENTATION_RESUME_KEYS,
     atomic_torch_save,
+    check_weights,
     find_checkpoint,
     find_segmentation_checkpoint,
+    load_segmentation_checkpoint,
     require_keys,
+    require_resumable,
+    saved_config,
     segmentation_payload,
     write_json,
 )
-from voco_core.checkpoint import load_segmentation_checkpoint as load_finetune_checkpoint
 from voco_core.config import FinetuneConfig, finetune_config_from_dict, merge, resolve_device
 from voco_core.data.datalists import (
     DatalistEntry,
@@ -75,9 +77,9 @@ from voco_core.train.common import (
     amp_dtype,
     autocast,
     check_finite,
-    check_weights,
     compile_forward,
     peak_memory_bytes,
+    require_finite_weights,
     reset_peak_memory,
     restore_state,
     rng_state,
@@ -89,7 +91,7 @@ from voco_core.train.run_log import RunLogger, plot_finetune_curves
 from voco_core.weights import load_backbone
 
 __all__ = ["FinetuneEvent", "FinetuneResult", "finetune", "finetune_resume_config",
-           "iter_finetune", "load_finetune_checkpoint", "plot_finetune_curves",
+           "iter_finetune", "plot_finetune_curves",
            "resolve_classes", "validate"]
 
 
@@ -240,12 +242,9 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
               pretrained, resume, stop: StopFlag | None,
               initial=None) -> Iterator[FinetuneEvent]:
     t, seed = config.train, config.run.seed
+    if resume is None:
+        folder.require_no_run()
     folder.remove_stale_temporaries()
-    try:
-        config.save(folder.config_file)
-    except OSError as err:
-        raise VoCoDataError(f"output folder is not writable ({err.strerror or err})",
-                            folder.root) from err
     val_source = "validation" if val_cases else "training"
     pre = seg_transforms(config.data)
     train_volumes = [pre({"image": c.image, "label": c.label}) for c in train_cases]
@@ -281,17 +280,10 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
     step, best = 0, _Best()
     if resume is not None:
         resume = find_checkpoint(resume)  # a run folder: its last.pt (never best.pt)
-        state = load_finetune_checkpoint(resume, map_location=device)
-        if state.get("kind") != "last":
-            raise VoCoDataError("is a best-model checkpoint without optimizer state; resume "
-                                "from the run folder or its checkpoints/last.pt", resume)
-        require_keys(state, SEGMENTATION_RESUME_KEYS, resume)
-        saved = finetune_config_from_dict(state["config"], check_device=False)
-        if (saved.model != config.model or saved.data.num_classes != config.data.num_classes
-                or saved.data.image_channels != config.data.image_channels):
-            raise VoCoConfigError(f"{resume}: the checkpoint's model/classes/channels differ "
-                                  "from the config; resume with the run's own config "
-                                  "(plan_finetune)")
+        state = load_segmentation_checkpoint(resume, map_location=device)
+        require_resumable(state, "finetune", resume)
+        _require_same_network(saved_config(state, "finetune", resume), config, resume,
+                              "resume with the run's own config (plan_finetune)")
         restore_state(state, resume, device, modules={"model": model}, optimizer=optimizer,
                       scheduler=scheduler, scaler=scaler)
         step = int(state["step"])
@@ -304,6 +296,7 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
     order = iter(ResumableRandomSampler(len(train_volumes), seed, start=step * t.batch_volumes))
 
     def save() -> Path:
+        require_finite_weights([model], step, "try a lower train.lr")
         atomic_torch_save(segmentation_payload(
             "last", step=step, config=config.to_dict(), model=model.state_dict(),
             best_dice=best.dice, best_step=best.step, optimizer=optimizer.state_dict(),
@@ -320,7 +313,13 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return folder.last
 
-    # ---- loop of steps
+    # ---- loop of steps (the folder is written from here on: a run that cannot start
+    # leaves an existing run's config and log as they were)
+    try:
+        config.save(folder.config_file)
+    except OSError as err:
+        raise VoCoDataError(f"output folder is not writable ({err.strerror or err})",
+                            folder.root) from err
     logger = RunLogger(folder, tag="finetune", start_step=step,
                        tensorboard=config.run.tensorboard, figure=folder.curves_figure,
                        plot=plot_finetune_curves)
@@ -361,6 +360,7 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
                                                 f"{val_source} case(s)")
                     mean_dice, per_class = validate(model, val_volumes, config, device, dtype)
                     if math.isfinite(mean_dice) and mean_dice > best.dice:
+                        require_finite_weights([model], step, "try a lower train.lr")
                         best = _Best(mean_dice, step, atomic_torch_save(segmentation_payload(
                             "best", step=step, config=config.to_dict(),
                             model=model.state_dict(), best_dice=mean_dice, best_step=step),
@@ -395,23 +395,29 @@ def _load_initial(model: torch.nn.Module, initial: str | Path,
     """Load a finetuned checkpoint's whole network into ``model``; returns the parent
     record for meta.json (run folder, checkpoint, its step and best Dice)."""
     path = find_segmentation_checkpoint(initial)
-    state = load_finetune_checkpoint(path)
+    state = load_segmentation_checkpoint(path)
     require_keys(state, ("model", "config", "step"), path)
-    saved = finetune_config_from_dict(state["config"], check_device=False)
-    if saved.model != config.model or saved.data.num_classes != config.data.num_classes:
-        raise VoCoConfigError(f"{path}: its model or classes ({saved.data.num_classes}) differ "
-                              f"from this run's ({config.data.num_classes}); continue with "
-                              "plan_continue, which takes the parent's config")
-    if saved.data.image_channels != config.data.image_channels:
-        raise VoCoConfigError(f"{path}: its network takes {saved.data.image_channels} image "
-                              f"channel(s), this run's images have "
-                              f"{config.data.image_channels}")
-    check_weights(state["model"], model.state_dict(), f"{path}: entry 'model'")
+    _require_same_network(saved_config(state, "finetune", path), config, path,
+                          "continue with plan_continue, which takes the parent's config")
+    check_weights(state["model"], model.state_dict(), path, "model")
     model.load_state_dict(state["model"])
     folder = RunFolder.of(path)
     return {"run": str(folder.root) if folder else None, "checkpoint": str(path),
             "step": int(state["step"]), "best_dice": finite_or_none(state.get("best_dice",
                                                                               math.nan))}
+
+
+def _require_same_network(saved: FinetuneConfig, config: FinetuneConfig, source: str | Path,
+                          remedy: str) -> None:
+    """The one compatibility check of a finetuning checkpoint (resumed or continued)
+    with this run: the same network (model section), classes and image channels."""
+    if saved.model != config.model or saved.data.num_classes != config.data.num_classes:
+        raise VoCoConfigError(f"{source}: its model or classes ({saved.data.num_classes}) "
+                              f"differ from this run's ({config.data.num_classes}); {remedy}")
+    if saved.data.image_channels != config.data.image_channels:
+        raise VoCoConfigError(f"{source}: its network takes {saved.data.image_channels} image "
+                              f"channel(s), this run's images have "
+                              f"{config.data.image_channels}")
 
 
 def _previous_parent(folder: RunFolder) -> dict | None:
@@ -497,9 +503,8 @@ def _train_step(model, loss_fn, images: torch.Tensor, labels: torch.Tensor, opti
 def finetune_resume_config(resume: str | Path, **overrides: Any) -> FinetuneConfig:
     """The config stored in a finetuning run's ``last.pt``, with nested overrides."""
     path = find_checkpoint(resume)
-    state = load_finetune_checkpoint(path)
-    require_keys(state, ("config",), path)
-    return finetune_config_from_dict(merge(state["config"], overrides))
+    saved = saved_config(load_segmentation_checkpoint(path), "finetune", path)
+    return finetune_config_from_dict(merge(saved.to_dict(), overrides))
 
 
 def finetune(config: FinetuneConfig, data, run_dir=None, *, pretrained=None, validation=None,

@@ -35,11 +35,11 @@ from torch.nn.parallel import DistributedDataParallel
 from voco_core import __version__
 from voco_core.checkpoint import (
     PRETRAIN_FORMAT,
-    PRETRAIN_RESUME_KEYS,
     atomic_torch_save,
     load_pretrain_checkpoint,
     pretrain_payload,
-    require_keys,
+    require_resumable,
+    saved_config,
     write_json,
 )
 from voco_core.config import VoCoConfig, config_from_dict, merge, resolve_device
@@ -78,6 +78,7 @@ from voco_core.train.common import (
     check_finite,
     compile_forward,
     peak_memory_bytes,
+    require_finite_weights,
     reset_peak_memory,
     restore_state,
     rng_state,
@@ -88,7 +89,7 @@ from voco_core.train.events import PretrainEvent
 from voco_core.train.run_log import RunLogger, plot_loss_curve
 
 __all__ = ["PretrainEvent", "PretrainResult", "iter_pretrain", "plot_loss_curve", "pretrain",
-           "read_log", "resume_config", "run_folder_of", "voco_loss_on_batch"]
+           "read_log", "resume_config", "voco_loss_on_batch"]
 
 
 @dataclass
@@ -184,8 +185,9 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
               stop: StopFlag | None, batch_note: str = "") -> Iterator[PretrainEvent]:
     o, seed = config.optim, config.run.seed
     if dist_ctx.is_main:
+        if resume is None:
+            folder.require_no_run()
         folder.remove_stale_temporaries()
-        _save_config(config, folder)
 
     # ---- build
     torch.manual_seed(seed)
@@ -202,8 +204,8 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
     step, samples_seen = 0, 0  # samples_seen: volumes drawn by all ranks together
     if resume is not None:
         state = load_pretrain_checkpoint(resume, map_location=device)
-        require_keys(state, PRETRAIN_RESUME_KEYS, resume)
-        _check_resumable(state, config, resume)
+        require_resumable(state, "pretrain", resume)
+        _check_resumable(saved_config(state, "pretrain", resume), config, resume)
         restore_state(state, resume, device, modules={"student": model.student,
                                                       "teacher": model.teacher},
                       optimizer=optimizer, scheduler=scheduler, scaler=scaler)
@@ -235,13 +237,17 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
             if len(set(digests)) != 1:
                 raise VoCoTrainingError(f"DDP ranks hold different weights at step {step}")
         if dist_ctx.is_main:
+            require_finite_weights([model.student, model.teacher], step,
+                                   "try a lower optim.lr or optim.amp=off")
             _save_checkpoint(folder, config, step, samples_seen, dist_ctx.world_size, model,
                              optimizer, scheduler, scaler, device, loss, digests)
         return folder.last
 
-    # ---- loop of steps
+    # ---- loop of steps (the folder is written from here on: a run that cannot start
+    # leaves an existing run's config and log as they were)
     logger = None
     if dist_ctx.is_main:
+        _save_config(config, folder)
         logger = RunLogger(folder, tag="pretrain", start_step=step,
                            tensorboard=config.run.tensorboard, figure=folder.loss_figure,
                            plot=plot_loss_curve)
@@ -406,8 +412,8 @@ def _log_record(event: PretrainEvent) -> dict[str, Any]:
     return {k: v for k, v in event.to_dict().items() if k not in ("kind", "run_dir", "message")}
 
 
-def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> None:
-    saved = config_from_dict(state["config"], check_device=False)
+def _check_resumable(saved: VoCoConfig, config: VoCoConfig, source: str | Path) -> None:
+    """The one compatibility check of a pretraining checkpoint with the resumed run."""
     # Checkpointing changes how a step is computed, not the weights (batch_size auto
     # may choose it differently on another GPU).
     plain = replace(saved.model, gradient_checkpointing=config.model.gradient_checkpointing)
@@ -422,18 +428,11 @@ def _check_resumable(state: dict, config: VoCoConfig, source: str | Path) -> Non
             "it was trained on")
 
 
-def run_folder_of(resume: str | Path) -> Path | None:
-    """The run folder a resume target belongs to (see :meth:`RunFolder.of`)."""
-    folder = RunFolder.of(resume)
-    return folder.root if folder is not None else None
-
-
 def resume_config(resume: str | Path, **overrides: Any) -> VoCoConfig:
     """The config stored in a run's checkpoint, with nested overrides
     (e.g. ``optim={"total_steps": 200}, run={"device": "cpu"}``)."""
-    state = load_pretrain_checkpoint(resume)
-    require_keys(state, ("config",), resume)
-    return config_from_dict(merge(state["config"], overrides))
+    saved = saved_config(load_pretrain_checkpoint(resume), "pretrain", resume)
+    return config_from_dict(merge(saved.to_dict(), overrides))
 
 
 def pretrain(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from voco_core.checkpoint import atomic_write, atomic_write_text, json_safe
 from voco_core.errors import VoCoDataError
+from voco_core.outputs import atomic_write, atomic_write_text, json_safe
 from voco_core.run_folder import RunFolder, read_log
 
 
