@@ -323,7 +323,8 @@ def test_reader_opens_channels_as_layers_that_widgets_stack_back(channel_data):
 
     path = channel_data / "stacked" / "phantom_000.nii.gz"
     [(data, kwargs, kind)] = read_nifti(str(path))
-    assert kind == "image" and kwargs["channel_axis"] == 3 and data.shape == (64, 64, 48, 2)
+    # shown axial: (S, P, L) of the RAS file's (R, A, S) axes, channels last
+    assert kind == "image" and kwargs["channel_axis"] == 3 and data.shape == (48, 64, 64, 2)
     layers = [Image(d, **k) for d, k, _ in split_channels(  # what viewer.add_image does
         data, 3, **{key: v for key, v in kwargs.items() if key != "channel_axis"})]
     assert [layer.name for layer in layers] == ["phantom_000 [channel 1]",
@@ -331,8 +332,11 @@ def test_reader_opens_channels_as_layers_that_widgets_stack_back(channel_data):
     assert layers[0].contrast_limits == [-175.0, 250.0]  # the CT channel
     viewer = SimpleNamespace(layers=layers)
     record = layer_to_record(layers[1], viewer)  # either channel stands for the image
-    np.testing.assert_array_equal(record.array, read_volume(path).array)
-    np.testing.assert_allclose(record.affine, nib.load(path).affine)
+    np.testing.assert_array_equal(record.array,
+                                  read_volume(path).array.transpose(2, 1, 0, 3)[:, ::-1, ::-1])
+    np.testing.assert_allclose(record.affine, layers[1].metadata["voco"]["affine"])
+    np.testing.assert_allclose(layers[1].metadata["voco"]["storage"]["affine"],
+                               nib.load(path).affine)
     with pytest.raises(VoCoDataError, match=r"channel 2 is not in the viewer"):
         layer_to_record(layers[0], SimpleNamespace(layers=layers[:1]))
     with pytest.raises(VoCoDataError, match=r"channel 1 of 2 of .*single-channel images"):

@@ -208,7 +208,7 @@ def test_datalist_pairs_labels_by_name_and_json_entries_name_any_format(tmp_path
 
 def test_napari_reader_opens_nrrd_and_a_dicom_folder(tmp_path, rotated_affine):
     pytest.importorskip("napari")
-    from napari_voco._io import get_reader
+    from napari_voco._io import RAS_TO_DISPLAY, get_reader
 
     nrrd = save_itk(tmp_path / "organs_labels.nrrd", label_volume(), rotated_affine)
     dicom = save_dicom_series(tmp_path / "ct_series", ct_volume(), rotated_affine)
@@ -220,10 +220,14 @@ def test_napari_reader_opens_nrrd_and_a_dicom_folder(tmp_path, rotated_affine):
     [(ct, ct_kwargs, ct_type)] = get_reader(str(dicom))(str(dicom))
     assert (labels_type, ct_type) == ("labels", "image")
     assert (labels_kwargs["name"], ct_kwargs["name"]) == ("organs_labels", "ct_series")
-    np.testing.assert_array_equal(labels, label_volume())
-    np.testing.assert_array_equal(ct, ct_volume())
+    # shown axial (the LPS file's axes reversed: S, P, L), stored as on disk
+    np.testing.assert_array_equal(labels, label_volume().transpose(2, 1, 0))
+    np.testing.assert_array_equal(ct, ct_volume().transpose(2, 1, 0))
     for kwargs in (labels_kwargs, ct_kwargs):
-        np.testing.assert_allclose(kwargs["affine"], rotated_affine, atol=1e-4)
+        np.testing.assert_allclose(kwargs["affine"],
+                                   RAS_TO_DISPLAY @ rotated_affine[:, [2, 1, 0, 3]], atol=1e-4)
+        np.testing.assert_allclose(kwargs["metadata"]["voco"]["storage"]["affine"],
+                                   rotated_affine, atol=1e-4)
         assert kwargs["metadata"]["voco"]["orientation"] == "LPS"
 
 
@@ -231,6 +235,8 @@ def test_napari_reader_opens_nrrd_and_a_dicom_folder(tmp_path, rotated_affine):
 @pytest.mark.filterwarnings("ignore:Non-orthogonal slicing")
 def test_viewer_opens_a_dicom_folder_and_an_nrrd_overlaying_in_world_mm(
         make_napari_viewer_proxy, tmp_path, rotated_affine):
+    from napari_voco._io import RAS_TO_DISPLAY
+
     dicom = save_dicom_series(tmp_path / "ct_series", ct_volume(), rotated_affine)
     nrrd = save_itk(tmp_path / "ct_series_labels.nrrd", label_volume(), rotated_affine)
     viewer = make_napari_viewer_proxy()
@@ -239,8 +245,8 @@ def test_viewer_opens_a_dicom_folder_and_an_nrrd_overlaying_in_world_mm(
     assert (image._type_string, labels._type_string) == ("image", "labels")
     assert image.name == "ct_series"
     for layer in (image, labels):
-        np.testing.assert_allclose(layer._data_to_world.affine_matrix, rotated_affine,
-                                   atol=1e-4)
+        np.testing.assert_allclose(layer._data_to_world.affine_matrix,
+                                   RAS_TO_DISPLAY @ rotated_affine[:, [2, 1, 0, 3]], atol=1e-4)
 
 
 def test_napari_manifest_offers_the_formats_and_folders():

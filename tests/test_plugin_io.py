@@ -16,6 +16,8 @@ pytest.importorskip("napari")
 from napari_voco import _notify
 from napari_voco._io import (
     CT_WINDOW_HU,
+    DISPLAY_TO_RAS,
+    RAS_TO_DISPLAY,
     get_reader,
     label_storage_dtype,
     layer_voxel_to_world,
@@ -93,20 +95,32 @@ def test_get_reader_accepts_nifti_files_and_lists_of_them(tmp_path):
 # --------------------------------------------------------------------------- reading
 
 
+def lps_to_display(array: np.ndarray) -> np.ndarray:
+    """``rotated_affine`` stores voxels L, P, S (with a 10 degree tilt): the display
+    order S, P, L is the reversed axes, no flips."""
+    return array.transpose(2, 1, 0)
+
+
 def test_label_map_opens_as_labels_with_its_geometry(tmp_path, rotated_affine):
     path = save_nifti(tmp_path / "organs.nii.gz", label_volume(), rotated_affine)
     [(data, kwargs, layer_type)] = read_nifti(str(path))
     assert layer_type == "labels"
-    np.testing.assert_array_equal(data, label_volume())
-    np.testing.assert_allclose(kwargs["affine"], rotated_affine, atol=1e-5)
-    assert kwargs["axis_labels"] == ("x", "y", "z") and kwargs["units"] == "mm"
+    # display order (axial slices on the slider), and the voxel -> RAS affine of that
+    # array: the file's affine with its columns in the same order
+    np.testing.assert_array_equal(data, lps_to_display(label_volume()))
+    display_affine = rotated_affine[:, [2, 1, 0, 3]]
+    np.testing.assert_allclose(kwargs["affine"], RAS_TO_DISPLAY @ display_affine, atol=1e-5)
+    assert kwargs["axis_labels"] == ("S", "P", "L") and kwargs["units"] == "mm"
     voco = kwargs["metadata"]["voco"]
     assert voco["path"] == str(path)
-    assert voco["orientation"] == "".join(nib.aff2axcodes(rotated_affine))
+    assert voco["orientation"] == "".join(nib.aff2axcodes(rotated_affine))  # the file's
     assert voco["orientation"] != "RAS"
-    np.testing.assert_allclose(voco["spacing"], [0.8, 0.8, 2.5], atol=1e-5)
-    np.testing.assert_allclose(voco["affine"], rotated_affine, atol=1e-5)
-    assert voco["shape"] == list(SHAPE)
+    np.testing.assert_allclose(voco["spacing"], [2.5, 0.8, 0.8], atol=1e-5)
+    np.testing.assert_allclose(voco["affine"], display_affine, atol=1e-5)
+    assert voco["shape"] == list(SHAPE[::-1])
+    storage = voco["storage"]
+    np.testing.assert_allclose(storage["affine"], rotated_affine, atol=1e-5)
+    assert storage["shape"] == list(SHAPE) and storage["dtype"] == "uint8"
     assert "contrast_limits" not in kwargs
 
 
@@ -115,7 +129,9 @@ def test_ct_opens_as_image_with_ct_window_and_rotated_affine(tmp_path, rotated_a
     [(data, kwargs, layer_type)] = read_nifti(str(path))
     assert layer_type == "image"  # int16, but negative HU: not a label map
     assert data.dtype == np.int16
-    np.testing.assert_allclose(kwargs["affine"], rotated_affine, atol=1e-5)
+    np.testing.assert_array_equal(data, lps_to_display(ct_volume()))
+    np.testing.assert_allclose(kwargs["affine"],
+                               RAS_TO_DISPLAY @ rotated_affine[:, [2, 1, 0, 3]], atol=1e-5)
     assert kwargs["contrast_limits"] == CT_WINDOW_HU
 
 
@@ -194,10 +210,15 @@ def test_image_round_trip_preserves_data_and_affine(tmp_path, affine):
     assert layer_type == "image"
     out = tmp_path / "out" / "ct_copy.nii.gz"
     assert write_image(str(out), data, kwargs) == [str(out)]
+    # written back in the source's storage order with the source's affine, exactly
+    written = nib.load(out)
+    assert written.get_data_dtype() == np.int16
+    np.testing.assert_array_equal(np.asarray(written.dataobj), ct_volume())
+    np.testing.assert_array_equal(written.affine, nib.load(source).affine)
     [(again, again_kwargs, again_type)] = read_nifti(str(out))
     assert again_type == "image" and again.dtype == np.int16
-    np.testing.assert_array_equal(again, ct_volume())
-    np.testing.assert_allclose(again_kwargs["affine"], affine, atol=1e-5)
+    np.testing.assert_array_equal(again, data)
+    np.testing.assert_array_equal(again_kwargs["affine"], kwargs["affine"])
 
 
 def test_labels_round_trip_preserves_data_and_affine(tmp_path, affine):
@@ -207,14 +228,16 @@ def test_labels_round_trip_preserves_data_and_affine(tmp_path, affine):
     out = tmp_path / "organs_copy.nii"
     assert write_labels(str(out), data.astype(np.int32), kwargs) == [str(out)]
     written = nib.load(out)
-    assert written.get_data_dtype() == np.uint8
+    assert written.get_data_dtype() == np.uint8  # int32 layer data: narrowed
     np.testing.assert_array_equal(np.asarray(written.dataobj), label_volume())
-    np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    np.testing.assert_array_equal(written.affine, nib.load(source).affine)
 
 
 @pytest.mark.filterwarnings("ignore:Non-orthogonal slicing")
 def test_napari_layers_round_trip_through_their_own_transform(tmp_path, affine):
-    """A layer without voco metadata is saved with its napari data -> world transform."""
+    """A layer without voco metadata is saved in its own array order with its napari
+    data -> world transform taken from the display world (S, P, L) back to RAS; read
+    back, every voxel is where it was in napari's world."""
     from napari.layers import Image, Labels
 
     image_layer = Image(ct_volume().astype(np.float32), affine=affine)
@@ -223,11 +246,20 @@ def test_napari_layers_round_trip_through_their_own_transform(tmp_path, affine):
         data, meta, _ = layer.as_layer_data_tuple()
         out = tmp_path / f"{layer.name}.nii.gz"
         writer(str(out), data, meta)
+        written = nib.load(out)
+        np.testing.assert_array_equal(np.asarray(written.dataobj), layer.data)
+        np.testing.assert_allclose(written.affine, DISPLAY_TO_RAS @ affine, atol=1e-5)
         [(again, kwargs, _)] = read_nifti(str(out))
-        np.testing.assert_array_equal(again, layer.data)
-        np.testing.assert_allclose(kwargs["affine"], affine, atol=1e-5)
-        np.testing.assert_allclose(kwargs["affine"], layer._data_to_world.affine_matrix,
-                                   atol=1e-5)
+        # the same voxel values at the same napari world positions
+        again_layer = (Labels if layer is labels_layer else Image)(again, **{
+            k: v for k, v in kwargs.items() if k in ("affine", "metadata")})
+        index = np.array([[3, 4, 5], [10, 8, 2], [23, 19, 15]])
+        for voxel in index:
+            world = layer.data_to_world(voxel)
+            again_voxel = np.rint(again_layer.world_to_data(world)).astype(int)
+            assert again[tuple(again_voxel)] == layer.data[tuple(voxel)]
+            np.testing.assert_allclose(again_layer.data_to_world(again_voxel), world,
+                                       atol=1e-3)
 
 
 def test_affine_from_scale_and_translate():
@@ -237,14 +269,16 @@ def test_affine_from_scale_and_translate():
     expected = np.diag([0.7, 0.8, 3.0, 1.0])
     expected[:3, 3] = [5.0, -6.0, 7.5]
     _, meta, _ = layer.as_layer_data_tuple()
-    np.testing.assert_allclose(layer_voxel_to_world(meta, SHAPE), expected)
-    np.testing.assert_allclose(layer_voxel_to_world({}, SHAPE), np.eye(4))
+    # napari's world is the display world (S, P, L mm): voxel -> RAS goes through it
+    np.testing.assert_allclose(layer_voxel_to_world(meta, SHAPE), DISPLAY_TO_RAS @ expected)
+    np.testing.assert_allclose(layer_voxel_to_world({}, SHAPE), DISPLAY_TO_RAS)
 
 
 def test_source_affine_is_ignored_when_the_shape_changed(rotated_affine):
     meta = {"metadata": {"voco": {"affine": rotated_affine.tolist(), "shape": [4, 4, 4]}},
             "scale": [2.0, 2.0, 2.0]}
-    np.testing.assert_allclose(layer_voxel_to_world(meta, SHAPE), np.diag([2.0, 2.0, 2.0, 1.0]))
+    np.testing.assert_allclose(layer_voxel_to_world(meta, SHAPE),
+                               DISPLAY_TO_RAS @ np.diag([2.0, 2.0, 2.0, 1.0]))
     np.testing.assert_allclose(layer_voxel_to_world(meta, (4, 4, 4)), rotated_affine)
 
 
@@ -383,20 +417,25 @@ def test_viewer_opens_rotated_nifti_in_world_mm(make_napari_viewer_proxy, tmp_pa
     [image] = viewer.open(image_path, plugin="napari-voco")
     [labels] = viewer.open(labels_path, plugin="napari-voco")
     assert (image._type_string, labels._type_string) == ("image", "labels")
+    # napari's world is the display world: RAS mm turned to (S, P, L)
+    to_world = RAS_TO_DISPLAY @ rotated_affine[:, [2, 1, 0, 3]]
     for layer in (image, labels):
-        np.testing.assert_allclose(layer._data_to_world.affine_matrix, rotated_affine, atol=1e-5)
-        np.testing.assert_allclose(layer.data_to_world((0, 0, 0)), rotated_affine[:3, 3],
-                                   atol=1e-4)
+        np.testing.assert_allclose(layer._data_to_world.affine_matrix, to_world, atol=1e-5)
+        # the file's voxel (i, j, k) is layer voxel (k, j, i), at its RAS position
+        ras = rotated_affine @ [3.0, 4.0, 5.0, 1.0]
+        np.testing.assert_allclose(layer.data_to_world((5, 4, 3)),
+                                   (RAS_TO_DISPLAY @ ras)[:3], atol=1e-4)
     # The labels overlay the image: same voxel grid, same voxel -> world map.
     np.testing.assert_allclose(labels._data_to_world.affine_matrix,
                                image._data_to_world.affine_matrix)
     # World extent spans the corner voxels (napari pads half a voxel on each side).
-    corners = world_corners(rotated_affine, SHAPE)
+    corners = world_corners(to_world, SHAPE[::-1])
     lower, upper = image.extent.world
     assert np.all(lower <= corners.min(axis=0) + 1e-4)
     assert np.all(upper >= corners.max(axis=0) - 1e-4)
     assert np.all(upper - lower <= corners.max(axis=0) - corners.min(axis=0) + 3.0)
-    assert tuple(viewer.dims.axis_labels) == ("x", "y", "z")
+    assert tuple(viewer.dims.axis_labels) == ("S", "P", "L")
+    assert viewer.dims.not_displayed == (0,)  # axial slices on the slider
     assert image.contrast_limits == list(CT_WINDOW_HU)
 
     # Save through napari's writer machinery with this plugin, and read back.
@@ -404,9 +443,9 @@ def test_viewer_opens_rotated_nifti_in_world_mm(make_napari_viewer_proxy, tmp_pa
 
     out = tmp_path / "saved_labels.nii.gz"
     assert save_layers(str(out), [labels], plugin="napari-voco") == [str(out)]
-    [(data, kwargs, _)] = read_nifti(str(out))
-    np.testing.assert_array_equal(data, label_volume())
-    np.testing.assert_allclose(kwargs["affine"], rotated_affine, atol=1e-5)
+    written = nib.load(out)  # the source's storage order and affine, exactly
+    np.testing.assert_array_equal(np.asarray(written.dataobj), label_volume())
+    np.testing.assert_array_equal(written.affine, nib.load(labels_path).affine)
 
 
 @pytest.mark.gui

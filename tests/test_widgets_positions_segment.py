@@ -77,6 +77,7 @@ def _world_bounds(layer, vertices: np.ndarray) -> np.ndarray:
 
 def test_grid_aligned_with_anisotropic_image_and_crop_opens_in_place(
         make_napari_viewer_proxy, qtbot, checkpoints, phantom, errors):
+    from napari_voco._io import DISPLAY_TO_RAS
     from napari_voco._layers import layer_to_record, plane_axes
     from napari_voco._positions_widget import GRID_LAYER
     from voco_core.inference import base_crop_boxes, load_position_model, prepare_volume
@@ -91,7 +92,8 @@ def test_grid_aligned_with_anisotropic_image_and_crop_opens_in_place(
 
     grid = viewer.layers[GRID_LAYER]
     record = layer_to_record(image)
-    np.testing.assert_allclose(record.affine, np.diag([*ANISOTROPIC, 1.0]))
+    # a layer without voco metadata: its napari world is the display world (S, P, L mm)
+    np.testing.assert_allclose(record.affine, DISPLAY_TO_RAS @ np.diag([*ANISOTROPIC, 1.0]))
     model = load_position_model(checkpoints["pretrain"], "cpu")
     base = base_crop_boxes(record, model)  # (K, 3, 2) image boxes
     assert grid.nshapes == base.shape[0] == 4
@@ -103,7 +105,8 @@ def test_grid_aligned_with_anisotropic_image_and_crop_opens_in_place(
             expected = (base[k, axis] - 0.5) * ANISOTROPIC[axis]
             np.testing.assert_allclose(bounds[axis], expected, atol=1e-6)
         assert bounds[c, 0] == bounds[c, 1]  # flat, on the slice being viewed
-    assert viewer.dims.displayed == (a, b)  # the view was turned to the grid's plane
+    # the view shows the grid's plane (turned to it when needed; axial here)
+    assert sorted(viewer.dims.displayed) == sorted((a, b))
     viewer.dims.set_point(c, ANISOTROPIC[c] * 10)  # the rectangles follow the slider
     assert all(np.all(np.asarray(v)[:, c] == 10) for v in grid.data)
 
@@ -137,7 +140,7 @@ def test_placed_box_predicts_true_overlap_and_follows_a_drag(
                             lambda *a, _f=original, _n=name, **k: loads.append(_n) or _f(*a, **k))
 
     viewer = make_napari_viewer_proxy()
-    image = viewer.add_image(phantom.array, name="phantom", affine=phantom.affine)
+    [image] = viewer.open(phantom.path, plugin="napari-voco")  # axial slices on the slider
     widget = _positions_widget(viewer, qtbot, checkpoints["pretrain"])
     widget.device.set_device("cpu")
     widget.place_box()
@@ -149,7 +152,7 @@ def test_placed_box_predicts_true_overlap_and_follows_a_drag(
 
     def check_against_direct_call():
         result = widget.box_result
-        box = rectangle_to_box(layer.data[-1], view.axes, phantom.shape)
+        box = rectangle_to_box(layer.data[-1], view.axes, image.data.shape)
         direct = positions(layer_to_record(image), checkpoints["pretrain"], boxes=box[None],
                            device="cpu")
         np.testing.assert_array_equal(result.sample_boxes, direct.sample_boxes)
@@ -161,6 +164,9 @@ def test_placed_box_predicts_true_overlap_and_follows_a_drag(
 
     first = check_against_direct_call()
     np.testing.assert_allclose(first.true[0], 0.25)  # centred: a quarter of each crop
+    # the boxes lie in the axial plane the viewer shows (RAS x-y: display axes 1, 2)
+    assert sorted(view.axes[:2]) == [1, 2] and view.axes[2] == 0
+    assert viewer.dims.not_displayed == (0,)
 
     # drag the box: the prediction follows, re-running only positions()
     a = view.axes[0]
@@ -174,7 +180,7 @@ def test_placed_box_predicts_true_overlap_and_follows_a_drag(
 
     # another slice: the box follows without a new prediction (it spans the full depth)
     c = view.axes[2]
-    viewer.dims.set_point(c, image.data_to_world([0, 0, 5])[c])
+    viewer.dims.set_point(c, image.data_to_world(np.eye(3)[c] * 5)[c])
     assert np.all(np.asarray(layer.data[0])[:, c] == 5)
     qtbot.wait(500)
     assert widget.box_result is second and not widget.busy
@@ -190,7 +196,7 @@ def test_random_sub_volumes_coloured_by_error(make_napari_viewer_proxy, qtbot, c
     from voco_core.inference import positions
 
     viewer = make_napari_viewer_proxy()
-    flipped = np.diag([-2.5, 1.0, 3.0, 1.0])  # x runs to the left: LAS voxels
+    flipped = np.diag([2.5, 1.0, -3.0, 1.0])  # columns run to the patient's right: a flip
     image = viewer.add_image(phantom.array, name="phantom", affine=flipped)
     widget = _positions_widget(viewer, qtbot, checkpoints["pretrain"])
     widget.count.setValue(3)
@@ -216,8 +222,9 @@ def test_random_sub_volumes_coloured_by_error(make_napari_viewer_proxy, qtbot, c
     n = direct.grid_size
     centres = np.array([np.mean([grid.data_to_world(v) for v in grid.data[k]], axis=0)
                         for k in range(n * n)])
-    for orientation, order in ((("down", "right"), (2, 0, 1)), (("up", "right"), (2, 0, 1)),
-                               (("down", "left"), (2, 1, 0))):
+    a, b, c = widget._view.axes  # the grid's plane, seen both ways round
+    for orientation, order in ((("down", "right"), (c, a, b)), (("up", "right"), (c, a, b)),
+                               (("down", "left"), (c, b, a))):
         viewer.camera.orientation2d = orientation
         viewer.dims.order = order
         cells = widget.heatmaps.arrange(np.arange(n * n), n,
@@ -245,18 +252,14 @@ def _segment_widget(viewer, checkpoint):
 
 
 def test_segmentation_overlays_the_image(make_napari_viewer_proxy, qtbot, checkpoints,
-                                         phantom, errors, monkeypatch):
+                                         phantom, errors, monkeypatch, tmp_path):
     from voco_core.inference import Segmenter
 
     released = []
     original = Segmenter.release
     monkeypatch.setattr(Segmenter, "release", lambda self: released.append(1) or original(self))
     viewer = make_napari_viewer_proxy()
-    meta = {"voco": {"affine": phantom.affine.tolist(), "path": str(phantom.path),
-                     "spacing": list(phantom.spacing), "orientation": "RAS",
-                     "shape": list(phantom.shape)}}
-    image = viewer.add_image(phantom.array, name="phantom_000", affine=phantom.affine,
-                             metadata=meta)
+    [image] = viewer.open(phantom.path, plugin="napari-voco")  # display order, voco metadata
     widget = _segment_widget(viewer, checkpoints["segment"])
     widget.run()
     assert widget.busy and not widget.run_button.isEnabled()
@@ -269,6 +272,16 @@ def test_segmentation_overlays_the_image(make_napari_viewer_proxy, qtbot, checkp
     names = list(labels.features["name"])
     assert names[0] == "background" and len(names) == 11
     assert labels.metadata["voco"]["label_names"][1] == names[1]
+    # saved, the segmentation lies on the image file's grid, in its storage order
+    from napari_voco._io import write_labels
+    from voco_core.data.io import read_volume
+
+    out = tmp_path / "segmentation.nii.gz"
+    write_labels(str(out), labels.data, labels.as_layer_data_tuple()[1])
+    saved = read_volume(out)
+    assert saved.shape == phantom.shape
+    np.testing.assert_allclose(saved.affine, phantom.affine, atol=1e-6)
+    np.testing.assert_array_equal(saved.array.transpose(2, 1, 0)[:, ::-1, ::-1], labels.data)
     assert sum(widget.counts.values()) == phantom.array.size
     assert widget.info["classes"] == names
     assert widget.progress.value() == widget.progress.maximum()

@@ -23,7 +23,7 @@ TINY_FINETUNE = {
     "train": {"samples_per_volume": 1, "warmup_steps": 1, "sw_batch_size": 1},
     "run": {"tensorboard": False},
 }
-PAINTED = (20, 40)  # slices along axis 0 (the axis napari slices in the default 2-D view)
+PAINTED = (20, 40)  # axial slices: axis 0, the axis napari slices in the default 2-D view
 
 
 @pytest.fixture
@@ -112,13 +112,17 @@ def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy,
     marks["start"] = time.perf_counter()
     _click(qtbot, widget.panel.start_button)
     marks["started"] = time.perf_counter()
-    assert "painted 2/64 (axis 0)" in widget.panel.status.text()
+    assert "painted 2/48 (axis 0)" in widget.panel.status.text()  # 48 axial slices
     _wait_idle(qtbot, widget)
     marks["trained"] = time.perf_counter()
     assert not notified, notified
-    written = read_volume(tmp_path / "ft" / "layers" / "labelsTr" / "phantom_000.nii").array
-    assert (written[[0, 30, 63]] == 255).all()
+    written_record = read_volume(tmp_path / "ft" / "layers" / "labelsTr" / "phantom_000.nii")
+    written = written_record.array
+    assert (written[[0, 30, 47]] == 255).all()
     np.testing.assert_array_equal(written[list(PAINTED)], truth[list(PAINTED)])
+    # what voco_core trains on: each painted slice is one axial plane (one RAS z)
+    np.testing.assert_allclose(written_record.affine[2, 1:3], 0.0, atol=1e-9)
+    assert written_record.affine[2, 0] > 0
     assert json.loads((tmp_path / "ft" / "meta.json").read_text())["ignore_label"] == 255
     assert widget.continue_button.isEnabled()
 
@@ -134,7 +138,7 @@ def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy,
     widget.copy_scope.setCurrentText(COPY_SLICE)
     _click(qtbot, widget.copy_button)
     np.testing.assert_array_equal(labels.data[30], prediction[30])
-    assert not labels.data[[10, 50]].any()
+    assert not labels.data[[10, 45]].any()
     widget.copy_scope.setCurrentText(COPY_VOLUME)
     _click(qtbot, widget.copy_button)
     np.testing.assert_array_equal(labels.data, prediction)

@@ -258,7 +258,7 @@ def test_pretrain_on_image_layers_and_napari_cancel(make_napari_viewer_proxy, qt
                                                     rotated_affine):
     """Open image layers are written with their affine to RUN_DIR/layers; napari's task
     cancel (what closing the window does) stops the run with a checkpoint."""
-    from napari_voco._io import read_nifti
+    from napari_voco._io import DISPLAY_TO_RAS, read_nifti
     from napari_voco._layers import unwrap
     from voco_core.checkpoint import load_checkpoint
     from voco_core.data.io import read_volume
@@ -288,12 +288,13 @@ def test_pretrain_on_image_layers_and_napari_cancel(make_napari_viewer_proxy, qt
     assert widget.run_state.status == "stopped"
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 0
     first = read_volume(run / "layers" / "phantom_000.nii")
-    np.testing.assert_allclose(first.affine, kwargs["affine"])
+    np.testing.assert_allclose(first.affine, kwargs["metadata"]["voco"]["affine"])
     np.testing.assert_array_equal(first.array, data)
     second = read_volume(run / "layers" / "scaled_copy.nii")
     expected = np.diag([2.0, 1.5, 3.0, 1.0])
     expected[:3, 3] = (10.0, -4.0, 7.0)
-    np.testing.assert_allclose(second.affine, expected)
+    # a plain layer's transform is in napari's display world (S, P, L mm): back to RAS
+    np.testing.assert_allclose(second.affine, DISPLAY_TO_RAS @ expected)
     _assert_usable(widget)
 
 

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_voco._io import derived_metadata, layer_data_to_display, storage_array
 from napari_voco._io import layer_volume as _layer_volume
-from napari_voco._io import layer_voxel_to_world, storage_array, volume_metadata
 from voco_core.data.io import VolumeRecord, write_volume
 from voco_core.errors import VoCoDataError
 
@@ -66,19 +66,21 @@ def layer_meta(layer: Layer) -> dict[str, Any]:
 
 
 def layer_data_to_world(layer: Layer) -> np.ndarray:
-    """The layer's ``(D+1, D+1)`` data -> world matrix as napari applies it:
-    ``affine @ (rotate @ shear @ diag(scale) + translate)``."""
-    meta = {key: value for key, value in layer_meta(layer).items() if key != "metadata"}
-    return layer_voxel_to_world(meta, (0,) * layer.ndim)
+    """The layer's ``(D+1, D+1)`` data -> napari world matrix as napari applies it:
+    ``affine @ (rotate @ shear @ diag(scale) + translate)``. The napari world is the
+    display world (``S, P, L`` mm, see :mod:`napari_voco._io`): use it for what the
+    screen shows; :func:`layer_volume` gives the voxel -> RAS+ affine."""
+    return layer_data_to_display(layer_meta(layer), layer.ndim)
 
 
 def layer_volume(layer: Layer, kind: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """``(array, affine)`` of a single-channel 3-D layer: its full-resolution data and
-    the source file's affine (``metadata["voco"]``, layers from this plugin's reader)
-    or else its own data -> world transform (see
-    :func:`napari_voco._io.layer_volume`, the one rule). :class:`VoCoDataError`
-    names the layer otherwise, also for one channel of a multi-channel file: training
-    from layers takes single-channel images (the widgets write them as 3-D NIfTI)."""
+    """``(array, affine)`` of a single-channel 3-D layer: its full-resolution data in the
+    layer's own (display) order and its voxel -> RAS+ affine: ``metadata["voco"]``
+    (layers from this plugin's reader) or else its napari transform taken back from
+    the display world to RAS+ (see :func:`napari_voco._io.layer_volume`, the one
+    rule). :class:`VoCoDataError` names the layer otherwise, also for one channel of a
+    multi-channel file: training from layers takes single-channel images (the widgets
+    write them as 3-D NIfTI)."""
     channel, channels, path = channel_of(layer)
     if channels > 1:
         raise VoCoDataError(
@@ -303,13 +305,16 @@ def show_segmentation(viewer: napari.Viewer, image: Layer, record: VolumeRecord,
     """Show a :class:`~voco_core.inference.SegmentationResult` of ``image`` as the Labels
     layer ``"<image> segmentation"`` with the image's transform (the label map is on the
     image's voxel grid), class names in ``features`` (napari shows the class under the
-    cursor) and ``metadata["voco"]["label_names"]`` (the NIfTI writer keeps them). An
+    cursor) and ``metadata["voco"]`` with ``label_names`` (the NIfTI writer keeps them)
+    and the image's ``storage`` (:func:`napari_voco._io.derived_metadata`). An
     existing layer of that name and shape is updated in place. Returns the layer."""
     from napari.layers import Labels
 
     names = list(result.class_names)
     labels_record = VolumeRecord(result.labels, record.affine, record.spacing, None)
-    metadata = {"voco": volume_metadata(labels_record, dict(enumerate(names)))}
+    # the image's storage entry too: saving the segmentation writes it in the image
+    # file's storage order and affine, so it overlays the source file outside napari
+    metadata = {"voco": derived_metadata(image.metadata, labels_record, dict(enumerate(names)))}
     features = {"index": np.arange(len(names)), "name": np.asarray(names, dtype=object)}
     name = f"{image.name} segmentation"
     existing = next((unwrap(layer) for layer in viewer.layers

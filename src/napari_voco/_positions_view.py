@@ -24,6 +24,7 @@ import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QVBoxLayout, QWidget
 
+from napari_voco._io import DISPLAY_TO_RAS, display_affine, to_display_order
 from napari_voco._jobs import JobContext, RunState
 from napari_voco._layers import (
     box_rectangles,
@@ -306,17 +307,23 @@ def heatmap_layout(viewer: napari.Viewer, view: View) -> tuple[bool, bool, bool]
 def add_crop_layer(viewer: napari.Viewer, view: View, which: str, crop: np.ndarray,
                    sample_box: np.ndarray) -> Any:
     """Add a network-input crop ``(S, S, S)`` cut from ``sample_box`` as an Image layer
-    placed where it lies in the world (``which`` names it). Returns the layer."""
+    placed where it lies in the world (``which`` names it), its voxels turned into the
+    display order like the reader's layers (:func:`napari_voco._io.to_display_order`).
+    Returns the layer."""
     matrix = crop_data_to_world(layer_data_to_world(view.image),
                                 view.prepared.sample_to_image, sample_box, crop.shape[0])
+    # the crop comes in the sample's (RAS-like) axis order, which napari cannot show in
+    # the display world (a permuted 2-D plane is singular): reorient it as the reader
+    # does; its metadata holds voxel -> RAS+ like every layer's
+    crop, ras, _ = to_display_order(crop, DISPLAY_TO_RAS @ matrix)
     kwargs = transform_kwargs(view.image)
     return unwrap(viewer.add_image(
-        crop, name=f"{view.image.name} {which} (network input)", affine=matrix,
+        crop, name=f"{view.image.name} {which} (network input)", affine=display_affine(ras),
         units=kwargs["units"], axis_labels=kwargs["axis_labels"], contrast_limits=(0.0, 1.0),
         colormap="gray", blending="translucent",
         metadata={"voco": {
-            "affine": matrix.tolist(), "shape": list(crop.shape), "path": None,
-            "spacing": np.linalg.norm(matrix[:3, :3], axis=0).tolist(),
+            "affine": ras.tolist(), "shape": list(crop.shape), "path": None,
+            "spacing": np.linalg.norm(ras[:3, :3], axis=0).tolist(),
             "crop": which, "sample_box": np.asarray(sample_box).tolist(),
             "source": view.image.name}}))
 

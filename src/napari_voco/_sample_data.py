@@ -2,8 +2,10 @@
 
 File > Open Sample > VoCo > "VoCo phantom CT" adds two layers built like the
 NIfTI reader builds them (see :mod:`napari_voco._io`): the CT in Hounsfield
-units and its organ label map, both with the phantom's RAS+ affine, so they
-overlay in world millimetres.
+units and its organ label map, both turned from the phantom's RAS storage order
+into the display order (axial slices on the slider, anterior up, the patient's
+right on the screen's left) with the same display-world affine, so they overlay
+in world millimetres.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ def make_phantom_sample() -> list[LayerDataTuple]:
     """The sample phantom as two napari layers: ``"VoCo phantom CT"`` (Image, int16 HU)
     and ``"VoCo phantom labels"`` (Labels, uint8, class names from
     :data:`~voco_core.data.phantoms.LABEL_NAMES` in ``metadata["voco"]["label_names"]``
-    and the layer's ``features``). Both carry the phantom's affine and
-    ``metadata["voco"]`` with ``path=None``."""
+    and the layer's ``features``). Both are in the display order and carry
+    ``metadata["voco"]`` (the display array's RAS+ affine, the phantom's own in
+    ``storage``) with ``path=None``."""
     phantom = make_phantom(SAMPLE_SEED, SAMPLE_INDEX, SAMPLE_SHAPE)
     image = VolumeRecord(array=phantom.image, affine=phantom.affine, spacing=phantom.spacing)
     labels = VolumeRecord(array=phantom.label, affine=phantom.affine, spacing=phantom.spacing)

@@ -44,7 +44,12 @@ def ignore_value(max_label: int, num_classes: int = 0) -> int:
 
 def slicing_axis(viewer: napari.Viewer, layer: Any) -> int:
     """The layer's data axis napari is slicing: the first of ``viewer.dims.not_displayed``
-    (in the layer's own axes), else axis 0 (e.g. in 3-D view with nothing sliced)."""
+    (in the layer's own axes), else axis 0 (e.g. in 3-D view with nothing sliced).
+
+    Layers from the reader are in the display order (:mod:`napari_voco._io`), so in
+    the default 2-D view this is axis 0, superior: the axial slices the user painted
+    on, which stay axial slices (one RAS+ ``z`` each) in the volume written for
+    training (:func:`napari_voco._layers.layer_volume`)."""
     offset = viewer.dims.ndim - layer.ndim
     for axis in viewer.dims.not_displayed:
         if 0 <= axis - offset < layer.ndim:

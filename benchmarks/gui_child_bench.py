@@ -1,0 +1,153 @@
+"""The napari widget's training against the CLI's, on one machine, alternating.
+
+For each round: ``voco pretrain`` (the CLI, a subprocess) and the *VoCo pretrain*
+widget (napari in this process, the run in its child process) train the same tiny
+config on the same phantoms. Reported per launcher: median seconds per step over
+the steps after the first of each run (from the runs' ``log.jsonl``); for the
+widget also the longest gap of a 10 ms QTimer in napari's event loop while the child
+trains, and napari's resident memory before the first run and after the last (the
+child's memory is not napari's).
+
+Needs a display: run under ``xvfb-run -a`` (or on a desktop)::
+
+    xvfb-run -a python benchmarks/gui_child_bench.py --steps 8 --rounds 2 \\
+        --out benchmarks/results/gui_child_bench_cpu.json
+
+Prints one JSON object and a last line with the headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+TINY = {
+    "data": {"target_size": [80, 80, 40]},
+    "geometry": {"grid_size": 2, "num_random_crops": 2, "input_size": 40,
+                 "resize_crops": False},
+    "model": {"feature_size": 12, "head_hidden_dim": 64, "head_out_dim": 64},
+    "optim": {"warmup_steps": 1, "batch_size": 1},
+    "run": {"tensorboard": False, "log_every": 1, "checkpoint_every": 1000, "device": "cpu"},
+}
+
+
+def step_seconds(run_dir: Path) -> list[float]:
+    """Seconds per step of every logged step after the first (start-up excluded)."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
+               if line.strip()]
+    return [r["seconds_per_step"] for r in records if r["step"] > 1]
+
+
+def run_cli(data: Path, run_dir: Path, steps: int) -> list[float]:
+    from voco_core.config import make_config, merge
+
+    config = make_config("tiny", merge(TINY, {"optim": {"total_steps": steps}}),
+                         check_device=False).save(run_dir.with_suffix(".yaml"))
+    subprocess.run([sys.executable, "-m", "voco_core.cli", "pretrain", "--data", str(data),
+                    "--config", str(config), "--out", str(run_dir)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return step_seconds(run_dir)
+
+
+def run_widget(viewer, data: Path, run_dir: Path, steps: int) -> tuple[list[float], float]:
+    """(seconds per step, longest event-loop gap in s) of one run from the widget."""
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_voco._pretrain_widget import PretrainWidget
+
+    widget = PretrainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="VoCo pretrain")
+    widget.overrides = TINY
+    widget.preset.setCurrentText("tiny")
+    widget.steps.setValue(steps)
+    widget.checkpoint_every.setValue(1000)
+    widget.device.set_device("cpu")
+    widget.source.setCurrentText("Folder or datalist JSON")
+    widget.data_path.set_path(data)
+    widget.output.set_path(run_dir)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    if not widget.start():
+        raise SystemExit(f"the widget refused to start: {widget.panel.status.text()}")
+    app = QApplication.instance()
+    while widget.panel.running:
+        app.processEvents()
+        time.sleep(0.002)
+    timer.stop()
+    error = widget.panel.last_error
+    viewer.window.remove_dock_widget(widget)
+    if error is not None:
+        raise SystemExit(f"the widget's run failed: {error}")
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    return step_seconds(run_dir), max(gaps) if gaps else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--phantoms", type=int, default=8)
+    parser.add_argument("--out", type=Path, help="results JSON")
+    args = parser.parse_args(argv)
+
+    import napari
+
+    from voco_core.data.phantoms import make_phantom_dataset
+
+    work = Path(tempfile.mkdtemp(prefix="gui_child_bench_"))
+    data = work / "phantoms"
+    make_phantom_dataset(data, n=args.phantoms, seed=0)
+    viewer = napari.Viewer(show=True)
+    me = psutil.Process()
+    rss_before = me.memory_info().rss
+    cli, gui, gaps = [], [], []
+    for round_index in range(args.rounds):  # alternating: drifts of the machine hit both
+        cli += run_cli(data, work / f"cli{round_index}", args.steps)
+        seconds, gap = run_widget(viewer, data, work / f"gui{round_index}", args.steps)
+        gui += seconds
+        gaps.append(gap)
+    import gc
+
+    gc.collect()
+    rss_after = me.memory_info().rss
+    viewer.close()
+    result = {
+        "benchmark": "gui_child_bench", "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "steps": args.steps, "rounds": args.rounds, "phantoms": args.phantoms,
+        "cli_median_s_per_step": statistics.median(cli),
+        "widget_median_s_per_step": statistics.median(gui),
+        "widget_over_cli": statistics.median(gui) / statistics.median(cli),
+        "longest_event_loop_gap_s": max(gaps),
+        "napari_rss_before_mb": rss_before / 2**20, "napari_rss_after_mb": rss_after / 2**20,
+        "napari_rss_growth_mb": (rss_after - rss_before) / 2**20,
+        "cli_step_seconds": cli, "widget_step_seconds": gui,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    print(f"widget {result['widget_median_s_per_step']:.2f} s/step vs CLI "
+          f"{result['cli_median_s_per_step']:.2f} s/step ({result['widget_over_cli']:.2f}x); "
+          f"longest event-loop gap {result['longest_event_loop_gap_s'] * 1000:.0f} ms; napari "
+          f"RSS {result['napari_rss_growth_mb']:+.0f} MB after {args.rounds} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
