@@ -97,3 +97,43 @@ def test_torchrun_with_two_gloo_processes_is_followed_to_its_end(tmp_path, train
     state = load_checkpoint(plan.run_dir)
     assert state["step"] == 2 and state["world_size"] == 2
     assert not list(tmp_path.glob(".*.torchrun.yaml"))  # the ranks' config file is gone
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, sys
+from pathlib import Path
+from voco_core.plan import plan_pretrain
+from voco_core.train.child import iter_plan_in_child
+overrides = {overrides!r}
+plan = plan_pretrain(preset="tiny", overrides=overrides, out=Path({out!r}))
+for event in iter_plan_in_child(plan, Path({data!r}), threads=1):
+    if event.kind == "step":
+        print(multiprocessing.active_children()[0].pid, flush=True)
+        break
+import os, signal
+os.kill(os.getpid(), signal.SIGKILL)  # die abruptly, the child still running
+"""
+
+
+def test_a_child_whose_parent_dies_stops_with_a_checkpoint(tmp_path, train_dataset):
+    """napari killed or crashed: its trainer does not train on unseen, it saves and
+    ends, releasing the run folder."""
+    import subprocess
+    import sys
+    import time
+
+    overrides = tiny_config().to_dict()
+    overrides["optim"]["total_steps"] = 500
+    overrides["run"]["checkpoint_every"] = 1000
+    out = tmp_path / "run"
+    script = ORPHAN_SCRIPT.format(overrides=overrides, out=str(out), data=str(train_dataset))
+    parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert parent.returncode == -signal.SIGKILL, parent.stderr[-2000:]
+    folder = RunFolder(out)
+    end = time.monotonic() + 120
+    while folder.lock_file.exists() and time.monotonic() < end:
+        time.sleep(0.2)
+    assert not folder.lock_file.exists()
+    state = load_checkpoint(folder.root)
+    assert 1 <= state["step"] < 500  # stopped early, with a checkpoint

@@ -43,6 +43,9 @@ def test_make_phantoms_then_info(tmp_path):
     assert "8.3333 x 8.3333 x 9 mm" in info.stdout
     assert "orientation  RAS" in info.stdout
     assert "intensity    min -1024" in info.stdout
+    assert "opens as     Image (negative values" in info.stdout
+    labels = run_voco("info", str(out / "labelsTr" / "phantom_000.nii.gz"))
+    assert "opens as     Labels (" in labels.stdout, labels.stdout
 
 
 def test_info_json(tmp_path, capsys):

@@ -163,13 +163,17 @@ def test_cli_finetune_predict_positions_end_to_end(train_dataset, pretrain_run, 
     assert main(["finetune", "--data", str(train_dataset), "--out", str(run), "--preset", "tiny",
                  "--steps", "1", "--device", "cpu", "--pretrained", str(pretrain_run),
                  "--set", "train.val_every=1", "--set", "train.samples_per_volume=1"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "napari-voco pretraining checkpoint (student)): loaded" in printed
     assert "finished at step 1/1" in printed
+    # the progress bar shows the validation Dice once it is known, never "nan"
+    assert "val_dice=" in captured.err and "best_dice=nan" not in captured.err
 
     source = train_dataset / "imagesTr" / "phantom_002.nii.gz"
     assert main(["predict", "--checkpoint", str(run), "--input", str(source), "--out",
                  str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert "% of windows" in capsys.readouterr().err  # progress while it runs
     written = nib.load(tmp_path / "pred" / "phantom_002_seg.nii.gz")
     np.testing.assert_allclose(written.affine, nib.load(source).affine)
     assert written.shape == nib.load(source).shape and written.get_data_dtype() == np.uint8

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -68,6 +69,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return 0
     print(f"file         {summary['file']}")
+    kind = "Labels" if summary["kind"] == "label map" else "Image"
+    print(f"opens as     {kind} ({summary['kind_reason']})")
     print(f"shape        {' x '.join(map(str, summary['shape']))} voxels ({summary['dtype']})")
     print(f"channels     {summary['channels']}")
     print(f"spacing      {' x '.join(f'{s:g}' for s in summary['spacing_mm'])} mm")
@@ -201,6 +204,8 @@ def _run(plan, data) -> int:
                         bar.write(f"step {event.step}: {line}")
                 elif event.kind == "validation":
                     (bar.write if bar else print)(_validation_line(event))
+                    if bar is not None:  # the bar shows this validation now, not at the next step
+                        bar.set_postfix(_postfix(event))
         except KeyboardInterrupt:  # a second Ctrl-C: the trainer saved what it completed
             signals.signal = signals.signal or 2
         finally:
@@ -233,8 +238,12 @@ def _postfix(event) -> dict[str, str]:
     if hasattr(event, "crops_per_second"):
         return {"loss": f"{event.loss:.4f}", "lr": f"{event.lr:.2e}",
                 "crops_s": f"{event.crops_per_second:.1f}"}
-    best = event.best_dice if event.best_dice is not None else float("nan")
-    return {"loss": f"{event.loss:.4f}", "best_dice": f"{best:.3f}"}
+    postfix = {"loss": f"{event.loss:.4f}"}
+    if math.isfinite(event.mean_dice):  # the last validation (carried on later steps)
+        postfix["val_dice"] = f"{event.mean_dice:.3f}"
+    if event.best_dice is not None and math.isfinite(event.best_dice):
+        postfix["best_dice"] = f"{event.best_dice:.3f}"
+    return postfix
 
 
 def _validation_line(event) -> str:
@@ -332,11 +341,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     planned = [outputs(source, stem) for source, stem in zip(files, stems, strict=True)]
     refuse_existing([path for named in planned for path in named.values()], args.overwrite)
+    from tqdm import tqdm
+
     for source, named in zip(files, planned, strict=True):  # a path or channel files
         start = time.perf_counter()
         record = read_volume(source)
-        result = segment(record, segmenter, overlap=args.overlap,
-                         probabilities=args.probabilities)
+        # windows done and the time left, on stderr; gone when the volume is written
+        with tqdm(total=100, desc=record.name, leave=False, dynamic_ncols=True,
+                  bar_format="{desc}: {percentage:3.0f}% of windows |{bar}| "
+                             "{elapsed} elapsed, {remaining} left") as bar:
+            result = segment(record, segmenter, overlap=args.overlap,
+                             probabilities=args.probabilities,
+                             progress=lambda done: bar.update(round(100 * done) - bar.n))
         write_volume(named["labels"], result.labels, record)
         written = str(named["labels"])
         if "native" in named:

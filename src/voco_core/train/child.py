@@ -244,6 +244,7 @@ def _child_main(plan: Any, data: Any, events, stop, threads: int | None) -> None
     GUI was started from is the GUI's to handle, not the child's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda number, frame: stop.set())
+    _stop_when_orphaned(stop)
     if threads is not None:
         import torch
 
@@ -254,6 +255,28 @@ def _child_main(plan: Any, data: Any, events, stop, threads: int | None) -> None
         events.put(_END)
     except BaseException as err:
         events.put(_transferable(err))
+
+
+ORPHAN_CHECK_SECONDS = 1.0
+"""How often the child looks whether the process that started it still exists."""
+
+
+def _stop_when_orphaned(stop) -> None:
+    """Set ``stop`` when the parent goes (napari killed or crashed): the run then ends at
+    its next step with a checkpoint instead of training on unseen."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if os.getppid() != parent:  # re-parented: the parent is gone
+                stop.set()
+                return
+            time.sleep(ORPHAN_CHECK_SECONDS)
+
+    threading.Thread(target=watch, name="voco-orphan-watch", daemon=True).start()
 
 
 def _transferable(err: BaseException) -> BaseException:
