@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .settings import INITS, MODES
-from .stats import normalised_auc, paired_difference, spread
+from voco_core.evaluation.stats import normalised_auc, paired_difference, spread
 
 FOCUS_CLASSES = ("spleen", "kidney_right", "kidney_left", "aorta")
 """Small organs at consistent relative positions: where a position prior should help."""

@@ -405,6 +405,20 @@ def _cmd_positions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from voco_core.evaluation import CompareSettings, compare, headline
+
+    settings = CompareSettings(folds=args.folds, seeds=args.seeds, steps=args.steps,
+                               val_every=args.val_every, preset=args.preset,
+                               overrides=_flag_overrides(args, "train"))
+    start = time.perf_counter()
+    record = compare(args.data, args.pretrained, args.out, settings)
+    print(f"{args.out / 'compare.json'}, {args.out / 'curves.png'}, "
+          f"{args.out / 'classes.png'} ({(time.perf_counter() - start) / 60:.1f} min)")
+    print(headline(record))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from voco_core.data.phantoms import make_phantom_dataset
     from voco_core.plan import plan_pretrain
@@ -549,6 +563,32 @@ def build_parser() -> argparse.ArgumentParser:
     pos.add_argument("--overwrite", action="store_true",
                         help="replace output files that already exist")
     pos.set_defaults(func=_cmd_positions)
+
+    comp = commands.add_parser(
+        "compare", help="does a pretraining help on your labelled cases? (paired K-fold "
+                        "finetuning, scratch vs VoCo, read at the plateau)")
+    comp.add_argument("--data", type=Path, required=True,
+                      help="labelled cases: Decathlon folder (imagesTr/labelsTr) or dataset.json")
+    comp.add_argument("--pretrained", type=Path, required=True,
+                      help="the VoCo pretraining run folder or checkpoint to judge")
+    comp.add_argument("--out", type=Path, required=True,
+                      help="comparison folder (runs/, compare.json, curves.png, classes.png); "
+                           "run the same command again to resume it")
+    comp.add_argument("--folds", type=_positive_int,
+                      help="folds over the cases (default: min(5, cases))")
+    comp.add_argument("--seeds", type=_positive_int, default=1,
+                      help="paired seeds per fold (default 1)")
+    comp.add_argument("--steps", type=_positive_int,
+                      help="finetuning steps of every run (default: the preset's); long "
+                           "enough for the curves to flatten")
+    comp.add_argument("--val-every", type=_positive_int,
+                      help="steps between held-out validations (default: a tenth of --steps)")
+    comp.add_argument("--preset", choices=["tiny", "base", "large", "huge"],
+                      help="finetuning preset (default: base with CUDA, tiny on CPU)")
+    comp.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    comp.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                      help="finetuning config override for both arms (repeatable)")
+    comp.set_defaults(func=_cmd_compare)
 
     demo = commands.add_parser(
         "demo", help="headless demo: phantoms (if absent) + a few minutes of tiny pretraining")

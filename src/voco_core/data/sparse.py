@@ -13,7 +13,23 @@ loss (:class:`voco_core.segmentation_loss.MaskedDiceCELoss`), in the crop centre
 "Annotated slices only" (:func:`slices_to_sparse`) turns a painted volume into a
 sparse map: along one axis, a slice with any painted (non-zero) voxel is taken
 as fully annotated, so its zeros are real background; every other slice is
-ignored.
+ignored. A caller that knows which slices were reviewed (the napari widget tracks
+the slices the user painted on or accepted) passes them as ``annotated`` instead.
+
+Validation from one sparse volume (:func:`holdout_slices`, :func:`split_sparse`):
+some annotated slices are held out, so that the validation Dice measures slices the
+network never trained on. The rule (:data:`HOLDOUT_EVERY`,
+:data:`MIN_ANNOTATED_FOR_HOLDOUT`): with ``n`` annotated slices, none is held out
+while ``n < 3`` (two to train on and one to validate is the least); otherwise
+``max(1, n // 4)``: every 4th, at least one, spread evenly over the annotated slices
+in index order and never the first or the last of them (the held-out slices lie
+between trained ones). Slices with a painted structure are preferred, since a slice
+of background alone has no Dice. Across rounds of correct-and-retrain the choice is
+sticky: slices held out before stay held out (``keep``), and slices a previous
+round trained on are not held out later (``exclude``: the continued network has
+seen them). :func:`split_sparse` then makes two maps of one volume: the training map
+(the other annotated slices; held-out and unannotated slices ignored) and the
+validation map (the held-out slices only).
 """
 
 from __future__ import annotations
@@ -72,12 +88,15 @@ def annotated_slices(labels: np.ndarray, axis: int) -> np.ndarray:
     return np.any(labels != 0, axis=others)
 
 
-def slices_to_sparse(labels: np.ndarray, axis: int, ignore_label: int) -> np.ndarray:
+def slices_to_sparse(labels: np.ndarray, axis: int, ignore_label: int,
+                     annotated: np.ndarray | None = None) -> np.ndarray:
     """The "annotated slices only" rule: a sparse label map from painted slices.
 
     Along ``axis``, a slice of ``labels`` holding any non-zero voxel stays as it is
     (fully annotated: its zeros are background); every other slice becomes
-    ``ignore_label``. Returns a new array of ``labels``' shape, in a dtype wide
+    ``ignore_label``. ``annotated`` (a bool per slice, or slice indices) names the
+    annotated slices instead (e.g. the slices a user painted on or accepted: one of
+    them may be all background). Returns a new array of ``labels``' shape, in a dtype wide
     enough for ``ignore_label`` (``uint8`` painting with 300 becomes ``uint16``);
     ``labels`` is not changed. A volume with nothing painted comes back all
     ignored (:func:`check_sparse_label` refuses it for training).
@@ -87,7 +106,9 @@ def slices_to_sparse(labels: np.ndarray, axis: int, ignore_label: int) -> np.nda
     """
     labels = np.asarray(labels)
     ignore_label = _check_ignore_label(ignore_label)
-    painted = annotated_slices(labels, axis)
+    painted = annotated_slices(labels, axis)  # checks the axis
+    if annotated is not None:
+        painted = slice_mask(annotated, labels.shape[axis])
     if np.any(labels == ignore_label):
         raise VoCoConfigError(f"ignore_label {ignore_label} is a painted value in the labels; "
                               "choose a value above every class (e.g. 255)")
@@ -95,6 +116,120 @@ def slices_to_sparse(labels: np.ndarray, axis: int, ignore_label: int) -> np.nda
     shape = [1] * labels.ndim
     shape[axis] = labels.shape[axis]
     return np.where(painted.reshape(shape), labels.astype(dtype), dtype.type(ignore_label))
+
+
+HOLDOUT_EVERY = 4
+"""Every 4th annotated slice of a volume is held out for validation (at least one)."""
+MIN_ANNOTATED_FOR_HOLDOUT = 3
+"""Annotated slices a volume needs before one is held out: two to train on, one to
+validate."""
+
+
+def slice_mask(slices, size: int) -> np.ndarray:
+    """A bool ``(size,)`` mask from a bool mask of that length or slice indices
+    (:class:`VoCoConfigError` for an index outside ``0..size - 1``)."""
+    array = np.asarray(slices if slices is not None else [], dtype=None)
+    if array.dtype == bool:
+        if array.shape != (size,):
+            raise VoCoConfigError(f"a slice mask needs {size} entries, got shape {array.shape}")
+        return array.copy()
+    mask = np.zeros(size, dtype=bool)
+    indices = array.astype(np.int64).ravel()
+    if indices.size and (indices.min() < 0 or indices.max() >= size):
+        raise VoCoConfigError(f"slice indices must lie in 0..{size - 1}, got "
+                              f"{sorted(set(indices.tolist()))}")
+    mask[indices] = True
+    return mask
+
+
+def holdout_count(annotated: int, every: int = HOLDOUT_EVERY,
+                  minimum: int = MIN_ANNOTATED_FOR_HOLDOUT) -> int:
+    """How many of ``annotated`` slices are held out: 0 below ``minimum``, else
+    ``max(1, annotated // every)`` (the module's rule)."""
+    if every < 2 or minimum < 2:
+        raise VoCoConfigError(f"hold out every k-th slice with k >= 2 and a minimum >= 2, "
+                              f"got every={every}, minimum={minimum}")
+    return 0 if annotated < minimum else max(1, annotated // every)
+
+
+def slices_missing_for_holdout(annotated: int,
+                               minimum: int = MIN_ANNOTATED_FOR_HOLDOUT) -> int:
+    """Annotated slices still needed before one can be held out (0: enough)."""
+    return max(0, int(minimum) - int(annotated))
+
+
+def _spread(candidates: np.ndarray, count: int) -> list[int]:
+    """``count`` of the sorted ``candidates``, evenly spread: positions
+    ``floor((j + 1/2) n / count)``, ``j = 0 .. count - 1``. With the default rule
+    (``n / count >= 3``) that is never the first or the last candidate."""
+    n = len(candidates)
+    if count <= 0 or n == 0:
+        return []
+    if count >= n:
+        return candidates.tolist()
+    return [int(candidates[int((j + 0.5) * n / count)]) for j in range(count)]
+
+
+def holdout_slices(annotated, size: int | None = None, *, foreground=None, keep=None,
+                   exclude=None, every: int = HOLDOUT_EVERY,
+                   minimum: int = MIN_ANNOTATED_FOR_HOLDOUT) -> np.ndarray:
+    """Which annotated slices of one volume to hold out for validation: bool ``(size,)``.
+
+    ``annotated``: a bool mask per slice (then ``size`` may be left out) or indices.
+    The rule is the module's: :func:`holdout_count` slices, spread evenly over the
+    annotated slices in index order (:func:`_spread`: never the first or the last of
+    them), over those in ``foreground`` (slices holding a structure, mask or
+    indices) when there are enough of them. ``keep``:
+    slices held out in an earlier round; those still annotated stay held out (the
+    count may then exceed the rule's while at least two slices remain to train on).
+    ``exclude``: slices an earlier round trained on; never newly held out (fewer are
+    held out when only those are left).
+    """
+    if size is None:
+        size = int(np.asarray(annotated).shape[0])
+    annotated = slice_mask(annotated, size)
+    n = int(annotated.sum())
+    held = annotated & (slice_mask(keep, size) if keep is not None else False)
+    kept = np.flatnonzero(held)
+    if n - len(kept) < 2:  # at least two slices train
+        held[:] = False
+        held[kept[:max(0, n - 2)]] = True
+    need = holdout_count(n, every, minimum) - int(held.sum())
+    if need <= 0:
+        return held
+    order = np.flatnonzero(annotated)  # the annotated slices in index order
+    allowed = ~held & (~slice_mask(exclude, size) if exclude is not None else True)
+    if foreground is not None:
+        preferred = order[allowed[order] & slice_mask(foreground, size)[order]]
+    else:
+        preferred = order[allowed[order]]
+    if len(preferred) < need:
+        preferred = order[allowed[order]]
+    held[_spread(preferred, need)] = True
+    return held
+
+
+def split_sparse(labels: np.ndarray, axis: int, ignore_label: int, annotated=None,
+                 held_out=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(training map, validation map or None)`` of one volume's labels.
+
+    The training map is :func:`slices_to_sparse` of the ``annotated`` slices (default:
+    the painted ones) without the ``held_out`` ones (a mask or indices along ``axis``,
+    e.g. from :func:`holdout_slices`); the validation map keeps only the held-out
+    slices, everything else ``ignore_label``; None when nothing is held out. Every
+    held-out slice must be annotated (:class:`VoCoConfigError`)."""
+    labels = np.asarray(labels)
+    size = labels.shape[axis] if -labels.ndim <= axis < labels.ndim else 0
+    annotated = (annotated_slices(labels, axis) if annotated is None
+                 else slice_mask(annotated, size))
+    held = slice_mask(held_out, size) if held_out is not None else np.zeros(size, bool)
+    if np.any(held & ~annotated):
+        raise VoCoConfigError(f"held-out slices {np.flatnonzero(held & ~annotated).tolist()} "
+                              "are not annotated")
+    train = slices_to_sparse(labels, axis, ignore_label, annotated & ~held)
+    if not held.any():
+        return train, None
+    return train, slices_to_sparse(labels, axis, ignore_label, held)
 
 
 def check_label_range(path, values: np.ndarray, num_classes: int) -> None:

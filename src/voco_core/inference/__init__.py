@@ -4,7 +4,10 @@
   source voxel grid (:func:`segment`, :func:`load_segmenter`);
 - :mod:`voco_core.inference.positions`: the pretrained network's overlap prediction
   for sub-volumes against the base-crop grid, beside the true overlap
-  (:func:`positions`, :func:`load_position_model`; coordinates documented there).
+  (:func:`positions`, :func:`load_position_model`; coordinates documented there);
+- :mod:`voco_core.inference.uncertainty`: where to look next, the per-voxel
+  entropy of a segmentation's softmax and the slices to review first
+  (:func:`predictive_entropy`, :func:`rank_slices`).
 """
 
 from voco_core.inference.positions import (
@@ -26,6 +29,12 @@ from voco_core.inference.segmentation import (
     load_segmenter,
     segment,
 )
+from voco_core.inference.uncertainty import (
+    SliceScore,
+    predictive_entropy,
+    rank_slices,
+    slice_class_entropy,
+)
 
 __all__ = [
     "InferenceCancelled",
@@ -34,6 +43,7 @@ __all__ = [
     "PreparedVolume",
     "SegmentationResult",
     "Segmenter",
+    "SliceScore",
     "base_crop_boxes",
     "crops_for_network",
     "load_position_model",
@@ -41,6 +51,9 @@ __all__ = [
     "plot_positions",
     "position_report",
     "positions",
+    "predictive_entropy",
     "prepare_volume",
+    "rank_slices",
     "segment",
+    "slice_class_entropy",
 ]

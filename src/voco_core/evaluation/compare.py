@@ -1,0 +1,312 @@
+"""``voco compare``: does a pretraining help on *your* labelled cases?
+
+The paired evaluation, on the user's data: K folds over the labelled cases (each fold
+holds out its cases; the others train), and for each fold and seed two finetunings
+that differ only in their encoder's start, from scratch or from the VoCo backbone.
+Both arms of a pair get the same seed, hence the same decoder initialisation, the
+same training crops and the same held-out cases, so their difference is the
+pretraining's effect and not a draw of luck.
+
+Each run validates on its held-out cases every ``val_every`` steps (a learning curve
+per class). Two readings of the same runs:
+
+- **final quality**: Dice at the plateau, the mean of each curve's last
+  :data:`PLATEAU_POINTS` validations; VoCo - scratch per pair, with 95% t and
+  bootstrap intervals, overall and per class. Whether the curves *have* flattened is
+  checked and reported per arm and class (the mean curve's last points change by
+  less than :data:`FLAT_TOLERANCE`); a curve still rising says "train longer".
+- **efficiency**: the finetuning steps each arm needs to reach 90% of scratch's
+  plateau Dice of the same pair.
+
+Everything goes to ``OUT``: ``runs/fold<k>-seed<s>-<arm>/`` (ordinary finetuning run
+folders), ``compare.json`` (settings, every curve, both readings), ``curves.png``
+(mean learning curves) and ``classes.png`` (per-class difference at the plateau). An
+interrupted comparison resumes: finished runs are read back, an unfinished one is
+resumed from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voco_core.data.datalists import DatalistEntry, load_datalist
+from voco_core.errors import VoCoConfigError, VoCoDataError
+from voco_core.evaluation.stats import paired_difference, spread
+from voco_core.outputs import atomic_write, write_json
+from voco_core.run_folder import RunFolder, read_log
+
+ARMS = ("scratch", "voco")
+PLATEAU_POINTS = 3
+"""Validations at the end of a curve averaged into its plateau Dice."""
+FLAT_TOLERANCE = 0.01
+"""A mean curve whose last :data:`PLATEAU_POINTS` validations differ from the
+:data:`PLATEAU_POINTS` before by less than this (Dice) has flattened."""
+EFFICIENCY_FRACTION = 0.9
+"""The efficiency reading: steps to reach this fraction of scratch's plateau Dice."""
+
+
+@dataclass
+class CompareSettings:
+    """What one comparison runs. ``overrides``: nested finetuning config overrides
+    (``--set``), applied to both arms alike; ``steps``/``val_every``: ``None`` keeps
+    the preset's ``train.total_steps`` and a tenth of it."""
+
+    folds: int | None = None
+    seeds: int = 1
+    steps: int | None = None
+    val_every: int | None = None
+    preset: str | None = None
+    overrides: dict = field(default_factory=dict)
+
+
+def k_folds(cases: Sequence[DatalistEntry], folds: int) -> list[tuple[list, list]]:
+    """``(training, held_out)`` case lists of each of ``folds`` folds: the cases in
+    datalist order dealt round-robin, so every case is held out exactly once and fold
+    sizes differ by at most one. Needs ``2 <= folds <= len(cases)``."""
+    if len(cases) < 2:
+        raise VoCoDataError(f"voco compare needs at least 2 labelled cases (one to train on, "
+                            f"one held out), found {len(cases)}")
+    if not 2 <= folds <= len(cases):
+        raise VoCoConfigError(f"--folds {folds}: expected 2 to {len(cases)} (the number of "
+                              "labelled cases)")
+    held = [[case for i, case in enumerate(cases) if i % folds == k] for k in range(folds)]
+    return [([c for c in cases if c not in out], out) for out in held]
+
+
+def run_key(fold: int, seed: int, arm: str) -> str:
+    return f"fold{fold}-seed{seed}-{arm}"
+
+
+def compare(data: str | Path, pretrained: str | Path, out: str | Path,
+            settings: CompareSettings | None = None,
+            say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the paired comparison; returns what ``compare.json`` holds."""
+    from voco_core.config import make_finetune_config
+    from voco_core.plan import default_preset
+
+    settings = settings or CompareSettings()
+    out = Path(out)
+    pretrained = Path(pretrained)
+    if not pretrained.exists():
+        raise VoCoDataError("pretrained checkpoint or run folder not found", pretrained)
+    cases = load_datalist(data, section="training", require_labels=True)
+    folds = k_folds(cases, settings.folds or min(5, len(cases)))
+    if settings.seeds < 1:
+        raise VoCoConfigError(f"--seeds {settings.seeds}: expected at least 1")
+    device = str((settings.overrides.get("run") or {}).get("device", "auto"))
+    config = make_finetune_config(settings.preset or default_preset(device)[0],
+                                  _overrides(settings, 0))  # bad settings: before any run
+    total = config.train.total_steps
+    record: dict[str, Any] = {
+        "data": str(data), "pretrained": str(pretrained), "preset": config.preset,
+        "folds": len(folds), "seeds": settings.seeds, "total_steps": total,
+        "val_every": config.train.val_every, "overrides": settings.overrides,
+        "held_out": [[str(c.image_file.name) for c in held] for _, held in folds],
+        "runs": {}}
+    for k, (training, held) in enumerate(folds):
+        for seed in range(settings.seeds):
+            for arm in ARMS:
+                key = run_key(k, seed, arm)
+                run_dir = out / "runs" / key
+                curve = _finished_curve(run_dir, total)
+                if curve is None:
+                    say(f"{key}: finetuning on {len(training)} case(s), validating on "
+                        f"{len(held)} held out")
+                    _run_arm(run_dir, training, held, settings, seed,
+                             pretrained if arm == "voco" else None)
+                    curve = _finished_curve(run_dir, total)
+                    if curve is None:
+                        raise VoCoDataError("the run ended without its last validation",
+                                            run_dir)
+                record["runs"][key] = {"fold": k, "seed": seed, "arm": arm, "curve": curve}
+                write_json(out / "compare.json", record)  # resumable after every run
+    record.update(summarise(record))
+    write_json(out / "compare.json", record)
+    plot_comparison(record, out / "curves.png", out / "classes.png")
+    return record
+
+
+def _overrides(settings: CompareSettings, seed: int) -> dict:
+    from voco_core.config import merge
+
+    train: dict[str, Any] = {}
+    if settings.steps is not None:
+        train["total_steps"] = settings.steps
+    if settings.val_every is not None:
+        train["val_every"] = settings.val_every
+    elif settings.steps is not None:
+        train["val_every"] = max(1, settings.steps // 10)
+    return merge(settings.overrides, {"train": train, "run": {"seed": seed}})
+
+
+def _run_arm(run_dir: Path, training: list, held: list, settings: CompareSettings,
+             seed: int, pretrained: Path | None) -> None:
+    from voco_core.plan import plan_finetune
+    from voco_core.train.finetune import iter_finetune
+
+    folder = RunFolder(run_dir)
+    if folder.last.is_file():  # interrupted: go on from its checkpoint
+        plan = plan_finetune(resume=run_dir)
+        pretrained = None
+    else:  # nothing usable yet (a run that failed before its first checkpoint)
+        plan = plan_finetune(preset=settings.preset, overrides=_overrides(settings, seed),
+                             out=run_dir, pretrained=pretrained, overwrite=True)
+    for _ in iter_finetune(plan.config, training, plan.run_dir, pretrained=plan.pretrained,
+                           validation=held, resume=plan.resume):
+        pass
+
+
+def _finished_curve(run_dir: Path, total: int) -> list[dict] | None:
+    """The held-out validations of a finished run, ``[{step, mean, classes}]``; None
+    for a run that has not reached its last step."""
+    folder = RunFolder(run_dir)
+    if not folder.log.is_file():
+        return None
+    points = [{"step": r["step"], "mean": r["mean_dice"], "classes": r.get("class_dice") or {}}
+              for r in read_log(folder.log) if r.get("mean_dice") is not None]
+    if not points or points[-1]["step"] < total:
+        return None
+    return points
+
+
+# --------------------------------------------------------------------------- readings
+
+
+def plateau(curve: list[dict], key: str | None = None) -> float:
+    """Mean Dice (``key``: one class's) over the last :data:`PLATEAU_POINTS` points."""
+    values = [_value(p, key) for p in curve[-PLATEAU_POINTS:]]
+    values = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def steps_to_reach(curve: list[dict], target: float) -> int | None:
+    """The first validated step whose mean Dice reaches ``target``; None if none does."""
+    return next((p["step"] for p in curve if p["mean"] >= target), None)
+
+
+def _value(point: dict, key: str | None) -> float:
+    value = point["mean"] if key is None else point["classes"].get(key)
+    return float(value) if value is not None else math.nan
+
+
+def summarise(record: dict) -> dict[str, Any]:
+    """Both readings (see the module doc) from ``record["runs"]``."""
+    runs = record["runs"]
+    units = sorted({(r["fold"], r["seed"]) for r in runs.values()})
+    pairs = [(runs[run_key(k, s, "scratch")]["curve"], runs[run_key(k, s, "voco")]["curve"])
+             for k, s in units]
+    classes = sorted({c for scratch, voco in pairs for p in scratch + voco for c in p["classes"]})
+    final = paired_difference([plateau(v) for _, v in pairs], [plateau(s) for s, _ in pairs])
+    per_class = {}
+    for name in classes:
+        both = [(plateau(s, name), plateau(v, name)) for s, v in pairs]
+        both = [(a, b) for a, b in both if math.isfinite(a) and math.isfinite(b)]
+        per_class[name] = {
+            "scratch": spread([a for a, _ in both]), "voco": spread([b for _, b in both]),
+            "difference": paired_difference([b for _, b in both], [a for a, _ in both])}
+    reached = {arm: [] for arm in ARMS}
+    for scratch, voco in pairs:
+        target = EFFICIENCY_FRACTION * plateau(scratch)
+        reached["scratch"].append(steps_to_reach(scratch, target))
+        reached["voco"].append(steps_to_reach(voco, target))
+    both_reached = [(a, b) for a, b in zip(reached["scratch"], reached["voco"], strict=True)
+                    if a is not None and b is not None]
+    return {
+        "final_quality": {"scratch": spread([plateau(s) for s, _ in pairs]),
+                          "voco": spread([plateau(v) for _, v in pairs]),
+                          "difference": final, "per_class": per_class},
+        "efficiency": {
+            "fraction_of_scratch_plateau": EFFICIENCY_FRACTION,
+            "steps": {arm: reached[arm] for arm in ARMS},
+            "steps_saved_by_voco": paired_difference([a for a, _ in both_reached],
+                                                     [b for _, b in both_reached]),
+            "voco_never_reached": sum(b is None for b in reached["voco"])},
+        "flattened": {arm: _flatness([p[ARMS.index(arm)] for p in pairs], classes)
+                      for arm in ARMS},
+    }
+
+
+def _flatness(curves: list[list[dict]], classes: list[str]) -> dict[str, Any]:
+    """Whether the mean curve over pairs has flattened, overall and per class."""
+    def change(key: str | None) -> float:
+        steps = sorted({p["step"] for c in curves for p in c})
+        mean_curve = []
+        for step in steps:
+            values = [_value(p, key) for c in curves for p in c if p["step"] == step]
+            values = [v for v in values if math.isfinite(v)]
+            mean_curve.append(statistics.fmean(values) if values else math.nan)
+        if len(mean_curve) < 2 * PLATEAU_POINTS:
+            return math.nan  # too few validations to tell
+        last = statistics.fmean(mean_curve[-PLATEAU_POINTS:])
+        before = statistics.fmean(mean_curve[-2 * PLATEAU_POINTS:-PLATEAU_POINTS])
+        return last - before
+
+    overall = change(None)
+    rising = [name for name in classes
+              if not (abs(change(name)) < FLAT_TOLERANCE)]  # NaN counts as not flat
+    return {"mean_change": None if math.isnan(overall) else round(overall, 4),
+            "flat": bool(abs(overall) < FLAT_TOLERANCE and not rising),
+            "classes_not_flat": rising}
+
+
+def headline(record: dict) -> str:
+    """The one line ``voco compare`` ends with."""
+    d = record["final_quality"]["difference"]
+    lo, hi = d.get("ci95_t", [None, None])
+    interval = (f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None
+                else "[no interval: one pair]")
+    flat = all(record["flattened"][arm]["flat"] for arm in ARMS)
+    return (f"VoCo - scratch at the plateau: {d['mean']:+.3f} Dice {interval} over "
+            f"{record['folds']} folds ({record['seeds']} seed{'s' if record['seeds'] > 1 else ''})"
+            + ("" if flat else "; the curves have not flattened: train longer (--steps)"))
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_comparison(record: dict, curves_png: Path, classes_png: Path) -> None:
+    """``curves.png``: mean held-out Dice against step for both arms (band: min..max
+    over pairs); ``classes.png``: per-class VoCo - scratch at the plateau, 95% t CI."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    runs = record["runs"]
+    fig = Figure(figsize=(6, 3.5), constrained_layout=True)
+    ax = fig.add_subplot()
+    for colour, arm in zip(("0.3", "C1"), ARMS, strict=True):
+        curves = [r["curve"] for r in runs.values() if r["arm"] == arm]
+        steps = sorted({p["step"] for c in curves for p in c})
+        table = np.array([[next((p["mean"] for p in c if p["step"] == s), np.nan)
+                           for s in steps] for c in curves], dtype=float)
+        ax.plot(steps, np.nanmean(table, axis=0), color=colour, label=arm)
+        ax.fill_between(steps, np.nanmin(table, axis=0), np.nanmax(table, axis=0),
+                        color=colour, alpha=0.15)
+    ax.set_xlabel("finetuning step")
+    ax.set_ylabel("held-out mean Dice")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    atomic_write(curves_png, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")
+
+    per_class = record["final_quality"]["per_class"]
+    names = list(per_class)
+    means, low, high = [], [], []
+    for name in names:
+        difference = per_class[name]["difference"]
+        mean = difference.get("mean") or 0.0
+        lo, hi = difference.get("ci95_t") or (None, None)  # none with one pair
+        means.append(mean)
+        low.append(mean - lo if lo is not None else 0.0)
+        high.append(hi - mean if hi is not None else 0.0)
+    errors = [low, high]
+    fig = Figure(figsize=(6, 3.5), constrained_layout=True)
+    ax = fig.add_subplot()
+    ax.bar(range(len(names)), means, yerr=errors, color="C1", capsize=3)
+    ax.axhline(0, color="0.3", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("VoCo - scratch Dice at the plateau")
+    atomic_write(classes_png, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")

@@ -1,0 +1,134 @@
+"""Where to look next: the network's uncertainty and the slices to review first.
+
+After a round of correct-and-retrain the user's time is best spent on the slices
+where the network is least sure. :func:`predictive_entropy` is the per-voxel
+entropy of the softmax, ``-sum_c p_c log p_c`` in nats (0: certain; ``log C`` for
+``C`` classes: uniform), from the ``(C, X, Y, Z)`` probabilities that
+:func:`voco_core.inference.segment` returns with ``probabilities=True``.
+
+:func:`rank_slices` orders the slices along one axis for review, *stratified by
+class*, so that a large, easy class (background, a big organ) cannot fill the list
+while a small structure goes unreviewed. For every slice ``s`` and class ``c``
+the score is the mean entropy over the voxels of ``s`` predicted as ``c`` (slices
+without such a voxel have no score for ``c``). The list is then built round by
+round: in each round every class, in the order of its best remaining score, takes
+its highest-scoring slice not taken yet; a slice is listed once, for the class that
+took it. Annotated slices (the ones the user painted or accepted) are skipped. Ties
+go to the lower slice index, so the order is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from voco_core.data.sparse import slice_mask
+from voco_core.errors import VoCoConfigError
+
+
+class SliceScore(NamedTuple):
+    """One row of :func:`rank_slices`: the slice ``index`` along the axis, its
+    ``score`` (mean entropy in nats over the voxels of ``label`` in it) and the
+    predicted class ``label`` it was chosen for."""
+
+    index: int
+    score: float
+    label: int
+
+
+def predictive_entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Per-voxel entropy of the softmax: ``(C, X, Y, Z)`` -> ``(X, Y, Z)`` float32, nats.
+
+    ``0 log 0`` counts as 0; the probabilities are used as given (a voxel whose
+    channels do not sum to 1 is not renormalised)."""
+    p = np.asarray(probabilities, dtype=np.float32)
+    if p.ndim < 2:
+        raise VoCoConfigError(f"probabilities need a class axis first, (C, X, Y, Z); got "
+                              f"shape {p.shape}")
+    entropy = np.zeros(p.shape[1:], dtype=np.float32)
+    for channel in p:  # one class at a time: no (C, X, Y, Z) temporary
+        positive = channel > 0
+        entropy[positive] -= channel[positive] * np.log(channel[positive])
+    return np.maximum(entropy, 0.0)
+
+
+def slice_class_entropy(entropy: np.ndarray, prediction: np.ndarray, axis: int,
+                        num_classes: int) -> np.ndarray:
+    """Mean entropy per slice and predicted class: ``(slices, num_classes)``, NaN where
+    a slice has no voxel of that class."""
+    entropy = np.asarray(entropy, dtype=np.float64)
+    prediction = np.asarray(prediction)
+    if entropy.shape != prediction.shape:
+        raise VoCoConfigError(f"entropy {entropy.shape} and prediction {prediction.shape} "
+                              "need the same shape")
+    if not -entropy.ndim <= axis < entropy.ndim:
+        raise VoCoConfigError(f"axis must be one of 0..{entropy.ndim - 1}, got {axis}")
+    num_classes = int(num_classes)
+    labels = np.moveaxis(prediction, axis, 0).reshape(entropy.shape[axis], -1).astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise VoCoConfigError(f"prediction holds class {int(labels.max())}, outside "
+                              f"0..{num_classes - 1}")
+    values = np.moveaxis(entropy, axis, 0).reshape(labels.shape)
+    bins = (np.arange(labels.shape[0])[:, None] * num_classes + labels).ravel()
+    size = labels.shape[0] * num_classes
+    sums = np.bincount(bins, weights=values.ravel(), minlength=size)
+    counts = np.bincount(bins, minlength=size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts
+    return np.where(counts > 0, means, np.nan).reshape(labels.shape[0], num_classes)
+
+
+def rank_slices(entropy: np.ndarray, prediction: np.ndarray, annotated=None, axis: int = 0,
+                num_classes: int | None = None, limit: int | None = None) -> list[SliceScore]:
+    """Slices along ``axis`` to review next, best first (the module's class-stratified
+    round robin), as :class:`SliceScore` ``(index, score, label)`` rows.
+
+    Args:
+        entropy: ``(X, Y, Z)`` per-voxel uncertainty (:func:`predictive_entropy`).
+        prediction: ``(X, Y, Z)`` predicted classes on the same grid.
+        annotated: slices to skip (a bool mask per slice or indices); None: none.
+        axis: the slicing axis (0: the axial slices of a volume opened in napari).
+        num_classes: the network's classes (default: largest predicted value + 1).
+        limit: at most this many rows (default: every slice that is not annotated).
+    """
+    prediction = np.asarray(prediction)
+    if num_classes is None:
+        num_classes = int(prediction.max()) + 1 if prediction.size else 1
+    table = slice_class_entropy(entropy, prediction, axis, num_classes)
+    size = table.shape[0]
+    skip = slice_mask(annotated, size) if annotated is not None else np.zeros(size, bool)
+    table[skip] = np.nan
+    # per class: its candidate slices by descending score, ties by index
+    queues = []
+    for label in range(num_classes):
+        column = table[:, label]
+        slices = np.flatnonzero(np.isfinite(column))
+        order = slices[np.lexsort((slices, -column[slices]))]
+        queues.append([(int(s), float(column[s])) for s in order])
+    heads = [0] * num_classes
+    taken: set[int] = set()
+    ranked: list[SliceScore] = []
+    wanted = int(np.count_nonzero(~skip)) if limit is None else int(limit)
+    while len(ranked) < wanted:
+        candidates = []
+        for label, queue in enumerate(queues):
+            while heads[label] < len(queue) and queue[heads[label]][0] in taken:
+                heads[label] += 1
+            if heads[label] < len(queue):
+                index, score = queue[heads[label]]
+                candidates.append((-score, index, label))
+        if not candidates:
+            break
+        for negative, index, label in sorted(candidates):  # this round, best first
+            if index in taken:  # two classes' best slice is the same one: first wins
+                continue
+            taken.add(index)
+            heads[label] += 1
+            ranked.append(SliceScore(index, -negative, label))
+            if len(ranked) >= wanted:
+                break
+    return ranked
+
+
+__all__ = ["SliceScore", "predictive_entropy", "rank_slices", "slice_class_entropy"]

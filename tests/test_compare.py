@@ -1,0 +1,123 @@
+"""voco compare: the paired K-fold evaluation on the user's labelled cases, end to end
+with tiny settings (a few steps), its readings, its refusals and its resume."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+
+import pytest
+
+from voco_core.cli import main
+from voco_core.data.datalists import load_datalist
+from voco_core.errors import VoCoDataError
+from voco_core.evaluation.compare import (
+    CompareSettings,
+    compare,
+    k_folds,
+    plateau,
+    steps_to_reach,
+    summarise,
+)
+
+from conftest import one_line_error
+
+TINY = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--val-every", "1",
+        "--set", "train.samples_per_volume=1", "--set", "train.warmup_steps=1",
+        "--set", "train.sw_batch_size=1", "--set", "run.tensorboard=false"]
+
+
+def test_k_folds_hold_every_case_out_once(train_dataset):
+    cases = load_datalist(train_dataset, section="training", require_labels=True)
+    folds = k_folds(cases, 3)
+    assert sorted(c.image_file.name for _, held in folds for c in held) == sorted(
+        c.image_file.name for c in cases)
+    for training, held in folds:
+        assert len(held) == 1 and not set(map(id, training)) & set(map(id, held))
+    with pytest.raises(VoCoDataError, match="at least 2 labelled cases"):
+        k_folds(cases[:1], 2)
+
+
+def test_readings_from_known_curves():
+    def curve(values):
+        return [{"step": 10 * (i + 1), "mean": v, "classes": {"liver": v, "spleen": v / 2}}
+                for i, v in enumerate(values)]
+
+    scratch = curve([0.1, 0.3, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6])
+    voco = curve([0.3, 0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7])
+    assert plateau(scratch) == pytest.approx(0.6) and plateau(voco, "spleen") == pytest.approx(0.35)
+    assert steps_to_reach(scratch, 0.54) == 40 and steps_to_reach(voco, 0.54) == 30
+    record = {"folds": 1, "seeds": 2, "runs": {
+        f"fold0-seed{s}-{arm}": {"fold": 0, "seed": s, "arm": arm, "curve": c}
+        for s in range(2) for arm, c in (("scratch", scratch), ("voco", voco))}}
+    summary = summarise(record)
+    assert summary["final_quality"]["difference"]["mean"] == pytest.approx(0.1)
+    assert summary["final_quality"]["per_class"]["spleen"]["difference"]["mean"] == (
+        pytest.approx(0.05))
+    assert summary["efficiency"]["steps"] == {"scratch": [40, 40], "voco": [30, 30]}
+    assert summary["efficiency"]["steps_saved_by_voco"]["mean"] == 10
+    assert summary["flattened"]["scratch"]["flat"]
+    rising = summarise({**record, "runs": {k: {**r, "curve": curve([0.1, 0.2, 0.3, 0.4, 0.5,
+                                                                    0.6, 0.7])}
+                                           for k, r in record["runs"].items()}})
+    assert not rising["flattened"]["voco"]["flat"]
+
+
+def test_voco_compare_end_to_end_and_resume(train_dataset, pretrain_run, tmp_path, capsys,
+                                            monkeypatch):
+    out = tmp_path / "cmp"
+    command = ["compare", "--data", str(train_dataset), "--pretrained", str(pretrain_run),
+               "--out", str(out), "--folds", "2", *TINY]
+    compare_module = importlib.import_module("voco_core.evaluation.compare")
+    real_run, started = compare_module._run_arm, []
+
+    def interrupted_at_the_third_run(run_dir, *args, **kwargs):
+        started.append(run_dir.name)
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return real_run(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "_run_arm", interrupted_at_the_third_run)
+    assert main(command) == 130  # Ctrl-C during the third run
+    monkeypatch.undo()
+    first_two = {name: (out / "runs" / name / "checkpoints" / "last.pt").stat().st_mtime_ns
+                 for name in started[:2]}
+    capsys.readouterr()
+
+    assert main(command) == 0  # resumes: the finished runs are read back, not rerun
+    printed = capsys.readouterr().out
+    for name, stamp in first_two.items():
+        assert (out / "runs" / name / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
+        assert f"{name}: finetuning" not in printed
+    headline = printed.strip().splitlines()[-1]
+    assert headline.startswith("VoCo - scratch at the plateau: ") and "over 2 folds (1 seed)" in (
+        headline)
+    record = json.loads((out / "compare.json").read_text())
+    assert sorted(record["runs"]) == ["fold0-seed0-scratch", "fold0-seed0-voco",
+                                      "fold1-seed0-scratch", "fold1-seed0-voco"]
+    assert record["final_quality"]["difference"]["n"] == 2
+    assert all(len(r["curve"]) == 2 for r in record["runs"].values())
+    mean = record["final_quality"]["difference"]["mean"]
+    assert math.isfinite(mean) and f"{mean:+.3f}" in headline
+    assert (out / "curves.png").stat().st_size > 0 and (out / "classes.png").stat().st_size > 0
+    # each held-out case was held out once, and the runs validated on it
+    assert sorted(name for held in record["held_out"] for name in held) == sorted(
+        p.name for p in (train_dataset / "imagesTr").iterdir())
+
+
+def test_compare_refuses_too_few_cases_in_one_line(pretrain_run, train_dataset, tmp_path,
+                                                   capsys):
+    one = tmp_path / "one.json"
+    entries = json.loads((train_dataset / "dataset.json").read_text())["training"][:1]
+    one.write_text(json.dumps({"training": [
+        {k: str(train_dataset / v) for k, v in e.items()} for e in entries]}))
+    assert main(["compare", "--data", str(one), "--pretrained", str(pretrain_run), "--out",
+                 str(tmp_path / "cmp"), *TINY]) == 1
+    one_line_error(capsys, "at least 2 labelled cases", "found 1")
+    assert not (tmp_path / "cmp").exists()
+    assert main(["compare", "--data", str(train_dataset), "--pretrained",
+                 str(tmp_path / "missing"), "--out", str(tmp_path / "cmp"), *TINY]) == 1
+    one_line_error(capsys, "pretrained checkpoint or run folder not found")
+    with pytest.raises(VoCoDataError):
+        compare(train_dataset, tmp_path / "missing", tmp_path / "cmp", CompareSettings())
