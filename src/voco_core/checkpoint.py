@@ -8,7 +8,9 @@ downloaded files, i.e. untrusted).
 
 from __future__ import annotations
 
+import json
 import pickle
+import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -61,6 +63,54 @@ def segmentation_payload(kind: str, *, step: int, config: dict, model: dict,
     if kind == "last":
         payload.update(optimizer=optimizer, scheduler=scheduler, scaler=scaler, rng=rng)
     return payload
+
+
+def pretrain_meta(*, step: int, total_steps: int, folder: RunFolder, preset: str,
+                  teacher: str, loss_variant: str, world_size: int,
+                  rank_weight_digests: list[str] | None, loss: float) -> dict[str, Any]:
+    """A pretraining run's ``meta.json``: its last checkpoint in plain JSON (the loss of
+    ``step``, None before the first), for people and tools that do not load torch."""
+    return {"format": PRETRAIN_FORMAT, "voco_version": __version__, "step": step,
+            "total_steps": total_steps, "checkpoint": str(folder.last.relative_to(folder.root)),
+            "preset": preset, "teacher": teacher, "loss_variant": loss_variant,
+            "world_size": world_size, "rank_weight_digests": rank_weight_digests,
+            "loss": loss, "saved_at": _now()}
+
+
+def segmentation_meta(*, step: int, total_steps: int, best_dice: float, best_step: int,
+                      class_dice_at_best: dict, validated_on: str, num_classes: int,
+                      class_names: list[str], ignore_label: int | None,
+                      parent: dict | None) -> dict[str, Any]:
+    """A finetuning run's ``meta.json``: its last checkpoint, best validation, classes,
+    and the run it continues (``parent``: run, checkpoint, step, best Dice), if any."""
+    return {"format": SEGMENTATION_FORMAT, "voco_version": __version__, "step": step,
+            "total_steps": total_steps, "best_dice": best_dice, "best_step": best_step,
+            "class_dice_at_best": class_dice_at_best, "validated_on": validated_on,
+            "num_classes": num_classes, "class_names": class_names,
+            "ignore_label": ignore_label, "parent": parent, "saved_at": _now()}
+
+
+def read_meta(folder: RunFolder) -> dict[str, Any]:
+    """A run's ``meta.json`` ({} when it is missing or unreadable: a run before its first
+    checkpoint, or one being written)."""
+    try:
+        value = json.loads(folder.meta.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def saved_step(folder: RunFolder, default: int = -1) -> int:
+    """The step of the run's last checkpoint, from its ``meta.json`` (``default`` when
+    there is none)."""
+    try:
+        return int(read_meta(folder)["step"])
+    except (KeyError, TypeError, ValueError):
+        return default
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def require_keys(state: dict, keys: tuple[str, ...], path: str | Path) -> None:

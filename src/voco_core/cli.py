@@ -219,7 +219,9 @@ def _run(plan, data) -> int:
               f"{'loss curve' if plan.kind == 'pretrain' else 'curves'} "
               f"{folder.loss_figure if plan.kind == 'pretrain' else folder.curves_figure}")
         return 0
-    step = _saved_step(folder, last.step)
+    from voco_core.checkpoint import saved_step
+
+    step = saved_step(folder, last.step)  # after an abandoned step, what is on disk
     print(f"stopped at step {step}/{last.total_steps}{_result(plan, last)}; checkpoint "
           f"{folder.last} (resume with --resume {folder.root})")
     return signals.exit_code
@@ -258,15 +260,6 @@ def _result(plan, last) -> str:
         return f", loss {last.loss:.4f}"
     best = last.best_dice if last.best_dice is not None else float("nan")
     return f"; best mean Dice {best:.4f} (step {last.best_step})"
-
-
-def _saved_step(folder, fallback: int) -> int:
-    """The step of the checkpoint on disk (after an abandoned step it may differ from
-    the last reported one)."""
-    try:
-        return int(json.loads(folder.meta.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return fallback
 
 
 def _inputs(path: Path) -> list:

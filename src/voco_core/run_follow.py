@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from voco_core.checkpoint import saved_step
 from voco_core.errors import VoCoDataError
 from voco_core.run_folder import RunFolder
 from voco_core.train.common import StopFlag
@@ -127,7 +128,7 @@ def follow_run(run_dir: str | Path, stop: StopFlag | None = None, *,
             last = event_type("start", 0, total, run_dir=str(folder.root),
                               message="the run was resumed")
             yield last
-        saved = _saved_step(folder)
+        saved = saved_step(folder)
         for record in records:
             last = _event(event_type, record, total, folder, last)
             if last.kind == "step" and last.step == saved > announced:
@@ -191,13 +192,6 @@ def _total_steps(folder: RunFolder, kind: str) -> int:
         return int(section.get("total_steps", 0))
     except (TypeError, ValueError):
         return 0
-
-
-def _saved_step(folder: RunFolder) -> int:
-    try:
-        return int(json.loads(folder.meta.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
 
 
 def _sleep(seconds: float, stop: StopFlag | None) -> None:

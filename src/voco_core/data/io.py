@@ -1,4 +1,5 @@
-"""Volume reading/writing and datalists (checks before a read: :mod:`voco_core.data.files`).
+"""Volume reading and writing (checks before a read: :mod:`voco_core.data.files`;
+datalists: :mod:`voco_core.data.datalists`).
 
 :func:`read_volume` reads NIfTI (``.nii``, ``.nii.gz``) with nibabel and, through
 :mod:`voco_core.data.formats` (SimpleITK), NRRD (``.nrrd``, ``.nhdr``), MetaImage

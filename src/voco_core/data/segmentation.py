@@ -69,7 +69,7 @@ def load_labelled_cases(entries: Sequence[DatalistEntry],
                         kind: str = "training") -> list[LabelledCase]:
     """Read and check every pair: label present, same grid as its image, whole-number
     values. (Class range is checked once the number of classes is known; the channel
-    count, the same for every image, by :func:`voco_core.data.io.resolve_in_channels`.)"""
+    count, the same for every image, by :func:`voco_core.data.datalists.resolve_in_channels`.)"""
     cases = []
     for entry in entries:
         if entry.label is None:

@@ -18,7 +18,6 @@ names the dead child's pid, is taken over by the next run (:meth:`RunFolder.lock
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import pickle
 import queue
@@ -28,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from voco_core.checkpoint import saved_step
 from voco_core.errors import VoCoError, VoCoTrainingError
 from voco_core.run_folder import RunFolder
 from voco_core.train.common import StopFlag
@@ -206,21 +206,13 @@ def died(run_dir: str | Path, exitcode: int | None) -> TrainerDied:
     else:
         how = f"ended with exit status {exitcode}"
     folder = RunFolder(run_dir)
-    step = last_saved_step(folder)
+    step = saved_step(folder)
     if folder.last.is_file():
         where = (f"the last checkpoint is {folder.last} (step {step}); resume the run "
                  "from it")
         return TrainerDied(f"the training process {how}; {where}", folder.last, step)
     return TrainerDied(f"the training process {how} before its first checkpoint; nothing "
                        f"of it was saved in {folder.root}")
-
-
-def last_saved_step(folder: RunFolder) -> int:
-    """The step of the run's last checkpoint (its ``meta.json``), -1 when unknown."""
-    try:
-        return int(json.loads(folder.meta.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1
 
 
 def _end_child(process, child_stop, graceful: bool) -> None:
@@ -294,4 +286,4 @@ def _transferable(err: BaseException) -> BaseException:
 
 
 __all__: Sequence[str] = ("STOP_WAIT_SECONDS", "TrainerDied", "died", "iter_plan",
-                          "iter_plan_in_child", "iter_plan_torchrun", "last_saved_step")
+                          "iter_plan_in_child", "iter_plan_torchrun")

@@ -21,9 +21,7 @@ Both checkpoints load with ``weights_only=True`` and feed
 
 from __future__ import annotations
 
-import json
 import math
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -34,17 +32,17 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from voco_core import __version__
 from voco_core.checkpoint import (
-    SEGMENTATION_FORMAT,
     atomic_torch_save,
     check_weights,
     find_checkpoint,
     find_segmentation_checkpoint,
     load_segmentation_checkpoint,
+    read_meta,
     require_keys,
     require_resumable,
     saved_config,
+    segmentation_meta,
     segmentation_payload,
     write_json,
 )
@@ -303,14 +301,12 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
             scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict() if scaler.is_enabled() else None,
             rng=rng_state(device)), folder.last)
-        write_json(folder.meta, {
-            "format": SEGMENTATION_FORMAT, "voco_version": __version__, "step": step,
-            "total_steps": t.total_steps, "best_dice": best.dice, "best_step": best.step,
-            "class_dice_at_best": dict(zip(names, best.per_class, strict=False)),
-            "validated_on": val_source, "num_classes": config.data.num_classes,
-            "class_names": list(config.data.class_names),
-            "ignore_label": config.data.ignore_label, "parent": parent,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_json(folder.meta, segmentation_meta(
+            step=step, total_steps=t.total_steps, best_dice=best.dice, best_step=best.step,
+            class_dice_at_best=dict(zip(names, best.per_class, strict=False)),
+            validated_on=val_source, num_classes=config.data.num_classes,
+            class_names=list(config.data.class_names),
+            ignore_label=config.data.ignore_label, parent=parent))
         return folder.last
 
     # ---- loop of steps (the folder is written from here on: a run that cannot start
@@ -422,10 +418,7 @@ def _require_same_network(saved: FinetuneConfig, config: FinetuneConfig, source:
 
 def _previous_parent(folder: RunFolder) -> dict | None:
     """The parent recorded by the run being resumed (its meta.json), if any."""
-    try:
-        return json.loads(folder.meta.read_text()).get("parent")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return read_meta(folder).get("parent")
 
 
 @dataclass

@@ -21,7 +21,6 @@ Run folder (:class:`~voco_core.run_folder.RunFolder`)::
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -32,11 +31,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from voco_core import __version__
 from voco_core.checkpoint import (
-    PRETRAIN_FORMAT,
     atomic_torch_save,
     load_pretrain_checkpoint,
+    pretrain_meta,
     pretrain_payload,
     require_resumable,
     saved_config,
@@ -128,7 +126,7 @@ def loss_terms(losses: dict) -> list[str]:
 def check_dataset(entries: Sequence[DatalistEntry], config: VoCoConfig) -> int:
     """Header-level pre-flight of every volume (fast; voxel data is checked on load).
     Returns the images' channel count: the same for all, and ``data.in_channels``
-    when that is set (:func:`~voco_core.data.io.resolve_in_channels`)."""
+    when that is set (:func:`~voco_core.data.datalists.resolve_in_channels`)."""
     channels = []
     for entry in entries:
         shape = check_volume_header(entry.image, min_shape=min_raw_shape(config))
@@ -398,13 +396,10 @@ def _save_checkpoint(folder: RunFolder, config: VoCoConfig, step: int, samples_s
         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
         scaler=scaler.state_dict() if scaler.is_enabled() else None,
         rng=rng_state(device)), folder.last)
-    write_json(folder.meta, {
-        "format": PRETRAIN_FORMAT, "voco_version": __version__, "step": step,
-        "total_steps": config.optim.total_steps,
-        "checkpoint": str(folder.last.relative_to(folder.root)), "preset": config.preset,
-        "teacher": config.model.teacher, "loss_variant": config.loss.variant,
-        "world_size": world_size, "rank_weight_digests": digests, "loss": loss,
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json(folder.meta, pretrain_meta(
+        step=step, total_steps=config.optim.total_steps, folder=folder, preset=config.preset,
+        teacher=config.model.teacher, loss_variant=config.loss.variant, world_size=world_size,
+        rank_weight_digests=digests, loss=loss))
 
 
 def _log_record(event: PretrainEvent) -> dict[str, Any]:
