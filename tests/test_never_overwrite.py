@@ -255,11 +255,11 @@ def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(
     finetune_module = importlib.import_module("voco_core.train.finetune")
     real_step = finetune_module._train_step
 
-    def blow_up_at_step_2(model, *args, **kwargs):
-        loss = real_step(model, *args, **kwargs)
-        if args[-3] == 1:  # the step index: the update of step 2 makes a weight inf
+    def blow_up_at_step_2(update, images, labels, step):
+        loss = real_step(update, images, labels, step)
+        if step == 1:  # the update of step 2 makes a weight inf
             with torch.no_grad():
-                next(model.parameters()).fill_(float("inf"))
+                next(update.model.parameters()).fill_(float("inf"))
         return loss
 
     monkeypatch.setattr(finetune_module, "_train_step", blow_up_at_step_2)

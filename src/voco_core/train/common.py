@@ -16,7 +16,7 @@ import torch
 
 from voco_core.checkpoint import check_weights
 from voco_core.config import RunConfig
-from voco_core.errors import VoCoDataError, VoCoTrainingError
+from voco_core.errors import VoCoDataError, VoCoError, VoCoTrainingError
 from voco_core.memory import release_freed_memory, retain_freed_memory
 
 
@@ -92,6 +92,19 @@ def require_finite_weights(modules: list[torch.nn.Module | None], step: int,
     if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         raise VoCoTrainingError(f"the weights became non-finite by step {step}; the last "
                                 f"checkpoint is kept ({hint})")
+
+
+def keep_progress(save: Callable[[], object], step: int, saved_step: int) -> None:
+    """On any failure or interruption of a training loop: write the steps completed
+    since the last checkpoint (after a NaN too: the check comes before the update, so
+    the weights are those of ``step``). Best effort: a failure to save here (a full
+    disk, non-finite weights) leaves the last checkpoint as it is, and the loop then
+    raises its own error, the one the user needs to see."""
+    if step > saved_step and step > 0:
+        try:
+            save()
+        except VoCoError:
+            pass
 
 
 def compile_forward(modules: list[torch.nn.Module | None], run: RunConfig) -> None:

@@ -64,7 +64,7 @@ from voco_core.data.segmentation import (
     split_validation,
 )
 from voco_core.data.sparse import check_sparse_label, class_values, masked_dice
-from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoError
+from voco_core.errors import VoCoConfigError, VoCoDataError
 from voco_core.models import BACKBONE_PREFIXES, build_swin_unetr
 from voco_core.run_folder import RunFolder
 from voco_core.segmentation_loss import MaskedDiceCELoss
@@ -76,6 +76,7 @@ from voco_core.train.common import (
     autocast,
     check_finite,
     compile_forward,
+    keep_progress,
     peak_memory_bytes,
     require_finite_weights,
     reset_peak_memory,
@@ -274,6 +275,8 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return masked_dice_ce(logits, labels, config.data.ignore_label)
 
+    update = _Update(model, loss_fn, optimizer, scheduler, scaler, dtype, device, t.clip_norm)
+
     # ---- restore
     step, best = 0, _Best()
     if resume is not None:
@@ -339,8 +342,7 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
                 clock.start()
                 images, labels = _crops(train_volumes, order, crop, seed, step,
                                         t.batch_volumes, device)
-                loss = _train_step(model, loss_fn, images, labels, optimizer, scheduler, scaler,
-                                   t.clip_norm, step, device, dtype)
+                loss = _train_step(update, images, labels, step)
                 step += 1
                 elapsed, eta = clock.lap(t.total_steps - step)
                 last = replace(last, kind="step", step=step, loss=loss,
@@ -376,11 +378,7 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
             last = replace(last, kind="done")
             yield last
     except BaseException:
-        if step > saved_step and step > 0:
-            try:  # keep the progress made so far
-                save()
-            except VoCoError:
-                pass
+        keep_progress(save, step, saved_step)  # the steps done since the last checkpoint
         raise
     finally:
         logger.close()
@@ -473,23 +471,37 @@ def _crops(volumes: list[dict], order: Iterator[int], crop, seed: int, step: int
     return images, labels
 
 
-def _train_step(model, loss_fn, images: torch.Tensor, labels: torch.Tensor, optimizer,
-                scheduler, scaler, clip_norm: float, step: int, device: torch.device,
-                dtype: torch.dtype | None) -> float:
-    """One optimizer step of DiceCE (over annotated voxels) on a batch of crops; returns
-    the loss."""
+@dataclass
+class _Update:
+    """The network and what updates it: one optimizer step is :func:`_train_step`."""
+
+    model: torch.nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+    device: torch.device
+    clip_norm: float
+
+
+def _train_step(update: _Update, images: torch.Tensor, labels: torch.Tensor,
+                step: int) -> float:
+    """One optimizer step of DiceCE (over annotated voxels) on a batch of crops
+    (``images (N, C, X, Y, Z)``, ``labels (N, 1, X, Y, Z)``); returns the loss."""
+    model, optimizer, scaler = update.model, update.optimizer, update.scaler
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with autocast(device, dtype):
-        loss = loss_fn(model(images), labels)
+    with autocast(update.device, update.dtype):
+        loss = update.loss_fn(model(images), labels)
     check_finite(loss, step, "try a lower train.lr")
     scaler.scale(loss).backward()
-    if clip_norm > 0:
+    if update.clip_norm > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), update.clip_norm)
     scaler.step(optimizer)
     scaler.update()
-    scheduler.step()
+    update.scheduler.step()
     return loss.item()
 
 

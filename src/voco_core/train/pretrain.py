@@ -62,7 +62,7 @@ from voco_core.distributed import (
     teardown_distributed,
     weights_digest,
 )
-from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoError, VoCoTrainingError
+from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoTrainingError
 from voco_core.losses import build_loss
 from voco_core.models import VoCoModel
 from voco_core.run_folder import RunFolder, read_log
@@ -75,6 +75,7 @@ from voco_core.train.common import (
     autocast,
     check_finite,
     compile_forward,
+    keep_progress,
     peak_memory_bytes,
     require_finite_weights,
     reset_peak_memory,
@@ -88,6 +89,27 @@ from voco_core.train.run_log import RunLogger, plot_loss_curve
 
 __all__ = ["PretrainEvent", "PretrainResult", "iter_pretrain", "plot_loss_curve", "pretrain",
            "read_log", "resume_config", "voco_loss_on_batch"]
+
+
+@dataclass
+class _Pretraining:
+    """What every step of one pretraining works with: built once, restored from a
+    checkpoint, then advanced by :func:`_train_step` (``step``: optimizer steps done;
+    ``samples_seen``: volumes drawn by all ranks together, the data stream's position)."""
+
+    config: VoCoConfig
+    model: VoCoModel
+    forward: Callable  # the model, or its DDP wrapper
+    loss_fn: Callable
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+    dist_ctx: DistContext
+    device: torch.device
+    step: int = 0
+    samples_seen: int = 0
 
 
 @dataclass
@@ -190,24 +212,25 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
     # ---- build
     torch.manual_seed(seed)
     model = VoCoModel(config.model, config.data.image_channels).to(device)
-    loss_fn = build_loss(config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, device, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(o.warmup_steps, o.total_steps, o.min_lr / o.lr))
     dtype = amp_dtype(o.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    run = _Pretraining(
+        config, model, model, build_loss(config), params, optimizer,
+        torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(o.warmup_steps, o.total_steps, o.min_lr / o.lr)),
+        torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), dtype, dist_ctx,
+        device)
 
     # ---- restore
-    step, samples_seen = 0, 0  # samples_seen: volumes drawn by all ranks together
     if resume is not None:
         state = load_pretrain_checkpoint(resume, map_location=device)
         require_resumable(state, "pretrain", resume)
         _check_resumable(saved_config(state, "pretrain", resume), config, resume)
         restore_state(state, resume, device, modules={"student": model.student,
                                                       "teacher": model.teacher},
-                      optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        step, samples_seen = int(state["step"]), int(state["samples_seen"])
+                      optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler)
+        run.step, run.samples_seen = int(state["step"]), int(state["samples_seen"])
         del state
 
     # run.compile: the backbones, the costly part (the heads are two linear layers)
@@ -216,13 +239,12 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
 
     # DDP over the whole model: only the student's parameters require gradients;
     # the teacher follows from identical students, so it stays identical too.
-    forward = model
     if dist_ctx.active:
-        forward = DistributedDataParallel(
+        run.forward = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # the only buffers are constant index tables
     notes = PreprocessingNotes(config.data)
-    volumes = _volume_stream(entries, config, dist_ctx, device, samples_seen, notes)
+    volumes = _volume_stream(entries, config, dist_ctx, device, run.samples_seen, notes)
     sampler = VoCoCropSampler(config)
     crops_per_step = (o.batch_size * o.grad_accum * dist_ctx.world_size
                       * (config.num_base_crops + config.geometry.num_random_crops))
@@ -233,12 +255,11 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
             modules = [m for m in (model.student, model.teacher) if m is not None]
             digests = gather_strings(weights_digest(*modules), dist_ctx)
             if len(set(digests)) != 1:
-                raise VoCoTrainingError(f"DDP ranks hold different weights at step {step}")
+                raise VoCoTrainingError(f"DDP ranks hold different weights at step {run.step}")
         if dist_ctx.is_main:
-            require_finite_weights([model.student, model.teacher], step,
+            require_finite_weights([model.student, model.teacher], run.step,
                                    "try a lower optim.lr or optim.amp=off")
-            _save_checkpoint(folder, config, step, samples_seen, dist_ctx.world_size, model,
-                             optimizer, scheduler, scaler, device, loss, digests)
+            _save_checkpoint(folder, run, loss, digests)
         return folder.last
 
     # ---- loop of steps (the folder is written from here on: a run that cannot start
@@ -246,58 +267,51 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
     logger = None
     if dist_ctx.is_main:
         _save_config(config, folder)
-        logger = RunLogger(folder, tag="pretrain", start_step=step,
+        logger = RunLogger(folder, tag="pretrain", start_step=run.step,
                            tensorboard=config.run.tensorboard, figure=folder.loss_figure,
                            plot=plot_loss_curve)
-    last = PretrainEvent("start", step, o.total_steps, run_dir=str(folder.root),
+    last = PretrainEvent("start", run.step, o.total_steps, run_dir=str(folder.root),
                          message=batch_note)
-    saved_step = step if resume is not None else -1
+    saved_step = run.step if resume is not None else -1
     clock = StepClock()
     try:
         with training_settings(device, config.run):
             yield last
-            while step < o.total_steps:
+            while run.step < o.total_steps:
                 if any_rank(stop is not None and stop.is_set(), dist_ctx, device):
-                    if saved_step != step:
+                    if saved_step != run.step:
                         save(last.loss)
-                        saved_step = step
+                        saved_step = run.step
                     last = replace(last, kind="stopped", checkpoint=str(folder.last), message="")
                     yield last
                     return
                 reset_peak_memory(device)  # the event reports this step's peak
                 clock.start()
-                names, (loss, *terms) = _train_step(forward, model, loss_fn, sampler, volumes,
-                                                    params, optimizer, scheduler, scaler,
-                                                    config, step, dist_ctx, device, dtype)
-                step += 1
-                samples_seen += o.batch_size * o.grad_accum * dist_ctx.world_size
-                elapsed, eta = clock.lap(o.total_steps - step)
+                names, (loss, *terms) = _train_step(run, sampler, volumes)
+                elapsed, eta = clock.lap(o.total_steps - run.step)
                 checkpoint = None
-                if step % config.run.checkpoint_every == 0 or step == o.total_steps:
+                if run.step % config.run.checkpoint_every == 0 or run.step == o.total_steps:
                     checkpoint = str(save(loss))
-                    saved_step = step
+                    saved_step = run.step
                 last = PretrainEvent(
-                    "step", step, o.total_steps, loss=loss, lr=optimizer.param_groups[0]["lr"],
-                    seconds_per_step=elapsed, eta_seconds=eta,
-                    peak_memory_bytes=peak_memory_bytes(device), checkpoint=checkpoint,
-                    run_dir=str(folder.root), terms=dict(zip(names, terms, strict=True)),
+                    "step", run.step, o.total_steps, loss=loss,
+                    lr=run.optimizer.param_groups[0]["lr"], seconds_per_step=elapsed,
+                    eta_seconds=eta, peak_memory_bytes=peak_memory_bytes(device),
+                    checkpoint=checkpoint, run_dir=str(folder.root),
+                    terms=dict(zip(names, terms, strict=True)),
                     crops_per_second=crops_per_step / elapsed, message=notes.take())
-                if logger is not None and (step % config.run.log_every == 0
-                                           or step == o.total_steps):
+                if logger is not None and (run.step % config.run.log_every == 0
+                                           or run.step == o.total_steps):
                     logger.write(_log_record(last), {"loss": loss, **last.terms, "lr": last.lr,
                                                      "crops_per_second": last.crops_per_second})
                 yield last
             last = replace(last, kind="done", message="")
             yield last
     except BaseException:
-        if step > saved_step and step > 0:
-            # Keep the progress made so far (after a NaN too: the check comes before the
-            # update, so the weights are those of `step`). Other ranks may not be here:
-            # no collective.
-            try:
-                save(last.loss, check_ranks=False)
-            except VoCoError:
-                pass
+        # Keep the progress made so far (after a NaN too: the check comes before the
+        # update, so the weights are those of `step`). Other ranks may not be here:
+        # no collective.
+        keep_progress(lambda: save(last.loss, check_ranks=False), run.step, saved_step)
         raise
     finally:
         if logger is not None:
@@ -305,11 +319,10 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
         volumes.close()  # ends the DataLoader (and its workers) now, not at garbage collection
 
 
-def _train_step(forward, model: VoCoModel, loss_fn, sampler: VoCoCropSampler,
-                volumes: Iterator[list], params: list, optimizer, scheduler, scaler,
-                config: VoCoConfig, step: int, dist_ctx: DistContext, device: torch.device,
-                dtype: torch.dtype | None) -> tuple[list[str], list[float]]:
-    """One optimizer step over ``grad_accum`` micro-batches, then the teacher's EMA.
+def _train_step(run: _Pretraining, sampler: VoCoCropSampler,
+                volumes: Iterator[list]) -> tuple[list[str], list[float]]:
+    """One optimizer step over ``grad_accum`` micro-batches, then the teacher's EMA;
+    advances ``run.step`` and ``run.samples_seen``.
 
     Returns the term names and ``[total, *terms]`` averaged over the micro-batches and
     ranks. One device->host sync per step, after the backward passes: the loss terms
@@ -318,36 +331,39 @@ def _train_step(forward, model: VoCoModel, loss_fn, sampler: VoCoCropSampler,
     reaches every rank through the average, so all stop together). The step's event
     carries the loss, so this one sync stays.
     """
-    o, seed = config.optim, config.run.seed
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
+    o, seed, ranks = run.config.optim, run.config.run.seed, run.dist_ctx
+    run.model.train()
+    run.optimizer.zero_grad(set_to_none=True)
     names, summed = [], None
     for micro in range(o.grad_accum):
         batch_volumes = next(volumes)
         # One generator per volume, from (seed, step, global volume index): the same
         # crops whichever rank or micro-batch draws the volume.
-        first = (micro * dist_ctx.world_size + dist_ctx.rank) * o.batch_size
-        rngs = [np.random.default_rng([seed, step, first + b]) for b in range(len(batch_volumes))]
+        first = (micro * ranks.world_size + ranks.rank) * o.batch_size
+        rngs = [np.random.default_rng([seed, run.step, first + b])
+                for b in range(len(batch_volumes))]
         batch = sampler(batch_volumes, rngs)
         # All-reduce gradients once per optimizer step, not per micro-batch.
-        sync = (nullcontext() if not dist_ctx.active or micro == o.grad_accum - 1
-                else forward.no_sync())
+        sync = (nullcontext() if not ranks.active or micro == o.grad_accum - 1
+                else run.forward.no_sync())
         with sync:
-            with autocast(device, dtype):
-                losses = voco_loss_on_batch(forward, loss_fn, batch)
-            scaler.scale(losses["total"] / o.grad_accum).backward()
+            with autocast(run.device, run.dtype):
+                losses = voco_loss_on_batch(run.forward, run.loss_fn, batch)
+            run.scaler.scale(losses["total"] / o.grad_accum).backward()
         names = loss_terms(losses)
         values = torch.stack([losses[k].detach().float() for k in ("total", *names)])
         summed = values if summed is None else summed + values  # a NaN in any stays NaN
-    averaged = mean_over_ranks(summed / o.grad_accum, dist_ctx, device)
-    check_finite(averaged[0], step, "try a lower optim.lr or optim.amp=off")
+    averaged = mean_over_ranks(summed / o.grad_accum, ranks, run.device)
+    check_finite(averaged[0], run.step, "try a lower optim.lr or optim.amp=off")
     if o.clip_norm > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, also under fp16
-        torch.nn.utils.clip_grad_norm_(params, o.clip_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    model.update_teacher()
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, also under fp16
+        torch.nn.utils.clip_grad_norm_(run.params, o.clip_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.model.update_teacher()
+    run.step += 1
+    run.samples_seen += o.batch_size * o.grad_accum * ranks.world_size
     return names, averaged
 
 
@@ -385,21 +401,21 @@ def _save_config(config: VoCoConfig, folder: RunFolder) -> None:
                             folder.root) from err
 
 
-def _save_checkpoint(folder: RunFolder, config: VoCoConfig, step: int, samples_seen: int,
-                     world_size: int, model: VoCoModel, optimizer, scheduler, scaler,
-                     device: torch.device, loss: float, digests: list[str] | None) -> None:
-    """``last.pt`` then ``meta.json`` (the loss of ``step``; null before the first)."""
+def _save_checkpoint(folder: RunFolder, run: _Pretraining, loss: float,
+                     digests: list[str] | None) -> None:
+    """``last.pt`` then ``meta.json`` (the loss of ``run.step``; null before the first)."""
+    config, model = run.config, run.model
     atomic_torch_save(pretrain_payload(
-        step=step, samples_seen=samples_seen, world_size=world_size, config=config.to_dict(),
-        student=model.student.state_dict(),
+        step=run.step, samples_seen=run.samples_seen, world_size=run.dist_ctx.world_size,
+        config=config.to_dict(), student=model.student.state_dict(),
         teacher=model.teacher.state_dict() if model.teacher is not None else None,
-        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-        scaler=scaler.state_dict() if scaler.is_enabled() else None,
-        rng=rng_state(device)), folder.last)
+        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        rng=rng_state(run.device)), folder.last)
     write_json(folder.meta, pretrain_meta(
-        step=step, total_steps=config.optim.total_steps, folder=folder, preset=config.preset,
-        teacher=config.model.teacher, loss_variant=config.loss.variant, world_size=world_size,
-        rank_weight_digests=digests, loss=loss))
+        step=run.step, total_steps=config.optim.total_steps, folder=folder,
+        preset=config.preset, teacher=config.model.teacher, loss_variant=config.loss.variant,
+        world_size=run.dist_ctx.world_size, rank_weight_digests=digests, loss=loss))
 
 
 def _log_record(event: PretrainEvent) -> dict[str, Any]:
