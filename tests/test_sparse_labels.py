@@ -17,8 +17,12 @@ from voco_core.data.sparse import (
     annotated_slices,
     check_sparse_label,
     class_values,
+    holdout_count,
+    holdout_slices,
     masked_dice,
+    slices_missing_for_holdout,
     slices_to_sparse,
+    split_sparse,
 )
 from voco_core.errors import VoCoConfigError, VoCoDataError
 from voco_core.segmentation_loss import MaskedDiceCELoss
@@ -59,6 +63,36 @@ def test_masked_dicece_equals_monai_when_nothing_is_ignored(shape, ignore_label)
     value, grad = _value_and_grad(MaskedDiceCELoss(), logits, target, ignore_label)
     assert value.item() == pytest.approx(expected.item(), abs=1e-6)
     torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
+
+
+def test_class_balanced_ce_weighs_each_class_by_its_voxel_count():
+    """ce_balance a: voxel weights n_c^-a, mean 1 over the annotated voxels; a = 1 makes
+    every present class weigh the same in the CE, absent and ignored voxels count not."""
+    from voco_core.segmentation_loss import class_balance_weights, masked_cross_entropy_term
+
+    classes = torch.tensor([0] * 90 + [1] * 9 + [2] * 1).view(1, 1, 100, 1, 1)
+    mask = torch.ones_like(classes, dtype=torch.float32)
+    mask[0, 0, :10] = 0  # ten background voxels ignored
+    weights = class_balance_weights(classes, mask, 4, 1.0)
+    counts = torch.tensor([80.0, 9.0, 1.0, 0.0])
+    assert weights[3] == 0  # absent class
+    torch.testing.assert_close(weights[:3] * counts[:3], torch.full((3,), 30.0))  # equal share
+    assert (weights * counts).sum() == pytest.approx(counts.sum())  # mean voxel weight 1
+    half = class_balance_weights(classes, mask, 4, 0.5)
+    assert half[2] / half[0] == pytest.approx((80 / 1) ** 0.5)
+    logits = torch.randn(1, 4, 100, 1, 1, generator=torch.Generator().manual_seed(1))
+    per_voxel = torch.nn.functional.cross_entropy(logits, classes[:, 0], reduction="none")
+    voxel_weights = weights[classes[:, 0]] * mask[:, 0]
+    expected = (per_voxel * voxel_weights).sum() / voxel_weights.sum()
+    assert masked_cross_entropy_term(logits, classes, mask, 1.0).item() == pytest.approx(
+        expected.item(), rel=1e-6)
+    # ce_balance 0 and per-crop Dice: MONAI's DiceCE, as before
+    plain, target = _logits_and_target()
+    assert MaskedDiceCELoss(ce_balance=0.0)(plain, target).item() == pytest.approx(
+        DiceCELoss(to_onehot_y=True, softmax=True)(plain, target).item(), abs=1e-6)
+    batch = MaskedDiceCELoss(batch_dice=True)(plain, target)
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(plain, target)
+    assert batch.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_masked_dicece_on_one_crop_equals_monai_on_its_annotated_voxels():
@@ -179,6 +213,79 @@ def test_slices_to_sparse_widens_the_dtype_and_refuses_bad_ignore_values():
         slices_to_sparse(labels, 0, -1)
     with pytest.raises(VoCoConfigError, match=r"axis must be one of 0\.\.2"):
         slices_to_sparse(labels, 3, IGNORE)
+
+
+def test_slices_to_sparse_takes_the_annotated_slices_when_given():
+    labels = np.zeros((5, 4, 4), dtype=np.uint8)
+    labels[1, 0, 0] = labels[3, 1, 1] = 2  # painted: 1 and 3
+    # reviewed: 1 and 4 (4 accepted as all background); 3 holds an unreviewed copy
+    for annotated in ([1, 4], np.array([False, True, False, False, True])):
+        sparse = slices_to_sparse(labels, 0, IGNORE, annotated)
+        np.testing.assert_array_equal(sparse[1], labels[1])
+        assert (sparse[4] == 0).all() and (sparse[[0, 2, 3]] == IGNORE).all()
+    with pytest.raises(VoCoConfigError, match=r"0\.\.4"):
+        slices_to_sparse(labels, 0, IGNORE, [5])
+    with pytest.raises(VoCoConfigError, match="5 entries"):
+        slices_to_sparse(labels, 0, IGNORE, np.ones(4, bool))
+
+
+# --- holding out annotated slices for validation --------------------------------------------
+
+
+def _held(annotated, size=48, **kwargs) -> list[int]:
+    mask = np.zeros(size, bool)
+    mask[list(annotated)] = True
+    return np.flatnonzero(holdout_slices(mask, **kwargs)).tolist()
+
+
+def test_holdout_rule_every_4th_at_least_one_from_3_annotated_slices():
+    assert [holdout_count(n) for n in range(13)] == [0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3]
+    assert [slices_missing_for_holdout(n) for n in range(5)] == [3, 2, 1, 0, 0]
+    assert _held([]) == [] and _held([20]) == [] and _held([20, 40]) == []
+    assert _held([20, 30, 40]) == [30]  # never the first or the last annotated slice
+    assert _held([10, 20, 30, 40]) == [30]
+    assert _held([10, 20, 30, 40, 45]) == [30]
+    assert _held(range(0, 48, 6)) == [12, 36]  # 8 annotated: 2, evenly spread
+    assert _held(range(0, 48, 4)) == [8, 24, 40]  # 12 annotated: 3
+    # indices work as well as masks; the result is a mask of the slices
+    assert np.flatnonzero(holdout_slices([20, 30, 40], 48)).tolist() == [30]
+    with pytest.raises(VoCoConfigError, match="k >= 2"):
+        holdout_slices([1, 2, 3], 8, every=1)
+
+
+def test_holdout_prefers_slices_with_a_structure_and_is_sticky_across_rounds():
+    # an accepted background-only slice has no Dice: a slice with a structure is preferred
+    assert _held([10, 20, 30], foreground=[10, 20]) == [20]
+    assert _held([10, 20, 30], foreground=[10, 30]) == [30]  # spread over [10, 30]
+    assert _held([10, 20, 30], foreground=[]) == [20]  # none with a structure: the rule
+    # round 2: the slice held out before stays held out as new slices come
+    assert _held([10, 20, 30, 40], keep=[20]) == [20]
+    assert _held(range(0, 48, 6), keep=[18]) == [18, 24]
+    # slices a previous round trained on are not held out later (the network saw them)
+    assert _held([10, 20, 30], exclude=[10, 20]) == [30]
+    assert _held([10, 20, 30], exclude=[10, 20, 30]) == []
+    # a kept slice that is no longer annotated is dropped; two slices always train
+    assert _held([10, 20, 30], keep=[5]) == [20]
+    assert _held([10, 20], keep=[10]) == []
+
+
+def test_split_sparse_makes_disjoint_training_and_validation_maps():
+    labels = np.zeros((6, 3, 3), dtype=np.uint8)
+    labels[[1, 2, 4], 1, 1] = [1, 2, 1]
+    train, val = split_sparse(labels, 0, IGNORE, annotated=[1, 2, 3, 4], held_out=[2])
+    np.testing.assert_array_equal(train[[1, 3, 4]], labels[[1, 3, 4]])  # 3: all background
+    assert (train[[0, 2, 5]] == IGNORE).all()
+    np.testing.assert_array_equal(val[2], labels[2])
+    assert (np.delete(val, 2, axis=0) == IGNORE).all()
+    assert not ((train != IGNORE) & (val != IGNORE)).any()  # no voxel in both
+    train, val = split_sparse(labels, 0, IGNORE)  # default: painted slices, none held out
+    assert val is None
+    np.testing.assert_array_equal(train, slices_to_sparse(labels, 0, IGNORE))
+    along_2, _ = split_sparse(np.moveaxis(labels, 0, 2), 2, IGNORE, [1, 2, 3, 4], [2])
+    np.testing.assert_array_equal(np.moveaxis(along_2, 2, 0), split_sparse(
+        labels, 0, IGNORE, [1, 2, 3, 4], [2])[0])
+    with pytest.raises(VoCoConfigError, match="not annotated"):
+        split_sparse(labels, 0, IGNORE, annotated=[1, 2], held_out=[3])
 
 
 # --- check_sparse_label --------------------------------------------------------------------

@@ -17,6 +17,14 @@ the one-hot target, ``m`` the annotated mask ``(B, 1, X, Y, Z)`` (1 = labelled,
     L_ce    = - sum_{b,v} m log p_{target} / sum_{b,v} m
     L       = L_dice + L_ce
 
+Class balance (``ce_balance = a > 0``, the ``tiny`` preset's default): the CE voxel
+weights become ``w_c = n_c^-a`` for the ``n_c`` annotated voxels of class ``c`` in
+the batch, rescaled so that the mean voxel weight is 1 (``a = 0``: plain CE above;
+``a = 1``: every class present weighs the same). ``batch_dice``: each class's sums
+run over the whole batch before the ratio (one Dice per class, not per crop).
+Without them, small organs (0.1-0.5% of the voxels) carry ~20x less gradient than
+the liver and stayed at Dice 0 for hundreds of steps on the phantoms.
+
 Ignored voxels are multiplied out of every sum, so changing the label under
 them changes nothing, and their logits get exactly zero gradient. A crop with
 no annotated voxel gives ``dice_bc = 0`` for every class (the smoothing terms
@@ -63,15 +71,29 @@ def masked_dice_term(logits: torch.Tensor, classes: torch.Tensor, mask: torch.Te
     return dice(logits, one_hot(classes, logits.shape[1], dtype=logits.dtype), mask)
 
 
+def class_balance_weights(classes: torch.Tensor, mask: torch.Tensor, num_classes: int,
+                          power: float) -> torch.Tensor:
+    """``(C,)`` CE weights ``n_c^-power`` over the batch's annotated voxels (0 for an
+    absent class), scaled so that the mean weight of an annotated voxel is 1."""
+    counts = torch.bincount(classes[mask > 0], minlength=num_classes).to(mask.dtype)
+    weights = torch.where(counts > 0, counts.clamp_min(1.0) ** -power, torch.zeros_like(counts))
+    return weights * counts.sum() / (weights * counts).sum().clamp_min(1e-12)
+
+
 def masked_cross_entropy_term(logits: torch.Tensor, classes: torch.Tensor,
-                              mask: torch.Tensor) -> torch.Tensor:
-    """``L_ce``: cross-entropy averaged over the annotated voxels of the whole batch.
+                              mask: torch.Tensor, balance: float = 0.0) -> torch.Tensor:
+    """``L_ce``: cross-entropy averaged over the annotated voxels of the whole batch,
+    each voxel weighted by its class's :func:`class_balance_weights` when
+    ``balance > 0``.
 
     ``logits (B, C, X, Y, Z)``, ``classes``/``mask`` ``(B, 1, X, Y, Z)``; returns a
     scalar, 0 when no voxel is annotated (the sum is empty, not undefined).
     """
     per_voxel = F.cross_entropy(logits, classes[:, 0], reduction="none")  # (B, X, Y, Z)
     weight = mask[:, 0].to(per_voxel.dtype)
+    if balance > 0:
+        weight = weight * class_balance_weights(classes, mask, logits.shape[1],
+                                                balance)[classes[:, 0]].to(per_voxel.dtype)
     return (per_voxel * weight).sum() / weight.sum().clamp_min(1.0)
 
 
@@ -85,11 +107,12 @@ class MaskedDiceCELoss(nn.Module):
     """
 
     def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
-                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5):
+                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, ce_balance: float = 0.0,
+                 batch_dice: bool = False):
         super().__init__()
-        self.lambda_dice, self.lambda_ce = lambda_dice, lambda_ce
+        self.lambda_dice, self.lambda_ce, self.ce_balance = lambda_dice, lambda_ce, ce_balance
         self.dice = MaskedDiceLoss(include_background=True, softmax=True, smooth_nr=smooth_nr,
-                                   smooth_dr=smooth_dr)
+                                   smooth_dr=smooth_dr, batch=batch_dice)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor,
                 ignore_label: int | None = None) -> torch.Tensor:
@@ -101,4 +124,5 @@ class MaskedDiceCELoss(nn.Module):
         classes, mask = annotated_target(target, ignore_label)
         mask = mask.to(logits.dtype)
         return (self.lambda_dice * masked_dice_term(logits, classes, mask, self.dice)
-                + self.lambda_ce * masked_cross_entropy_term(logits, classes, mask))
+                + self.lambda_ce * masked_cross_entropy_term(logits, classes, mask,
+                                                             self.ce_balance))

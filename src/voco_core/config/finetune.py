@@ -91,6 +91,12 @@ class SegTrainConfig:
     intensity_shift: float = 0.1
     intensity_scale_prob: float = 0.5
     intensity_scale: float = 0.1
+    ce_balance: float = 0.0
+    """Class-balanced cross-entropy: voxel weights ``n_c^-ce_balance`` for the ``n_c``
+    voxels of each class in the step's crops (mean weight 1); 0: plain CE (MONAI's
+    DiceCE), 0.5: the ``tiny`` preset (small organs learnt within ~100 steps)."""
+    batch_dice: bool = False
+    """Dice per class over all crops of a step rather than per crop."""
     val_every: int = 250
     """Steps between sliding-window validations (also one at the end)."""
     sw_overlap: float = 0.5
@@ -144,6 +150,7 @@ class FinetuneConfig(ConfigFile):
                  t.freeze_encoder_steps, ">= 0")
         for name in ("flip_prob", "rot90_prob", "intensity_shift_prob", "intensity_scale_prob"):
             _require(0 <= getattr(t, name) <= 1, f"train.{name}", getattr(t, name), "in [0, 1]")
+        _require(0 <= t.ce_balance <= 1, "train.ce_balance", t.ce_balance, "in [0, 1]")
         _require(t.val_every >= 1, "train.val_every", t.val_every, ">= 1")
         _require(0 <= t.sw_overlap < 1, "train.sw_overlap", t.sw_overlap, "in [0, 1)")
         _require(t.sw_batch_size >= 1, "train.sw_batch_size", t.sw_batch_size, ">= 1")
@@ -156,12 +163,14 @@ class FinetuneConfig(ConfigFile):
 
 
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-sized: feature size 12, 64^3 crops at the file's spacing.
+    # CPU-sized: feature size 12, 64^3 crops at the file's spacing; class-balanced CE
+    # (without it small organs stayed at Dice 0 for 400 steps on the phantoms).
     "tiny": {
         "data": {"spacing": None},
         "model": {"feature_size": 12},
         "train": {"roi_size": [64, 64, 64], "total_steps": 100, "warmup_steps": 10,
-                  "lr": 1e-3, "val_every": 25, "amp": "off", "sw_batch_size": 2},
+                  "lr": 1e-3, "val_every": 25, "amp": "off", "sw_batch_size": 2,
+                  "ce_balance": 0.5},
         "run": {"checkpoint_every": 25, "log_every": 1, "output_dir": "runs/finetune-tiny"},
     },
     # The authors' BTCV set-up: feature size 48, 96^3 crops at 1.5 x 1.5 x 2 mm.

@@ -270,7 +270,7 @@ def _finetune(config: FinetuneConfig, train_cases: list[LabelledCase],
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     dtype = amp_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    masked_dice_ce = MaskedDiceCELoss()
+    masked_dice_ce = MaskedDiceCELoss(ce_balance=t.ce_balance, batch_dice=t.batch_dice)
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return masked_dice_ce(logits, labels, config.data.ignore_label)
