@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .settings import INITS, MODES
 from voco_core.evaluation.stats import normalised_auc, paired_difference, spread
+
+from .settings import INITS, MODES
 
 FOCUS_CLASSES = ("spleen", "kidney_right", "kidney_left", "aorta")
 """Small organs at consistent relative positions: where a position prior should help."""
