@@ -3,11 +3,15 @@
     xvfb-run -s "-screen 0 1600x1000x24" nice -n 19 .venv/bin/python scripts/gui_screenshots.py
 
 Opens napari as ``make run`` does (sample loaded, widgets docked with the pretraining
-panel and the inspector side by side, tiny pretraining on phantoms running) in a
-1600 x 1000 window, and saves the whole window: pretraining in progress with the loss
-plot; the positions inspector (grid, placed sub-volume, heat maps, sampled boxes
-coloured by error) with the finished run; a segmentation overlay from a short
-finetuning run. Takes about 5 minutes on 2 CPU cores.
+panel and the inspector side by side, tiny pretraining on phantoms running) and keeps
+the launcher's own window as it opens: nothing here resizes it. On the Xvfb screen
+above the launcher fills the 1600 x 1000 screen; the script prints the window's
+geometry (:func:`napari_voco._launch.window_report`) and stops when it does not fill
+at least 90 % of the screen's available area, so the pictures show the window users
+get. It saves the whole window: pretraining in progress with the loss plot; the
+positions inspector (grid, placed sub-volume, heat maps, sampled boxes coloured by
+error) with the finished run; a segmentation overlay from a short finetuning run.
+Takes about 5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -25,6 +29,38 @@ def wait(app, condition, timeout: float) -> None:
             raise TimeoutError("the GUI did not reach the expected state in time")
         app.processEvents()
         time.sleep(0.02)
+
+
+def settle(app) -> None:
+    """Let the event loop lay out what just changed (a status line's new height)."""
+    for _ in range(50):
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def check_window(app, window) -> dict:
+    """The launcher's window as the user gets it (printed); SystemExit when it does not
+    fill at least 90 % of its screen's available area or sticks out of it."""
+    from napari_voco import _launch
+
+    settle(app)  # the window and its docks laid out
+    report = _launch.window_report(window)
+    screen, frame = report["screen"], report["frame"]
+    print(f"screen (available) {screen[2]} x {screen[3]} at ({screen[0]}, {screen[1]}); "
+          f"window frame {frame[2]} x {frame[3]} at ({frame[0]}, {frame[1]}), "
+          f"maximised {report['maximized']}; canvas {report['canvas'][2]} x "
+          f"{report['canvas'][3]}")
+    for name, dock in report["docks"].items():
+        if name.startswith("VoCo ") and dock["in_front"]:
+            print(f"  {name}: {dock['widget'][0]} x {dock['widget'][1]} "
+                  f"(minimum {dock['widget_minimum'][0]} x {dock['widget_minimum'][1]})")
+    fits = (frame[0] >= screen[0] and frame[1] >= screen[1]
+            and frame[0] + frame[2] <= screen[0] + screen[2]
+            and frame[1] + frame[3] <= screen[1] + screen[3])
+    if not fits or frame[2] < 0.9 * screen[2] or frame[3] < 0.9 * screen[3]:
+        raise SystemExit("the launcher's window does not fill its screen: not taking "
+                         "screenshots of a window users do not get")
+    return report
 
 
 def main() -> None:
@@ -45,12 +81,12 @@ def main() -> None:
     data = work / "phantoms"
     make_phantom_dataset(data, n=6, seed=0, shape=(128, 128, 80))
     viewer = napari.Viewer(title="napari-voco", show=True)
-    viewer.window._qt_window.resize(1600, 1000)
     app = QApplication.instance()
     launch = _launch.build_parser().parse_args(
         ["--data", str(data), "--out", str(work / "pretrain"), "--steps", str(args.steps)])
-    widgets = _launch.set_up_viewer(viewer, launch)
+    widgets = _launch.set_up_viewer(viewer, launch)  # sizes the window to the screen
     pretrain, positions = widgets["VoCo pretrain"], widgets["VoCo positions"]
+    check_window(app, _launch.dock_of(pretrain).parentWidget())
     pretrain.checkpoint_every.setValue(4)
     viewer.layers["VoCo phantom labels"].opacity = 0.35
     args.out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +94,7 @@ def main() -> None:
     # 1. pretraining in progress: progress bar, ETA, live loss plot
     wait(app, lambda: pretrain.run_state.active, 30)
     wait(app, lambda: pretrain.run_state.step >= 10, 600)
+    settle(app)
     viewer.screenshot(args.out / "gui_pretraining.png", canvas_only=False)
 
     # 2. the inspector on the finished run: grid, a placed box, sampled boxes
@@ -74,6 +111,7 @@ def main() -> None:
     positions.show_sample.setValue(0)
     positions.place_box()
     wait(app, lambda: not positions.busy, 300)
+    settle(app)
     viewer.screenshot(args.out / "gui_positions.png", canvas_only=False)
 
     # 3. a segmentation overlay from a short finetuning run
@@ -88,6 +126,7 @@ def main() -> None:
     segment.checkpoint.set_path(result.best_checkpoint or result.last_checkpoint)
     segment.run()
     wait(app, lambda: not segment.busy, 600)
+    settle(app)
     viewer.screenshot(args.out / "gui_segment.png", canvas_only=False)
     print(f"screenshots in {args.out}; finetune best Dice {result.best_dice:.3f}")
     viewer.close()

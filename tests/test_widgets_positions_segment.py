@@ -335,6 +335,8 @@ def test_bad_inputs_notify_and_leave_widgets_usable(make_napari_viewer_proxy, qt
             _wait(qtbot, widget)
             shown = errors()[before:]
             assert len(shown) == 1 and message in shown[0], (widget, path, shown)
+            # the widget's own status line says it too, in full (pop-ups get cut off)
+            assert widget.status.text() == f"failed: {shown[0]}", widget.status.text()
             _assert_usable(widget)
 
     # still works afterwards

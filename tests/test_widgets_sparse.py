@@ -1,6 +1,8 @@
 """Sparse labels and the correct-and-retrain loop in the finetune widget, as a user
-drives it: paint two slices, finetune on "annotated slices only", segment, copy the
-prediction into the training labels, correct a voxel, continue.
+drives it: paint three slices, finetune on "annotated slices only" (one slice held out
+for validation), segment (uncertainty, slices to review next), copy the prediction
+into the training labels, continue without review (no slice added), then accept and
+correct slices.
 
 Tiny runs (SwinUNETR feature size 12, 64^3 crops, 2 steps) on a 64 x 64 x 48 phantom,
 on CPU.
@@ -24,6 +26,7 @@ TINY_FINETUNE = {
     "run": {"tensorboard": False},
 }
 PAINTED = (20, 40)  # axial slices: axis 0, the axis napari slices in the default 2-D view
+PAINTED3 = (20, 30, 40)  # three: the middle one is held out for validation
 
 
 @pytest.fixture
@@ -68,14 +71,70 @@ def test_helpers_ignore_value_and_copy_one_slice(make_napari_viewer_proxy):
     np.testing.assert_array_equal(target.data, labels)
 
 
+def test_tracker_counts_paint_and_accept_never_a_copied_prediction(make_napari_viewer_proxy):
+    from napari_voco._layers import current_slice
+    from napari_voco._sparse import AnnotationTracker, copy_prediction, go_to_slice
+
+    viewer = make_napari_viewer_proxy()
+    painted = np.zeros((12, 8, 8), np.uint8)
+    painted[2, 3, 3] = 1  # painted before tracking began: counts
+    labels = viewer.add_labels(painted, name="painted", scale=(2.0, 1.0, 1.0))
+    tracker = AnnotationTracker(labels)
+    labels.events.paint.connect(tracker.on_paint)
+    assert np.flatnonzero(tracker.annotated(0)).tolist() == [2]
+
+    go_to_slice(viewer, labels, 0, 7)
+    assert current_slice(viewer, labels, 0) == 7
+    labels.brush_size = 1
+    labels.paint((7, 4, 4), 2)  # the user's brush on slice 7
+    labels.paint((9, 4, 4), 0)  # erasing counts too (nothing changed: no paint event)
+    assert np.flatnonzero(tracker.annotated(0)).tolist() == [2, 7]
+
+    prediction = viewer.add_labels(np.full(painted.shape, 3, np.uint8), name="prediction")
+    before = np.asarray(labels.data).copy()
+    changed = copy_prediction(prediction, labels, axis=0, tracker=tracker)
+    assert changed == 10 * 64  # every slice but the annotated 2 and 7
+    np.testing.assert_array_equal(labels.data[[2, 7]], before[[2, 7]])  # the user's kept
+    assert (labels.data[[0, 5, 11]] == 3).all()
+    assert np.flatnonzero(tracker.annotated(0)).tolist() == [2, 7]  # the copy marks nothing
+    copy_prediction(prediction, labels, axis=0, index=7, tracker=tracker)
+    assert (labels.data[7] == 3).all()
+    assert np.flatnonzero(tracker.annotated(0)).tolist() == [2]  # 7 needs review again
+    tracker.accept(0, 5)
+    labels.paint((11, 1, 1), 1)
+    assert np.flatnonzero(tracker.annotated(0)).tolist() == [2, 5, 11]
+    labels.undo()
+    labels.undo()
+    labels.undo()  # the copies undone: the data comes back, the record is the user's
+    assert (labels.data[0] == 0).all()
+
+
+def _held_out_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """The validation mean Dice of one fully annotated slice, computed here with numpy:
+    per class present in the truth (background left out), then the mean."""
+    dice = [2.0 * np.sum((prediction == c) & (truth == c))
+            / (np.sum(prediction == c) + np.sum(truth == c))
+            for c in np.unique(truth) if c != 0]
+    return float(np.mean(dice))
+
+
+def _annotated(path) -> list[int]:
+    from voco_core.data.io import read_volume
+
+    array = read_volume(path).array
+    return [z for z in range(array.shape[0]) if (array[z] != 255).any()]
+
+
 @pytest.mark.serial
-def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy, qtbot,
-                                                       train_dataset, tmp_path, notified):
+def test_sparse_finetune_holds_out_a_slice_and_learns_only_from_review(
+        make_napari_viewer_proxy, qtbot, train_dataset, tmp_path, notified):
     from qtpy.QtCore import QTimer
 
     from napari_voco._finetune_widget import FinetuneWidget
     from napari_voco._io import read_nifti
+    from napari_voco._layers import current_slice
     from napari_voco._sparse import COPY_SLICE, COPY_VOLUME
+    from napari_voco._text import format_dice
     from voco_core.data.io import read_volume
 
     viewer = make_napari_viewer_proxy()
@@ -84,7 +143,7 @@ def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy,
     image = viewer.add_image(data, **kwargs)
     truth = np.asarray(read_nifti(str(train_dataset / "labelsTr" / name))[0][0])
     painted = np.zeros(truth.shape, np.uint8)
-    painted[list(PAINTED)] = truth[list(PAINTED)]  # the user paints two slices
+    painted[list(PAINTED3)] = truth[list(PAINTED3)]  # the user paints three slices
     labels = viewer.add_labels(painted, name="painted", **{
         k: v for k, v in kwargs.items() if k in ("scale", "translate", "affine", "metadata")})
 
@@ -108,25 +167,34 @@ def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy,
     timer.start()
     marks: dict[str, float] = {}
 
-    # round 1: annotated slices only, along the axis napari slices (0)
+    # round 1: annotated slices only, along the axis napari slices (0); of 3 annotated
+    # slices the middle one is held out for validation
     marks["start"] = time.perf_counter()
     _click(qtbot, widget.panel.start_button)
     marks["started"] = time.perf_counter()
-    assert "painted 2/48 (axis 0)" in widget.panel.status.text()  # 48 axial slices
+    assert "painted 3/48 (axis 0), held out 30" in widget.panel.status.text()  # 48 axial
     _wait_idle(qtbot, widget)
     marks["trained"] = time.perf_counter()
     assert not notified, notified
-    written_record = read_volume(tmp_path / "ft" / "layers" / "labelsTr" / "phantom_000.nii")
+    layers = tmp_path / "ft" / "layers"
+    written_record = read_volume(layers / "labelsTr" / "phantom_000.nii")
     written = written_record.array
-    assert (written[[0, 30, 47]] == 255).all()
-    np.testing.assert_array_equal(written[list(PAINTED)], truth[list(PAINTED)])
+    assert _annotated(layers / "labelsTr" / "phantom_000.nii") == [20, 40]
+    np.testing.assert_array_equal(written[[20, 40]], truth[[20, 40]])
+    assert _annotated(layers / "labelsVal" / "phantom_000.nii") == [30]  # held out
+    np.testing.assert_array_equal(read_volume(layers / "labelsVal" / "phantom_000.nii")
+                                  .array[30], truth[30])
+    listed = json.loads((layers / "dataset.json").read_text())
+    assert listed["validation"] == [{"image": "imagesTr/phantom_000.nii",
+                                     "label": "labelsVal/phantom_000.nii"}]
     # what voco_core trains on: each painted slice is one axial plane (one RAS z)
     np.testing.assert_allclose(written_record.affine[2, 1:3], 0.0, atol=1e-9)
     assert written_record.affine[2, 0] > 0
-    assert json.loads((tmp_path / "ft" / "meta.json").read_text())["ignore_label"] == 255
+    meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
+    assert meta["ignore_label"] == 255 and meta["validated_on"] == "validation"
     assert widget.continue_button.isEnabled()
 
-    # segment, copy the prediction (one slice, then the whole volume), correct a voxel
+    # segment: the prediction, its uncertainty and the slices to review next
     widget.segment_combo.set_layer(image)
     marks["segment"] = time.perf_counter()
     _click(qtbot, widget.segment_button)
@@ -134,22 +202,38 @@ def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy,
     marks["segmented"] = time.perf_counter()
     assert not notified, notified
     prediction = np.asarray(widget.labels_layer.data)
-    viewer.dims.set_current_step(0, 30)
+
+    # the rounds table shows the Dice of the held-out slice 30, as computed here
+    expected = _held_out_dice(prediction[30], truth[30])
+    round1 = widget.rounds.rounds[0]
+    assert round1.note == "" and abs(round1.best_dice - expected) < 5e-3, (round1, expected)
+    assert widget.rounds.item(0, 3).text() == format_dice(round1.best_dice)
+
+    uncertainty = viewer.layers["phantom_000 uncertainty"]
+    assert uncertainty.data.shape == truth.shape and float(uncertainty.data.min()) >= 0
+    rows = [widget.review.slice_at(r) for r in range(widget.review.rowCount())]
+    assert len(rows) == 10 and not set(rows) & set(PAINTED3)  # annotated slices skipped
+    widget.review.cellClicked.emit(1, 0)  # the second row: the viewer goes there
+    assert current_slice(viewer, labels, 0) == rows[1]
+
+    # copy the prediction (one slice, then the whole volume) without reviewing it
     widget.copy_scope.setCurrentText(COPY_SLICE)
     _click(qtbot, widget.copy_button)
-    np.testing.assert_array_equal(labels.data[30], prediction[30])
+    np.testing.assert_array_equal(labels.data[rows[1]], prediction[rows[1]])
     assert not labels.data[[10, 45]].any()
     widget.copy_scope.setCurrentText(COPY_VOLUME)
     _click(qtbot, widget.copy_button)
-    np.testing.assert_array_equal(labels.data, prediction)
-    labels.data_setitem((np.array([30]), np.array([32]), np.array([24])), 1)  # a correction
-    assert "voxels changed" in widget.panel.status.text()
+    assert "annotated slices 20, 30, 40 kept" in widget.panel.status.text()
+    np.testing.assert_array_equal(labels.data[list(PAINTED3)], truth[list(PAINTED3)])
+    others = np.setdiff1d(np.arange(48), PAINTED3)
+    np.testing.assert_array_equal(labels.data[others], prediction[others])
 
-    # round 2: continue from round 1's best checkpoint with the corrected labels
+    # round 2, retrained without review: the copy added no annotated slice
     marks["copied"] = time.perf_counter()
     _click(qtbot, widget.continue_button)
     marks["continued"] = time.perf_counter()
     assert "continues ft → ft_r2" in widget.panel.status.text()
+    assert "painted 3/48 (axis 0), held out 30" in widget.panel.status.text()
     _wait_idle(qtbot, widget)
     marks["end"] = time.perf_counter()
     timer.stop()
@@ -157,8 +241,9 @@ def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy,
     meta = json.loads((tmp_path / "ft_r2" / "meta.json").read_text())
     assert meta["parent"]["run"] == str(tmp_path / "ft") and meta["step"] == 2
     assert meta["parent"]["checkpoint"].endswith("best.pt")
-    corrected = read_volume(tmp_path / "ft_r2" / "layers" / "labelsTr" / "phantom_000.nii")
-    assert corrected.array[30, 32, 24] == 1
+    layers2 = tmp_path / "ft_r2" / "layers"
+    assert _annotated(layers2 / "labelsTr" / "phantom_000.nii") == [20, 40]
+    assert _annotated(layers2 / "labelsVal" / "phantom_000.nii") == [30]  # sticky
     rounds = widget.rounds.rounds
     assert [(r.number, r.run_dir.name, r.steps) for r in rounds] == [(1, "ft", 2),
                                                                      (2, "ft_r2", 2)]
@@ -166,6 +251,27 @@ def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy,
     assert all(np.isfinite(r.best_dice) for r in rounds)
     assert widget.panel.start_button.isEnabled() and widget.continue_button.isEnabled()
 
+    # now the user reviews: accepts a suggested slice as it is, corrects another
+    viewer.layers.selection.active = labels
+    widget.review.cellClicked.emit(0, 0)
+    accepted = current_slice(viewer, labels, 0)
+    assert widget.accept_button.text() == f"Accept slice {accepted}"
+    _click(qtbot, widget.accept_button)
+    assert widget.accept_button.isChecked()
+    assert accepted not in [widget.review.slice_at(r) for r in range(widget.review.rowCount())]
+    corrected = 10 if accepted != 10 else 11
+    widget.go_to_review_slice(corrected)
+    labels.brush_size = 1
+    labels.paint((corrected, 32, 24), 1)  # the brush: one voxel, the slice reviewed
+    assert widget.accept_button.isChecked()
+    job = widget.make_job(continue_from=tmp_path / "ft_r2")  # what round 3 would write
+    (_, _, (train3, _)), = job.pairs
+    assert [z for z in range(48) if (train3[z] != 255).any()] == sorted(
+        [20, 40, accepted, corrected])
+    np.testing.assert_array_equal(train3[accepted], prediction[accepted])
+    assert train3[corrected, 32, 24] == 1
+    (_, (val3, _)), = job.validation
+    assert [z for z in range(48) if (val3[z] != 255).any()] == [30]
 
     def longest_gap(begin: str, end: str) -> float:
         inside = [t for t in ticks if marks[begin] <= t <= marks[end]]
@@ -175,10 +281,48 @@ def test_sparse_finetune_segment_copy_correct_continue(make_napari_viewer_proxy,
     segmenting = longest_gap("segment", "segmented")
     print(f"\nGUI responsiveness, longest gap of a 10 ms timer: {training * 1000:.0f} ms while "
           f"the two sparse rounds train, {segmenting * 1000:.0f} ms while segmenting (incl. "
-          "adding the segmentation Labels layer in the GUI thread); Start click "
+          "adding the segmentation and uncertainty layers in the GUI thread); Start click "
           f"{(marks['started'] - marks['start']) * 1000:.0f} ms, Continue click "
           f"{(marks['continued'] - marks['copied']) * 1000:.0f} ms")
     assert training < GAP_LIMIT_S
+
+
+@pytest.mark.serial
+def test_rounds_table_says_so_when_no_slice_is_held_out(make_napari_viewer_proxy, qtbot,
+                                                        train_dataset, tmp_path, notified):
+    from napari_voco._finetune_widget import FinetuneWidget
+    from napari_voco._io import read_nifti
+
+    viewer = make_napari_viewer_proxy()
+    name = "phantom_001.nii.gz"
+    data, kwargs, _ = read_nifti(str(train_dataset / "imagesTr" / name))[0]
+    image = viewer.add_image(data, **kwargs)
+    truth = np.asarray(read_nifti(str(train_dataset / "labelsTr" / name))[0][0])
+    painted = np.zeros(truth.shape, np.uint8)
+    painted[list(PAINTED)] = truth[list(PAINTED)]  # two slices: none can be held out
+    labels = viewer.add_labels(painted, name="painted", **{
+        k: v for k, v in kwargs.items() if k in ("scale", "translate", "affine", "metadata")})
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="VoCo finetune")
+    widget.overrides = TINY_FINETUNE
+    widget.preset.setCurrentText("tiny")
+    widget.steps.setValue(1)
+    widget.val_every.setValue(1)
+    widget.device.set_device("cpu")
+    widget.output.set_path(tmp_path / "ft")
+    widget.data.add_pair(image, labels)
+    widget.data.sparse.setChecked(True)
+    assert widget.start()
+    assert "painted 2/48 (axis 0)" in widget.panel.status.text()
+    _wait_idle(qtbot, widget)
+    assert not notified, notified
+    assert not (tmp_path / "ft" / "layers" / "labelsVal").exists()
+    assert json.loads((tmp_path / "ft" / "meta.json").read_text())["validated_on"] == "training"
+    (round1,) = widget.rounds.rounds
+    assert round1.note == "no held-out slices: paint or accept at least 1 more slice"
+    assert np.isnan(round1.best_dice)  # the Dice on the training slices is not shown
+    assert widget.rounds.item(0, 3).text() == round1.note
+    assert "on the training slices (no held-out slices" in widget.dice_label.text()
 
 
 def test_sparse_without_painted_voxel_notifies_naming_the_layer(make_napari_viewer_proxy, qtbot,

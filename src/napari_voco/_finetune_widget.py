@@ -20,12 +20,18 @@ checkpoint, *Segment <image> with best checkpoint* segments the chosen image lay
 with it (the segment widget's job) into the Labels layer ``"<image> segmentation"``.
 
 Sparse labels and the correct-and-retrain loop (:mod:`napari_voco._sparse`):
-*annotated slices only* turns each pair's labels into a sparse map (painted slices
-along the chosen axis, the rest ``data.ignore_label``) before they are written;
-*Copy prediction to training labels* copies the segmentation into the pair's Labels
-layer for correcting; *Continue finetuning* starts a new run (``RUN_r2``, ...) from
-the last run's best checkpoint with the current labels
-(:func:`voco_core.plan.plan_continue`); each round's best Dice is listed.
+*annotated slices only* turns each pair's labels into a sparse map (the slices the
+user painted on or accepted along the chosen axis, the rest ``data.ignore_label``)
+before they are written, and holds some annotated slices out for validation
+(``RUN_DIR/layers/labelsVal`` and ``dataset.json``'s ``validation`` section;
+:func:`voco_core.data.sparse.holdout_slices`); *Copy prediction to training labels*
+copies the segmentation into the pair's Labels layer for review (a copied slice is
+no training label until painted on or accepted with *Accept slice*); *Continue
+finetuning* starts a new run (``RUN_r2``, ...) from the last run's best checkpoint
+with the current labels (:func:`voco_core.plan.plan_continue`); each round's best
+Dice on held-out slices is listed, or why there is none. Each segmentation also
+shows its uncertainty (``"<image> uncertainty"``, the softmax entropy) and the
+slices to review next (:func:`voco_core.inference.rank_slices`).
 *Export MONAI Bundle…* (:mod:`napari_voco._export`) writes the last run (else the run
 in *Resume from*) as a MONAI Bundle.
 """
@@ -33,11 +39,14 @@ in *Resume from*) as a MONAI Bundle.
 from __future__ import annotations
 
 import functools
+import json
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
@@ -71,19 +80,28 @@ from napari_voco._layers import (
     layer_to_record,
     safe_file_stem,
     show_segmentation,
+    transform_kwargs,
     unwrap,
     write_training_volume,
 )
 from napari_voco._run_panel import RunPanel, TrainingJob, default_run_dir, plan_new_run
-from napari_voco._segment_widget import segmentation_job
-from napari_voco._sparse import COPY_SLICE, COPY_VOLUME, RoundsTable, copy_prediction
+from napari_voco._sparse import (
+    COPY_SLICE,
+    COPY_VOLUME,
+    ReviewTable,
+    RoundsTable,
+    copy_prediction,
+    describe_slices,
+    go_to_slice,
+    slicing_axis,
+)
 from napari_voco._text import format_dice
 from napari_voco._tooltips import TOOLTIPS
 from napari_voco._training_data import TrainingData
 from voco_core.config import FINETUNE_PRESETS, make_finetune_config, merge
 from voco_core.data.datalists import DatalistEntry
 from voco_core.errors import VoCoDataError
-from voco_core.inference import SegmentationResult
+from voco_core.inference import SegmentationResult, SliceScore
 from voco_core.plan import default_preset, next_round_folder, plan_continue, plan_finetune
 from voco_core.run_folder import RunFolder
 
@@ -91,6 +109,9 @@ if TYPE_CHECKING:
     import napari
 
 DICE_SERIES = "val Dice"
+NOT_HELD_OUT = "no held-out case or slice: validated on the training data"
+"""The rounds table's note for a run that validated on what it trained on (dense
+labels, one pair)."""
 
 
 @dataclass
@@ -102,6 +123,21 @@ class FinetuneJob(TrainingJob):
     continue_from: Path | None = None
     """A finetuning run folder to continue from (:func:`voco_core.plan.plan_continue`,
     planned in the worker: it loads the checkpoint); ``out`` is the new run folder."""
+    validation: list[tuple[int, tuple]] = field(default_factory=list)
+    """``(index in pairs, (labels, affine))``: held-out slices of that pair (its
+    validation map on the pair's image), written to ``layers/labelsVal`` and listed in
+    ``layers/dataset.json``'s ``validation`` section."""
+
+
+@dataclass
+class ReviewMaps:
+    """What a segmentation of the finetune widget says about where to look next:
+    ``entropy`` (the image's grid, nats) and the ``ranking`` of slices along ``axis``
+    (every slice; the table leaves out the annotated ones)."""
+
+    entropy: np.ndarray
+    ranking: list[SliceScore]
+    axis: int
 
 
 def finetune_job(job: FinetuneJob, context: JobContext) -> Iterator[Any]:
@@ -118,16 +154,66 @@ def finetune_job(job: FinetuneJob, context: JobContext) -> Iterator[Any]:
         plan = plan_finetune(resume=job.resume, overrides=job.overrides, out=job.out)
     data: Any = job.data
     if job.pairs:
-        taken: set[str] = set()
-        folder = plan.run_dir / "layers"
-        data = []
-        for name, (image, image_affine), (labels, labels_affine) in job.pairs:
-            stem = safe_file_stem(name, taken)
-            data.append(DatalistEntry(
-                write_training_volume(folder / "imagesTr" / f"{stem}.nii", image, image_affine),
-                write_training_volume(folder / "labelsTr" / f"{stem}.nii", labels,
-                                      labels_affine, labels=True)))
+        data = write_layer_pairs(plan.run_dir / "layers", job.pairs, job.validation)
     yield from iter_plan_in_child(plan, data, context.stop)
+
+
+def write_layer_pairs(folder: Path, pairs: list, validation: list) -> Any:
+    """Write the layer pairs to ``folder/imagesTr`` and ``labelsTr``; the entries, or
+    with ``validation`` maps (``labelsVal``, on the pairs' images) a Decathlon
+    ``dataset.json`` with both sections, which the trainer reads its validation from."""
+    taken: set[str] = set()
+    entries, held = [], dict(validation)
+    listed: dict[str, list] = {"training": [], "validation": []}
+    for row, (name, (image, image_affine), (labels, labels_affine)) in enumerate(pairs):
+        stem = safe_file_stem(name, taken)
+        image_file = write_training_volume(folder / "imagesTr" / f"{stem}.nii", image,
+                                           image_affine)
+        entries.append(DatalistEntry(image_file, write_training_volume(
+            folder / "labelsTr" / f"{stem}.nii", labels, labels_affine, labels=True)))
+        listed["training"].append({"image": f"imagesTr/{stem}.nii",
+                                   "label": f"labelsTr/{stem}.nii"})
+        if row in held:
+            val_labels, val_affine = held[row]
+            write_training_volume(folder / "labelsVal" / f"{stem}.nii", val_labels,
+                                  val_affine, labels=True)
+            listed["validation"].append({"image": f"imagesTr/{stem}.nii",
+                                         "label": f"labelsVal/{stem}.nii"})
+    if not listed["validation"]:
+        return entries
+    datalist = folder / "dataset.json"
+    datalist.write_text(json.dumps(listed, indent=1), encoding="utf-8")
+    return datalist
+
+
+def review_segmentation_job(record: Any, checkpoint: str, device: str, axis: int,
+                            context: JobContext) -> Iterator[Any]:
+    """The finetune widget's segmentation (in a worker): the
+    :class:`~voco_core.inference.SegmentationResult` (labels), then its
+    :class:`ReviewMaps` (entropy of the softmax, slices ranked for review along
+    ``axis``). Cancelling ends it without a result."""
+    from voco_core.inference import (
+        InferenceCancelled,
+        load_segmenter,
+        predictive_entropy,
+        rank_slices,
+        segment,
+    )
+
+    segmenter = load_segmenter(checkpoint, device)
+    try:
+        if context.stop.is_set():
+            return
+        result = segment(record, segmenter, probabilities=True, stop=context.stop)
+    except InferenceCancelled:
+        return
+    finally:
+        segmenter.release()
+    entropy = predictive_entropy(result.probabilities)
+    result = replace(result, probabilities=None)  # the probabilities' memory goes now
+    yield result
+    ranking = rank_slices(entropy, result.labels, None, axis, len(result.class_names))
+    yield ReviewMaps(entropy, ranking, axis)
 
 
 class FinetuneWidget(ViewerEvents, QWidget):
@@ -155,7 +241,11 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self._segment_job: tuple[Any, Any] | None = None  # (image layer, its record)
         self._continuing = False  # the running run continues the previous one
         self._run_note = ""  # parent and annotated slices, shown with the status
+        self._holdout_note = ""  # sparse labels with no held-out slice: why
+        self._inputs = None  # the TrainingInputs of the run being started
         self._from_random = False  # the running job starts from random weights
+        self.uncertainty_layer = None  # "<image> uncertainty" of the last segmentation
+        self._class_names: list[str] = []  # the last segmentation's classes
 
         # -- data (its rows go first in the settings form)
         self.data = TrainingData(napari_viewer, lambda err: self.panel.fail(err), self)
@@ -228,8 +318,14 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.copy_scope = narrow(QComboBox(), 6)
         self.copy_scope.addItems([COPY_VOLUME, COPY_SLICE])
         self.copy_button = QPushButton("Copy prediction to training labels")
-        self.copy_button.setToolTip(TOOLTIPS["copy_prediction"])
+        self.copy_button.setToolTip(TOOLTIPS["copy_prediction_review"])
         self.copy_button.clicked.connect(self.copy_prediction)
+        self.accept_button = QPushButton("Accept slice")
+        self.accept_button.setCheckable(True)
+        self.accept_button.setToolTip(TOOLTIPS["accept_slice"])
+        self.accept_button.clicked.connect(self.accept_slice)
+        self.review = ReviewTable(self.go_to_review_slice)
+        self.review.setToolTip(TOOLTIPS["review_next"])
         self.continue_button = QPushButton("Continue finetuning")
         self.continue_button.setToolTip(TOOLTIPS["continue"])
         self.continue_button.clicked.connect(self.continue_finetuning)
@@ -238,6 +334,8 @@ class FinetuneWidget(ViewerEvents, QWidget):
         copy_row.addWidget(self.copy_button, 1)
         copy_row.addWidget(self.copy_scope)
         segment_row.addRow(copy_row)
+        segment_row.addRow("Review next", self.review)
+        segment_row.addRow(self.accept_button)
         segment_row.addRow(self.continue_button)
         segment_row.addRow("Rounds", self.rounds)
         self.exporter = BundleExporter(self, self.export_source, self.panel.status,
@@ -254,6 +352,8 @@ class FinetuneWidget(ViewerEvents, QWidget):
         layout.addWidget(self.dice_table)
         layout.addLayout(segment_row)
 
+        self.data.annotations_changed.connect(self._on_annotations_changed)
+        self.listen(napari_viewer.dims.events.current_step, self._update_accept_button)
         self.segment_runner = JobRunner("segment", self)
         self.segment_runner.event.connect(self._on_segment_event)
         self.segment_runner.failed.connect(self.panel.fail)
@@ -312,8 +412,10 @@ class FinetuneWidget(ViewerEvents, QWidget):
             out = default_run_dir("finetune")
             self.output.set_path(out)
         overrides = self.field_overrides(resuming=resume is not None)
-        inputs = self.data.gather(fresh)
+        inputs = self.data.gather(fresh, continuing=continue_from is not None)
+        self._inputs = inputs
         self._run_note = inputs.note
+        self._holdout_note = inputs.holdout_note
         if inputs.data_overrides:
             overrides = merge(overrides, {"data": inputs.data_overrides})
         if continue_from is not None:
@@ -330,7 +432,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
             resolve_device(self.device.device())  # a missing GPU is reported at once
             job = FinetuneJob(resume=resume, overrides=overrides, out=out,
                               continue_from=continue_from)
-        job.pairs, job.data = inputs.pairs, inputs.data
+        job.pairs, job.data, job.validation = inputs.pairs, inputs.data, inputs.validation
         return job
 
     # ------------------------------------------------------------------ actions
@@ -352,6 +454,8 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.panel.launch(functools.partial(finetune_job, job),
                           f"VoCo finetuning → {job.run_dir}", job.run_dir,
                           resumed=job.resume is not None)
+        if self._inputs is not None:
+            self.data.record_rounds(self._inputs)  # trained / held-out slices, per layer
         if self._run_note:
             self.panel.status.setText(self._run_note)
         self._update_segment_button()
@@ -379,34 +483,74 @@ class FinetuneWidget(ViewerEvents, QWidget):
         return self.start(continue_from=self.last_run_dir)
 
     def copy_prediction(self) -> int:
-        """*Copy prediction to training labels* (whole volume or the current slice);
-        returns the number of voxels changed (-1 and a notification on failure)."""
+        """*Copy prediction to training labels* (whole volume, the annotated slices
+        kept, or the current slice); returns the number of voxels changed (-1 and a
+        notification on failure). The copy marks no slice annotated, and switches
+        *annotated slices only* on: only reviewed slices train."""
         try:
             if self.labels_layer is None or not any(
                     unwrap(layer) is self.labels_layer for layer in self.viewer.layers):
                 raise VoCoDataError("no prediction to copy: segment an image with the best "
                                     "checkpoint first")
             target = self.data.labels_paired_with(self.segmented_image)
-            axis = index = None
+            tracker = self.data.tracker_of(target)
+            axis, index = self.data.sparse_axis_of(target), None
             if self.copy_scope.currentText() == COPY_SLICE:
-                axis = self.data.sparse_axis_of(target)
                 index = current_slice(self.viewer, target, axis)
-            changed = copy_prediction(self.labels_layer, target, axis, index)
+            kept = tracker.annotated(axis)
+            changed = copy_prediction(self.labels_layer, target, axis, index, tracker)
         except Exception as err:
             self.panel.fail(err)
             return -1
-        where = "" if axis is None else f" (slice {index} of axis {axis})"
-        self.panel.status.setText(f"copied {self.labels_layer.name!r} into {target.name!r}"
-                                  f"{where}: {changed} voxels changed; correct them, then "
-                                  "Continue finetuning")
+        switched = not self.data.sparse.isChecked()
+        self.data.sparse.setChecked(True)
+        if index is not None:
+            where = f" (slice {index} of axis {axis})"
+        elif kept.any():
+            where = f" (annotated slices {describe_slices(np.flatnonzero(kept))} kept)"
+        else:
+            where = ""
+        self.panel.status.setText(
+            f"copied {self.labels_layer.name!r} into {target.name!r}{where}: {changed} voxels "
+            "changed; a copied slice trains only once you review it: paint a correction or "
+            "Accept slice, then Continue finetuning"
+            + ("; 'annotated slices only' switched on" if switched else ""))
+        self._update_accept_button()
         return changed
+
+    def accept_slice(self, *args: Any) -> bool:
+        """*Accept slice*: mark the slice shown of the training labels layer annotated as
+        it is (the button checked), or take the mark back (unchecked)."""
+        accepted = self.accept_button.isChecked()
+        try:
+            layer, axis, index = self.data.accept_current(self.segmented_image, accepted)
+        except Exception as err:
+            self.panel.fail(err)
+            self._update_accept_button()
+            return False
+        count = self.data.tracker_of(layer).count(axis)
+        self.panel.status.setText(
+            f"{'accepted' if accepted else 'no longer annotated:'} slice {index} of "
+            f"{layer.name!r} (axis {axis}); {count} annotated slice{'s' if count != 1 else ''}")
+        self._update_accept_button()
+        return True
+
+    def go_to_review_slice(self, index: int) -> None:
+        """A *Review next* row clicked: show that slice (along the ranking's axis)."""
+        layer = self.segmented_image
+        if layer is None or not any(unwrap(x) is layer for x in self.viewer.layers):
+            return
+        go_to_slice(self.viewer, layer, self.review.axis, index)
+        self.panel.status.setText(f"slice {index} of axis {self.review.axis}: review it "
+                                  "(paint a correction or Accept slice)")
 
     def stop(self) -> None:
         """Stop the run before its next step (a checkpoint is written)."""
         self.panel.stop()
 
     def segment_with_best(self) -> bool:
-        """Segment the chosen image layer with the run's best checkpoint (in a worker)."""
+        """Segment the chosen image layer with the run's best checkpoint (in a worker),
+        with its uncertainty and the slices to review next."""
         if self.segmenting or self.panel.running:
             return False
         try:
@@ -414,6 +558,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
                 raise VoCoDataError("no best checkpoint yet: finetune first")
             image = self.segment_combo.layer()
             record = layer_to_record(image, self.viewer)
+            axis = self._review_axis(image)
         except Exception as err:
             self.panel.fail(err)
             return False
@@ -423,9 +568,26 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.panel.status.setText(f"segmenting {image.name!r} with {self.best_checkpoint}…")
         checkpoint, device = str(self.best_checkpoint), self.device.device()
         self.segment_runner.start(
-            lambda context: segmentation_job(record, checkpoint, device, None, context),
+            lambda context: review_segmentation_job(record, checkpoint, device, axis, context),
             f"VoCo segmentation of {image.name}")
         return True
+
+    def _review_axis(self, image: Any) -> int:
+        """The axis to rank slices along: the sparse axis of the image's training labels,
+        else the axis napari is slicing."""
+        try:
+            return self.data.sparse_axis_of(self.data.labels_paired_with(image))
+        except VoCoDataError:
+            return slicing_axis(self.viewer, image)
+
+    def _review_annotated(self) -> np.ndarray | None:
+        """The annotated slices (along the ranking's axis) of the labels layer paired
+        with the segmented image; None when there is none."""
+        try:
+            target = self.data.labels_paired_with(self.segmented_image)
+        except VoCoDataError:
+            return None
+        return self.data.tracker_of(target).annotated(self.review.axis)
 
     # ------------------------------------------------------------------ worker events
 
@@ -448,8 +610,9 @@ class FinetuneWidget(ViewerEvents, QWidget):
 
     def _show_dice(self, event: Any) -> None:
         self.class_dice = dict(event.class_dice)
+        on = f" on the training slices ({self._holdout_note})" if self._holdout_note else ""
         self.dice_label.setText(
-            f"validation Dice at step {event.step}: mean {format_dice(event.mean_dice)} "
+            f"validation Dice{on} at step {event.step}: mean {format_dice(event.mean_dice)} "
             f"(best {format_dice(event.best_dice)} at step {event.best_step})")
         self.dice_table.setRowCount(len(self.class_dice))
         for row, (name, dice) in enumerate(self.class_dice.items()):
@@ -465,17 +628,87 @@ class FinetuneWidget(ViewerEvents, QWidget):
             if best.is_file():
                 self.best_checkpoint = best
         if last is not None and last.kind in ("done", "stopped") and self.last_run_dir:
-            self.rounds.add(self.last_run_dir, last.step, last.best_dice, self._continuing)
+            self.rounds.add(self.last_run_dir, last.step, last.best_dice, self._continuing,
+                            note=self._validation_note(self.last_run_dir))
         self._update_segment_button()
 
+    def _validation_note(self, run_dir: Path) -> str:
+        """"" when the run validated on held-out slices or cases (its ``meta.json``:
+        ``validated_on``), else why there is no held-out Dice."""
+        try:
+            meta = json.loads(RunFolder(run_dir).meta.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("validated_on") == "validation":
+            return ""
+        return self._holdout_note or NOT_HELD_OUT
+
     def _on_segment_event(self, event: Any) -> None:
-        if not isinstance(event, SegmentationResult) or self._segment_job is None:
+        if self._segment_job is None:
             return
         image, record = self._segment_job
+        if isinstance(event, ReviewMaps):
+            self._show_review(image, event)
+            return
+        if not isinstance(event, SegmentationResult):
+            return
         self.labels_layer = show_segmentation(self.viewer, image, record, event)
+        self.data.track_prediction(self.labels_layer)  # a prediction: nothing reviewed
         self.segmented_image = image
+        self._class_names = list(event.class_names)
         self.panel.status.setText(f"segmented {image.name!r} into {self.labels_layer.name!r}")
         self.segmented.emit(self.labels_layer)
+
+    def _show_review(self, image: Any, maps: ReviewMaps) -> None:
+        """The uncertainty layer ``"<image> uncertainty"`` and the *Review next* list."""
+        from napari.layers import Image
+
+        name = f"{image.name} uncertainty"
+        classes = max(2, len(self._class_names))
+        limits = (0.0, float(math.log(classes)))
+        existing = next((unwrap(layer) for layer in self.viewer.layers
+                         if layer.name == name and isinstance(layer, Image)
+                         and layer.data.shape == maps.entropy.shape), None)
+        if existing is None:
+            self.uncertainty_layer = unwrap(self.viewer.add_image(
+                maps.entropy, name=name, colormap="inferno", blending="additive",
+                contrast_limits=limits, opacity=0.6,
+                metadata={"voco_uncertainty": "predictive entropy of the softmax (nats)"},
+                **transform_kwargs(image)))
+        else:
+            existing.data = maps.entropy
+            existing.contrast_limits = limits
+            self.uncertainty_layer = existing
+        self.review.show_ranking(maps.ranking, self._class_names, maps.axis,
+                                 self._review_annotated())
+        if self.labels_layer is not None:  # the prediction stays the selected layer
+            self.viewer.layers.selection.active = self.labels_layer
+        top = ", ".join(str(r.index) for r in maps.ranking[:3])
+        self.panel.status.setText(f"segmented {image.name!r}: uncertainty in {name!r}; "
+                                  f"review next along axis {maps.axis}: {top} …")
+
+    def _on_annotations_changed(self, layer: Any = None) -> None:
+        if self.review.ranking:
+            self.review.refresh(self._review_annotated())
+        self._update_accept_button()
+
+    def _update_accept_button(self, *args: Any) -> None:
+        """Checked when the slice shown is annotated in the labels layer it works on."""
+        try:
+            layer = self.data.review_target(self.segmented_image)
+            axis = self.data.sparse_axis_of(layer)
+            index = current_slice(self.viewer, layer, axis)
+            annotated = bool(self.data.tracker_of(layer).reviewed[axis][index])
+        except Exception:
+            self.accept_button.setEnabled(False)
+            self.accept_button.setText("Accept slice")
+            return
+        self.accept_button.setEnabled(True)
+        self.accept_button.setChecked(annotated)
+        self.accept_button.setText(f"Slice {index} annotated (click: take back)"
+                                   if annotated else f"Accept slice {index}")
+        self.accept_button.setToolTip(f"{TOOLTIPS['accept_slice']} (labels layer "
+                                      f"{layer.name!r}, axis {axis})")
 
     def _on_segment_finished(self) -> None:
         if self.segment_runner.state.status == "stopped":

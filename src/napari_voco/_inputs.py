@@ -8,7 +8,10 @@
 * :class:`ScientificSpinBox`: a learning rate shown as ``3.0e-04``;
 * :class:`CompactStack`: a stacked widget as tall as its current page;
 * :func:`scrolling_layout`: a widget's content in a scroll area, so a tall widget
-  never makes napari's window taller than the screen;
+  never makes napari's window taller than the screen, with a usable minimum height
+  (:data:`MIN_DOCK_HEIGHT`); the widget joins the other VoCo docks as a tab when it
+  is docked (:func:`join_voco_tabs`), and :func:`reveal` scrolls to a line (a
+  failure in the status line);
 * :class:`ViewerEvents` / :func:`release_viewer_events_on_close`: connections to
   napari's viewer and layer events that a widget drops when it is closed or taken
   out of its dock, so a closed widget leaves nothing connected to the viewer
@@ -26,10 +29,12 @@ from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtGui import QValidator
 from qtpy.QtWidgets import (
     QComboBox,
+    QDockWidget,
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
     QLineEdit,
+    QMainWindow,
     QPushButton,
     QScrollArea,
     QStackedWidget,
@@ -427,8 +432,15 @@ class CompactStack(QStackedWidget):
         return page.minimumSizeHint() if page is not None else super().minimumSizeHint()
 
 
+MIN_DOCK_HEIGHT = 260
+"""The least height (pixels) of a VoCo widget's scroll area: its inputs, buttons and
+progress bar show, whatever share of the window napari gives its dock (napari stacks
+docks added from the Plugins menu at about 90 pixels each otherwise)."""
+
+
 class _VerticalScroll(QScrollArea):
-    """Scrolls vertically only: as wide as its content needs, as short as wanted."""
+    """Scrolls vertically only: as wide as its content needs; as short as wanted down to
+    :data:`MIN_DOCK_HEIGHT` (or its content's height, when that is less)."""
 
     def minimumSizeHint(self):
         hint = super().minimumSizeHint()
@@ -436,6 +448,8 @@ class _VerticalScroll(QScrollArea):
         if content is not None:
             bar = self.verticalScrollBar().sizeHint().width()
             hint.setWidth(content.minimumSizeHint().width() + bar)
+            hint.setHeight(max(hint.height(),
+                               min(content.sizeHint().height(), MIN_DOCK_HEIGHT)))
         return hint
 
 
@@ -443,7 +457,9 @@ def scrolling_layout(widget: QWidget) -> QVBoxLayout:
     """The layout to fill with ``widget``'s content, inside a vertical scroll area that
     fills ``widget``. A docked widget is then as short as napari's window allows (it
     scrolls), instead of stretching the window past the bottom of the screen (the
-    dims slider and status bar off screen on a 1280 x 1024 or 1600 x 1000 display)."""
+    dims slider and status bar off screen on a 1280 x 1024 or 1600 x 1000 display),
+    but not shorter than :data:`MIN_DOCK_HEIGHT`. Docked, ``widget`` joins the other
+    VoCo docks as a tab (:func:`join_voco_tabs`)."""
     content = QWidget()
     scroll = _VerticalScroll()
     scroll.setWidget(content)
@@ -453,4 +469,86 @@ def scrolling_layout(widget: QWidget) -> QVBoxLayout:
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(0, 0, 0, 0)
     outer.addWidget(scroll)
+    join_voco_tabs(widget)
     return QVBoxLayout(content)
+
+
+def reveal(widget: QWidget) -> None:
+    """Scroll the scroll area holding ``widget`` (if any) so that it shows, e.g. the
+    status line after a failure, below the fold of a long widget."""
+    parent = widget.parentWidget()
+    while parent is not None and not isinstance(parent, QScrollArea):
+        parent = parent.parentWidget()
+    if parent is not None:
+        parent.ensureWidgetVisible(widget, 0, 10)
+
+
+# --------------------------------------------------------------------------- docks as tabs
+
+
+KEEP_PLACEMENT = "voco_keep_placement"
+"""Dock property: the dock was placed on purpose (the launcher's layout); it does not
+join the other VoCo docks as a tab (:func:`keep_placement`)."""
+
+
+def is_voco_dock(dock: QDockWidget) -> bool:
+    """Whether ``dock`` holds a VoCo widget (one set up by :func:`join_voco_tabs`)."""
+    return bool(getattr(dock.widget(), "_voco_tabs", False))
+
+
+def keep_placement(dock: QDockWidget) -> None:
+    """Leave ``dock`` where it was put: it does not join the VoCo tabs when shown."""
+    dock.setProperty(KEEP_PLACEMENT, True)
+
+
+def tabify_with_voco_docks(dock: QDockWidget) -> bool:
+    """Put ``dock`` as a tab (in front) over the last other VoCo dock in the same area of
+    its main window, unless it is kept in place (:func:`keep_placement`), floating,
+    already a tab, or alone. True when it was tabified."""
+    window = dock.parentWidget()
+    if (not isinstance(window, QMainWindow) or dock.property(KEEP_PLACEMENT)
+            or dock.isFloating() or window.tabifiedDockWidgets(dock)):
+        return False
+    area = window.dockWidgetArea(dock)
+    others = [other for other in window.findChildren(QDockWidget)
+              if other is not dock and is_voco_dock(other) and not other.isFloating()
+              and not other.isHidden() and window.dockWidgetArea(other) == area]
+    if not others:
+        return False
+    window.tabifyDockWidget(others[-1], dock)
+    dock.show()
+    dock.raise_()
+    return True
+
+
+class _JoinVoCoTabs(QObject):
+    """Event filter: when the widget is first put in a dock, tabify that dock with the
+    other VoCo docks once napari has placed it (napari's Plugins menu adds a widget's
+    dock below the others, each about 90 pixels high)."""
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.ParentChange and not watched.__dict__.get(
+                "_voco_tab_joined") and isinstance(watched.parent(), QDockWidget):
+            watched._voco_tab_joined = True
+            dock = watched.parent()
+
+            def join() -> None:
+                try:
+                    if watched.parent() is dock:
+                        tabify_with_voco_docks(dock)
+                except RuntimeError:  # closed before the event loop came round
+                    pass
+
+            QTimer.singleShot(0, join)  # after napari's addDockWidget and resizeDocks
+        return False
+
+
+def join_voco_tabs(widget: QWidget) -> None:
+    """Make ``widget``'s dock, once napari docks it (from the Plugins menu,
+    ``add_dock_widget`` or ``add_plugin_dock_widget``), a tab of the other VoCo docks
+    in its area, in front, instead of a thin slice under them
+    (:func:`tabify_with_voco_docks`); a dock marked with :func:`keep_placement`
+    before the event loop runs stays where it was put."""
+    widget._voco_tabs = True
+    widget._join_tabs_filter = _JoinVoCoTabs(widget)
+    widget.installEventFilter(widget._join_tabs_filter)

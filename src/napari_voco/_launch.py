@@ -8,8 +8,11 @@ checkpoints (wired explicitly: ``positions.follow_run(pretrain.run_state)``):
 from the first checkpoint on it shows sampled sub-volumes and their predicted
 positions. The pretraining panel and the inspector show at once, side by side on a
 wide screen and one above the other on a narrower one (finetune and segment are tabs
-behind the inspector), and the window fits a 1280 x 1024 or 1600 x 1000 screen (the
-widgets scroll). ``voco demo`` is the headless twin of this
+behind the inspector). The window fills the screen it opens on (maximised, and sized
+to the screen's available area where no window manager maximises it:
+:func:`fit_window_to_screen`), whatever size napari would give it or saved last time,
+so the loss plot, the inspector's summary and the canvas have room on a 1280 x 1024
+or 1600 x 1000 screen (the widgets scroll). ``voco demo`` is the headless twin of this
 job.
 """
 
@@ -68,24 +71,92 @@ SIDE_BY_SIDE_WIDTH = 1500
 by side; narrower ones (1280 x 1024) one above the other, leaving the canvas room."""
 
 
+def fit_window_to_screen(window) -> None:
+    """Size napari's main window to the available area of the screen it is on (less the
+    task bar) and maximise it. Without a window manager (Xvfb) nothing maximises a
+    window, so its geometry is set to that area first; with one, maximising keeps the
+    title bar on screen."""
+    from qtpy.QtWidgets import QApplication
+
+    screen = window.screen() or QApplication.primaryScreen()
+    if screen is None:
+        return
+    window.setGeometry(screen.availableGeometry())
+    window.showMaximized()
+
+
+def _rect(rect) -> list[int]:
+    return [rect.x(), rect.y(), rect.width(), rect.height()]
+
+
+def window_report(window) -> dict:
+    """What a user sees of napari's main ``window`` (numbers for the launcher's test and
+    the screenshot script): the screen's available area and the window's frame
+    (``[x, y, width, height]``), its minimum size, the canvas (central widget) and
+    status bar in window coordinates, and per visible dock (by title) its geometry, the
+    docks it is tabbed with, whether it is the tab in front, its widget's size and
+    minimum size and, for a scrolling VoCo widget, its content's minimum width and
+    height against the scroll area's viewport."""
+    from qtpy.QtWidgets import QApplication, QDockWidget, QScrollArea
+
+    screen = window.screen() or QApplication.primaryScreen()
+    central, status = window.centralWidget(), window.statusBar()
+    report = {"screen": _rect(screen.availableGeometry()),
+              "frame": _rect(window.frameGeometry()),
+              "maximized": window.isMaximized(),
+              "minimum": [window.minimumSizeHint().width(), window.minimumSizeHint().height()],
+              "canvas": _rect(central.geometry()),
+              "status_bar": _rect(status.geometry()) if status.isVisible() else None,
+              "docks": {}}
+    for dock in window.findChildren(QDockWidget):
+        if dock.isHidden() or dock.isFloating():
+            continue
+        inner = dock.widget()
+        hint = inner.minimumSizeHint()
+        entry = {"geometry": _rect(dock.geometry()),
+                 "tabbed": [other.windowTitle() for other in window.tabifiedDockWidgets(dock)],
+                 "in_front": not inner.visibleRegion().isEmpty(),
+                 "widget": [inner.width(), inner.height()],
+                 "widget_minimum": [hint.width(), hint.height()]}
+        scroll = inner.findChild(QScrollArea)
+        if scroll is not None and scroll.widget() is not None:
+            content = scroll.widget().minimumSizeHint()
+            entry["content_minimum"] = [content.width(), content.height()]
+            entry["viewport"] = [scroll.viewport().width(), scroll.viewport().height()]
+        report["docks"][dock.windowTitle()] = entry
+    return report
+
+
 def show_both(first, second) -> None:
     """Dock ``second`` beside ``first`` on a wide screen, else below it, so both show at
     once (each scrolls when its dock is shorter than its content)."""
     from qtpy.QtCore import Qt, QTimer
-    from qtpy.QtWidgets import QApplication
+    from qtpy.QtWidgets import QApplication, QScrollArea, QTabBar
+
+    from napari_voco._inputs import MIN_DOCK_HEIGHT
 
     first_dock, second_dock = dock_of(first), dock_of(second)
-    screen = QApplication.primaryScreen()
+    window = first_dock.parentWidget()
+    screen = window.screen() or QApplication.primaryScreen()
     wide = screen is None or screen.availableGeometry().width() >= SIDE_BY_SIDE_WIDTH
     orientation = Qt.Orientation.Horizontal if wide else Qt.Orientation.Vertical
-    window = first_dock.parentWidget()
     window.splitDockWidget(first_dock, second_dock, orientation)
     if not wide:  # share the height (Qt would squeeze the first dock to its minimum)
 
         def share_height() -> None:
-            height = max(window.height() - 120, 200)  # menu, tab bar, status bar
+            # the screen's height when the window manager has not maximised it yet
+            available = screen.availableGeometry().height() if screen is not None else 0
+            tabs = max((bar.sizeHint().height() for bar in window.findChildren(QTabBar)
+                        if bar.parent() is window and bar.count() > 1), default=0)
+            height = (max(window.height(), available) - window.menuBar().height()
+                      - window.statusBar().height() - tabs - 10)  # the docks' column
+            scroll = first_dock.widget().findChild(QScrollArea)
+            need = (scroll.widget().minimumSizeHint().height() + 30 if scroll is not None
+                    else 0)  # the whole first widget (its plot at the bottom) and title
+            second_height = max(int(height * 0.36), MIN_DOCK_HEIGHT + 60)
+            first_height = min(max(int(height * 0.55), need), height - second_height)
             window.resizeDocks([first_dock, second_dock],
-                               [int(height * 0.55), int(height * 0.45)], orientation)
+                               [first_height, height - first_height], orientation)
 
         QTimer.singleShot(0, share_height)  # once the window has its size
 
@@ -95,6 +166,7 @@ def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
     (started unless ``--no-start``). Returns the widgets by display name."""
     from qtpy.QtCore import QTimer
 
+    from napari_voco._inputs import keep_placement
     from voco_core.data.formats import volume_sources
     from voco_core.data.phantoms import make_phantom_dataset
 
@@ -108,9 +180,11 @@ def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
         _dock, widget = viewer.window.add_plugin_dock_widget(
             "napari-voco", name, tabify=name not in ("VoCo pretrain", "VoCo positions"))
         widgets[name] = widget
+        keep_placement(dock_of(widget))  # laid out here, not as a tab of the others
         if name == "VoCo positions":  # with the pretraining; finetune/segment tab behind
             show_both(widgets["VoCo pretrain"], widget)
     pretrain, positions = widgets["VoCo pretrain"], widgets["VoCo positions"]
+    fit_window_to_screen(dock_of(pretrain).parentWidget())  # napari's main window
     raise_dock_widget(positions)
     pretrain.overrides = DEMO_OVERRIDES
     pretrain.preset.setCurrentText("tiny")

@@ -51,11 +51,34 @@ def notify_info(message: str) -> None:
     show_info(message)
 
 
-def notify_notes(text: str) -> None:
+def split_notes(text: str) -> tuple[list[str], list[str]]:
+    """A trainer's notes (an event's ``message``) as ``(information lines, warning
+    lines)``: ``warning:`` lines are warnings."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return ([line for line in lines if not line.startswith("warning:")],
+            [line for line in lines if line.startswith("warning:")])
+
+
+def notify_notes(text: str, information: bool = True) -> None:
     """Show each line of a trainer's notes (an event's ``message``): ``warning:`` lines
-    as warnings, the others as information."""
-    for line in filter(None, text.splitlines()):
-        (show_warning if line.startswith("warning:") else show_info)(line)
+    as warnings, the others as information unless ``information`` is False (the run
+    panel writes those in its status line instead of covering the canvas with them)."""
+    infos, warnings = split_notes(text)
+    for line in warnings:
+        show_warning(line)
+    for line in infos if information else ():
+        show_info(line)
+
+
+def status_with_notes(status: str, notes: list[str], most: int = 3) -> str:
+    """``status`` with the run's notes below it, the ``most`` latest of them (and how
+    many earlier ones there were)."""
+    if not notes:
+        return status
+    shown = notes[-most:]
+    earlier = len(notes) - len(shown)
+    lines = ([f"({earlier} earlier notes)"] if earlier else []) + shown
+    return "\n".join([status, *lines])
 
 
 @contextmanager

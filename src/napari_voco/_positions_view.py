@@ -10,6 +10,8 @@
 * :class:`OverlapHeatmaps`: predicted and true overlap vectors as two heat maps,
   laid out as the base crops appear on screen (:func:`heatmap_layout`);
 * :func:`add_crop_layer`: a network-input crop as an Image layer, in place;
+* :func:`update_box_labels`: the boxes' labels stay legible at any zoom (a fixed
+  size on screen, shown only where they fit inside their box without overlapping);
 * :class:`FollowCombo`: the pretrain runs of the viewer the inspector can follow.
 """
 
@@ -225,19 +227,96 @@ def edge_width(view: View) -> float:
     return max(1.0, 0.004 * max(shape[a], shape[b]))
 
 
+GRID_TEXT_SIZE = 12
+SAMPLE_TEXT_SIZE = 10
+"""Label sizes of the base crops and the sampled sub-volumes, in screen pixels (napari
+draws Shapes text at a fixed size on screen, whatever the zoom)."""
+
+
+def _label_pixels(texts: list[str], size: float) -> np.ndarray:
+    """Approximate on-screen ``(width, height)`` of each label (napari's text ``size``
+    is the font size in screen pixels)."""
+    from qtpy.QtGui import QFont, QFontMetricsF
+
+    metrics = QFontMetricsF(QFont("OpenSans", round(size)))
+    widths = [metrics.horizontalAdvance(line) for line in texts]
+    return np.array([[width + 4.0, metrics.height()] for width in widths])
+
+
+def box_labels_shown(layer: Any, viewer: napari.Viewer, size: float,
+                     avoid: list[np.ndarray] = ()) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Which of the Shapes ``layer``'s labels (its ``features["label"]``) to show on
+    screen now, and the screen rectangles ``(x0, y0, x1, y1)`` (world units times the
+    zoom) of those shown: a label shows when it fits inside its box at the current
+    zoom and overlaps neither a label shown before it (in shape order) nor one of
+    ``avoid`` (another layer's labels); at a zoom where the boxes are small, fewer or
+    no labels show, instead of a pile of unreadable text."""
+    n = layer.nshapes
+    shown = np.zeros(n, dtype=bool)
+    if n == 0 or "label" not in layer.features:
+        return shown, []
+    displayed = list(viewer.dims.displayed[-2:])
+    offset = viewer.dims.ndim - layer.ndim
+    if viewer.dims.ndisplay != 2 or min(displayed) < offset:
+        return shown, []
+    zoom = float(viewer.scene.camera.zoom)  # screen pixels per world unit
+    texts = [str(text) for text in layer.features["label"]]
+    label_size = _label_pixels(texts, size)
+    others = list(avoid)
+    placed: list[np.ndarray] = []  # (x0, y0, x1, y1) of the labels shown, on screen
+    for index, vertices in enumerate(layer.data):
+        world = np.array([layer.data_to_world(v) for v in np.asarray(vertices)])
+        screen = world[:, displayed] * zoom
+        low, high = screen.min(axis=0), screen.max(axis=0)
+        extent = high - low  # (rows, columns) on screen
+        width, height = label_size[index]
+        if width > extent[1] or height > extent[0]:
+            continue  # the label would spill out of its box
+        centre = (low + high) / 2
+        rect = np.array([centre[1] - width / 2, centre[0] - height / 2,
+                         centre[1] + width / 2, centre[0] + height / 2])
+        if any(rect[0] < other[2] and other[0] < rect[2] and rect[1] < other[3]
+               and other[1] < rect[3] for other in [*others, *placed]):
+            continue
+        placed.append(rect)
+        shown[index] = True
+    return shown, placed
+
+
+def update_box_labels(layer: Any, viewer: napari.Viewer,
+                      avoid: list[np.ndarray] = ()) -> list[np.ndarray]:
+    """Show the labels of ``layer`` (a grid or samples layer) that are legible at the
+    current zoom (:func:`box_labels_shown`, clear of the label rectangles ``avoid``),
+    the others blank; the label text is ``features["label"]``, shown through
+    ``features["shown_label"]``. Returns the rectangles of the labels shown."""
+    if layer is None or layer not in viewer.layers or "label" not in layer.features:
+        return []
+    shown, placed = box_labels_shown(layer, viewer, float(layer.text.size), avoid)
+    labels = np.where(shown, layer.features["label"].astype(str), "")
+    current = layer.features.get("shown_label")
+    if current is None or not np.array_equal(current.to_numpy(dtype=str), labels):
+        features = layer.features.copy()
+        features["shown_label"] = labels
+        layer.features = features
+    return placed
+
+
 def add_grid_layer(viewer: napari.Viewer, view: View, name: str) -> Any:
     """The base crops of ``view`` as a Shapes layer of rectangles on the viewed slice
-    (text = crop index ``k``, the order of the overlap vectors), not editable."""
+    (text = crop index ``k``, the order of the overlap vectors), not editable; labels
+    shown where legible (:func:`update_box_labels`)."""
     k = view.base_boxes.shape[0]
+    labels = [str(i) for i in range(k)]
     layer = unwrap(viewer.add_shapes(
         box_rectangles(view.base_boxes, view.axes, view.slice_index), shape_type="rectangle",
-        name=name, features={"index": np.arange(k)},
-        text={"string": "{index}", "color": "yellow", "size": 12},
+        name=name, features={"index": np.arange(k), "label": labels, "shown_label": labels},
+        text={"string": "{shown_label}", "color": "yellow", "size": GRID_TEXT_SIZE},
         edge_color="yellow", face_color="transparent", edge_width=edge_width(view),
         metadata={"voco": {"kind": "base crops", "image_boxes": view.base_boxes.tolist(),
                            "axes": list(view.axes)}},
         **transform_kwargs(view.image)))
     layer.editable = False
+    update_box_labels(layer, viewer)
     return layer
 
 
@@ -245,16 +324,20 @@ def add_samples_layer(viewer: napari.Viewer, view: View, result: PositionResult,
                       name: str) -> Any:
     """Sampled sub-volumes as rectangles whose edge colour is the mean absolute error
     of their overlap vector (features: index, abs_error, top1_correct, predicted and
-    true crop), not editable."""
+    true crop), not editable; labels ``index: |error|`` shown where legible
+    (:func:`update_box_labels`)."""
     import pandas as pd
 
     errors = result.abs_error.astype(np.float64)
+    labels = [f"{i}: {e:.2f}" for i, e in enumerate(errors)]
     features = pd.DataFrame({
         "index": np.arange(len(errors)),
         "abs_error": errors,
         "top1_correct": result.top1_correct,
         "predicted_crop": result.predicted.argmax(axis=1),
         "true_crop": result.true.argmax(axis=1),
+        "label": labels,
+        "shown_label": labels,
     })
     high = float(errors.max()) if errors.size and errors.max() > 0 else 1.0
     layer = unwrap(viewer.add_shapes(
@@ -262,11 +345,12 @@ def add_samples_layer(viewer: napari.Viewer, view: View, result: PositionResult,
         name=name, features=features,
         edge_color="abs_error", edge_colormap="plasma", edge_contrast_limits=(0.0, high),
         face_color="transparent", edge_width=edge_width(view),
-        text={"string": "{index}: {abs_error:.2f}", "color": "white", "size": 8},
+        text={"string": "{shown_label}", "color": "white", "size": SAMPLE_TEXT_SIZE},
         metadata={"voco": {"kind": "sampled sub-volumes",
                            "sample_boxes": result.sample_boxes.tolist()}},
         **transform_kwargs(view.image)))
     layer.editable = False
+    update_box_labels(layer, viewer)
     return layer
 
 

@@ -10,6 +10,9 @@ widget then
   overlap vector next to the true overlap as two ``n x n`` heat maps;
 * samples ``N`` random sub-volumes as in training (``"VoCo sampled sub-volumes"``,
   edge colour = mean absolute error of the overlap vector);
+* keeps the boxes' labels legible at any zoom: a fixed size on screen, shown only
+  where they fit inside their box without overlapping another label (zoom in for
+  more; :func:`~napari_voco._positions_view.update_box_labels`);
 * opens any base crop or the placed sub-volume as an Image layer exactly as the
   network sees it (resampled, normalised), placed where it lies in the world.
 
@@ -55,6 +58,7 @@ from napari_voco._inputs import (
     checkpoint_edit,
     checkpoint_path,
     release_viewer_events_on_close,
+    reveal,
     scrolling_layout,
 )
 from napari_voco._jobs import JobRunner, RunState
@@ -83,6 +87,7 @@ from napari_voco._positions_view import (
     heatmap_layout,
     move_rectangles_to_slice,
     positions_job,
+    update_box_labels,
 )
 from napari_voco._tooltips import TOOLTIPS
 from voco_core.checkpoint import find_checkpoint
@@ -215,6 +220,7 @@ class PositionsWidget(ViewerEvents, QWidget):
         self.listen(napari_viewer.dims.events.order, self._on_view_turned)
         self.listen(napari_viewer.dims.events.ndisplay, self._on_view_turned)
         self.listen(napari_viewer.camera.events.orientation, self._on_view_turned)
+        self.listen(napari_viewer.scene.camera.events.zoom, self._update_labels)
         self.runner = JobRunner("positions", self)
         self.runner.event.connect(self._on_outcome)
         self.runner.failed.connect(self._fail)
@@ -367,8 +373,10 @@ class PositionsWidget(ViewerEvents, QWidget):
             self._fail(err)
 
     def _fail(self, err: BaseException) -> None:
+        """A notification, and the whole message in the status line (scrolled to)."""
         _notify.notify_error(err)
         self._set_status(f"failed: {_notify.error_message(err)}")
+        reveal(self.status)
 
     def _set_status(self, text: str) -> None:
         self.status.setText(text)
@@ -423,6 +431,7 @@ class PositionsWidget(ViewerEvents, QWidget):
         if self.grid_layer is not None and self.grid_layer in self.viewer.layers:
             self.viewer.layers.remove(self.grid_layer)
         self.grid_layer = add_grid_layer(self.viewer, view, GRID_LAYER)
+        self._update_labels()
 
     def _ensure_box_layer(self, view: View):
         layer = self.box_layer
@@ -476,6 +485,7 @@ class PositionsWidget(ViewerEvents, QWidget):
         if self.samples_layer is not None and self.samples_layer in self.viewer.layers:
             self.viewer.layers.remove(self.samples_layer)
         self.samples_layer = add_samples_layer(self.viewer, view, result, SAMPLES_LAYER)
+        self._update_labels()  # clear of the base crops' labels
         errors = result.abs_error.astype(np.float64)
         high = float(self.samples_layer.edge_contrast_limits[1])
         chance = 1.0 / result.grid_size**2
@@ -514,10 +524,19 @@ class PositionsWidget(ViewerEvents, QWidget):
             return
         self._submit("box", skip_same=True)
 
+    def _update_labels(self, event=None) -> None:
+        """Show the box labels that are legible at this zoom (zoom and axes changes):
+        the base crops' first, then the sampled sub-volumes' clear of them."""
+        placed: list = []
+        for layer in (self.grid_layer, self.samples_layer):
+            if layer is not None and layer in self.viewer.layers:
+                placed += update_box_labels(layer, self.viewer, placed)
+
     def _on_view_turned(self, event=None) -> None:
         """Re-arrange the heat-map cells when the displayed axes or the camera change."""
         if self._view is not None and self._view.image in self.viewer.layers:
             self.heatmaps.relayout(heatmap_layout(self.viewer, self._view))
+        self._update_labels()
 
     def _on_slice(self, event=None) -> None:
         """Keep the rectangles on the slice being viewed (the boxes span the full depth)."""

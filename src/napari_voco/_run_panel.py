@@ -424,8 +424,20 @@ class RunPanel(QWidget):
             self.plot.append(event.step, {self.loss_name: event.loss,
                                           **getattr(event, "terms", {})})
             self.status.setText(step_status(event, self.run_device))
-            if event.message:  # what pre-processing chose for newly loaded volumes
-                _notify.notify_notes(event.message)
+            # What pre-processing chose for newly loaded volumes ("intensity auto: ..."):
+            # written once into the status line and kept under each step's status for
+            # the rest of the run, not a notification covering the canvas; warnings are
+            # notified as well.
+            run_dir, notes = self.__dict__.get("_notes", (None, []))
+            if run_dir != event.run_dir:
+                notes = []
+            self.__dict__["_notes"] = (event.run_dir, notes)
+            if event.message:
+                infos, warnings = _notify.split_notes(event.message)
+                notes += [line for line in infos + warnings if line not in notes]
+                if warnings:
+                    _notify.notify_notes("\n".join(warnings), information=False)
+            self.status.setText(_notify.status_with_notes(self.status.text(), notes))
         elif event.kind == "stopped":
             self.status.setText(f"stopped at step {event.step}; checkpoint {event.checkpoint}")
         elif event.kind == "done":

@@ -41,6 +41,7 @@ from napari_voco._inputs import (
     checkpoint_edit,
     checkpoint_path,
     release_viewer_events_on_close,
+    reveal,
     scrolling_layout,
 )
 from napari_voco._jobs import JobContext, JobRunner
@@ -247,9 +248,11 @@ class SegmentWidget(QWidget):
         self.cancel_button.setEnabled(False)
 
     def _fail(self, err: BaseException) -> None:
+        """A notification, and the whole message in the status line (scrolled to)."""
         _notify.notify_error(err)
         self.progress.setValue(0)
         self._set_status(f"failed: {_notify.error_message(err)}")
+        reveal(self.status)
 
     def _set_status(self, text: str) -> None:
         self.last_status = text

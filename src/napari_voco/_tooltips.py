@@ -35,14 +35,23 @@ TOOLTIPS: dict[str, str] = {
     "finetune_steps": "optimizer steps in total (train.total_steps)",
     "finetune_lr": "peak learning rate (train.lr)",
     "val_every": "steps between validations (train.val_every); one is also run at the end",
-    "sparse": "annotated slices only (data.ignore_label): along the axis, a slice with any "
-              "painted voxel is fully annotated (its unpainted voxels are background); all "
-              "other slices are ignored by the loss and the validation Dice",
     "sparse_axis": "the axis whose slices you paint; default: the axis napari is slicing "
                    "(the slider's axis in 2-D view, else axis 0), read when the run starts",
-    "copy_prediction": "copy the segmentation into the training labels layer of the pair whose "
-                       "image was segmented (whole volume or the slice shown; Ctrl+Z on that "
-                       "layer undoes it), then correct it and continue",
+    "sparse_reviewed": "annotated slices only (data.ignore_label): along the axis, the slices "
+                       "you painted on or accepted are fully annotated (their unpainted voxels "
+                       "are background); every other slice, a copied prediction included, is "
+                       "ignored. From 3 annotated slices on, every 4th (at least one) is held "
+                       "out for the validation Dice",
+    "copy_prediction_review": "copy the segmentation into the training labels layer of the pair "
+                              "whose image was segmented (whole volume: your annotated slices "
+                              "are kept; or the slice shown). Copied slices are not training "
+                              "labels until you review them: paint a correction or Accept slice "
+                              "(Ctrl+Z on that layer undoes the copy)",
+    "accept_slice": "mark the slice shown (along the sparse axis) of the training labels layer "
+                    "as reviewed: it trains as it is, its unpainted voxels background; click "
+                    "again to take the mark back",
+    "review_next": "slices to review next, most uncertain first, taking turns over the "
+                   "predicted classes (annotated slices left out); click one to go there",
     "continue": "start a new run (RUN_r2, RUN_r3, ...) from the last run's best checkpoint "
                 "(else last.pt) with the current labels and the steps above; its meta.json "
                 "records the parent",

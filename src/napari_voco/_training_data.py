@@ -3,11 +3,15 @@
 Either image + labels layer pairs (checked to share a voxel grid, dropped from the
 list when a layer is deleted) or a folder (``imagesTr``/``labelsTr``) / Decathlon
 datalist JSON. With *annotated slices only* each pair's labels become a sparse map
-(:mod:`napari_voco._sparse`): painted slices along the chosen axis, the rest the
-ignore label. :meth:`TrainingData.gather` turns the choice into what a
+(:mod:`napari_voco._sparse`): the slices the user painted on or accepted along the
+chosen axis (each labels layer's :class:`~napari_voco._sparse.AnnotationTracker`),
+the rest the ignore label; some of those slices are held out for validation
+(:func:`voco_core.data.sparse.holdout_slices`, :func:`~voco_core.data.sparse.split_sparse`).
+:meth:`TrainingData.gather` turns the choice into what a
 :class:`~napari_voco._finetune_widget.FinetuneJob` needs: the layer volumes to write
-(with their affines), else the folder, plus the ``data`` overrides they imply (class
-names from the first labels layer, the ignore label).
+(with their affines) and the held-out validation maps, else the folder, plus the
+``data`` overrides they imply (class names from the first labels layer, the ignore
+label).
 
 :class:`TrainingData` is a helper object of the widget, not a widget: its rows go into
 the widget's own settings form (:meth:`TrainingData.add_rows`), so the labels line up.
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QObject
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -34,9 +38,21 @@ from qtpy.QtWidgets import (
 )
 
 from napari_voco._inputs import CompactStack, LayerCombo, PathEdit, ViewerEvents, narrow
-from napari_voco._layers import layer_volume, unwrap
-from napari_voco._sparse import SLICING_AXIS, ignore_value, slicing_axis, sparse_labels
+from napari_voco._layers import current_slice, layer_volume, unwrap
+from napari_voco._sparse import (
+    SLICING_AXIS,
+    AnnotationTracker,
+    describe_slices,
+    ignore_value,
+    slicing_axis,
+)
 from napari_voco._tooltips import TOOLTIPS
+from voco_core.data.sparse import (
+    annotated_slices,
+    holdout_slices,
+    slices_missing_for_holdout,
+    split_sparse,
+)
 from voco_core.errors import VoCoDataError
 
 if TYPE_CHECKING:
@@ -72,12 +88,28 @@ class TrainingInputs:
     ``ignore_label``)."""
     note: str = ""
     """The annotated slices per pair, for the status line ("" when dense)."""
+    validation: list[tuple[int, tuple]] = field(default_factory=list)
+    """``(index in pairs, (labels, affine))``: the held-out slices of that pair (its
+    validation map; the image is the pair's), for each pair with a held-out slice."""
+    holdout_note: str = ""
+    """Sparse labels with no slice held out: why, and what to do (for the rounds
+    table, which then shows this instead of a Dice)."""
+    rounds: list[tuple[AnnotationTracker, int, np.ndarray, np.ndarray]] = field(
+        default_factory=list)
+    """``(tracker, axis, trained, held out)`` per pair: recorded when the run starts
+    (:meth:`TrainingData.record_rounds`)."""
 
 
 class TrainingData(ViewerEvents, QObject):
     """The finetune widget's data rows: source, layer pairs or folder, sparse labels.
 
-    ``fail`` reports a bad *Add pair* (the widget's notification)."""
+    ``fail`` reports a bad *Add pair* (the widget's notification).
+
+    Signals:
+        annotations_changed(object): a tracked labels layer's annotated slices changed.
+    """
+
+    annotations_changed = Signal(object)
 
     def __init__(self, viewer: napari.Viewer, fail: Callable[[Exception], None],
                  parent: QObject | None = None):
@@ -88,6 +120,8 @@ class TrainingData(ViewerEvents, QObject):
         self._fail = fail
         self.pairs: list[tuple[Any, Any]] = []
         """The image + labels layer pairs, in the order of :attr:`pair_list`."""
+        self.trackers: dict[int, AnnotationTracker] = {}
+        """The annotated-slice record of each training labels layer, by ``id``."""
 
         self.source = narrow(QComboBox())
         self.source.addItems([SOURCE_PAIRS, SOURCE_FOLDER])
@@ -118,11 +152,14 @@ class TrainingData(ViewerEvents, QObject):
         self.data_stack.addWidget(self.data_path)
         self.source.currentIndexChanged.connect(self.data_stack.setCurrentIndex)
         self.sparse = QCheckBox("annotated slices only")
-        self.sparse.setToolTip(TOOLTIPS["sparse"])
+        self.sparse.setToolTip(TOOLTIPS["sparse_reviewed"])
         self.sparse_axis = narrow(QComboBox(), 6)
         self.sparse_axis.addItems([SLICING_AXIS, "axis 0", "axis 1", "axis 2"])
         self.sparse_axis.setToolTip(TOOLTIPS["sparse_axis"])
         self.listen(viewer.layers.events.removed, self._prune_pairs)
+        # the labels layer chosen is tracked from then on (its labels so far count)
+        self.labels_combo.currentIndexChanged.connect(self._track_chosen)
+        self._track_chosen()
 
     def add_rows(self, form: QFormLayout) -> None:
         """Put the data rows into ``form`` (the widget's settings)."""
@@ -144,6 +181,7 @@ class TrainingData(ViewerEvents, QObject):
             raise VoCoDataError(f"labels layer {labels.name!r} has shape {labels_shape}, "
                                 f"image layer {image.name!r} {image_shape}: a pair needs the "
                                 "same voxel grid")
+        self.tracker_of(labels)
         if any(pair[0] is image and pair[1] is labels for pair in self.pairs):
             return
         self.pairs.append((image, labels))
@@ -169,6 +207,9 @@ class TrainingData(ViewerEvents, QObject):
             if not any(image is p for p in present) or not any(labels is p for p in present):
                 del self.pairs[row]
                 self.pair_list.takeItem(row)
+        for key, tracker in list(self.trackers.items()):
+            if not any(tracker.layer is p for p in present):
+                self._untrack(key)
 
     def layer_pairs(self) -> list[tuple[Any, Any]]:
         """The pairs to train on: the list, else the pair chosen in the combo boxes."""
@@ -182,15 +223,92 @@ class TrainingData(ViewerEvents, QObject):
 
     def labels_paired_with(self, image: Any) -> Any:
         """The training Labels layer paired with ``image`` (the list, else the combo
-        boxes); :class:`VoCoDataError` when there is none."""
+        boxes); :class:`VoCoDataError` when there is none. Tracked from then on."""
         for pair_image, labels in self.pairs:
             if pair_image is image:
+                self.tracker_of(labels)
                 return labels
         if image is not None and self.image_combo.layer() is image:
             if self.labels_combo.layer() is not None:
+                self.tracker_of(self.labels_combo.layer())
                 return self.labels_combo.layer()
         raise VoCoDataError(f"no training labels layer is paired with image "
                             f"{getattr(image, 'name', '?')!r}: add its image + labels pair")
+
+    def review_target(self, image: Any = None) -> Any:
+        """The training Labels layer *Accept slice* works on: the selected layer when it
+        is one (a pair's, or the chosen labels layer), else the one paired with
+        ``image`` (the segmented image), else the chosen labels layer."""
+        active = unwrap(self.viewer.layers.selection.active)
+        candidates = [labels for _, labels in self.pairs] + [unwrap(self.labels_combo.layer())]
+        if active is not None and any(active is layer for layer in candidates):
+            self.tracker_of(active)
+            return active
+        if image is not None:
+            try:
+                return self.labels_paired_with(image)
+            except VoCoDataError:
+                pass
+        if self.labels_combo.layer() is not None:
+            return self.tracker_of(self.labels_combo.layer()).layer
+        raise VoCoDataError("no training labels layer: choose a labels layer (or add an "
+                            "image + labels pair) first")
+
+    # ------------------------------------------------------------------ annotated slices
+
+    def tracker_of(self, layer: Any, baseline: bool = True) -> AnnotationTracker:
+        """The :class:`AnnotationTracker` of a training Labels layer, started now when
+        there is none (``baseline``: the slices already holding a label count)."""
+        layer = unwrap(layer)
+        tracker = self.trackers.get(id(layer))
+        if tracker is not None and tracker.layer is layer:
+            return tracker
+        tracker = AnnotationTracker(layer, baseline)
+        self.trackers[id(layer)] = tracker
+        self.listen(layer.events.paint, tracker.on_paint)
+        self.listen(layer.events.data, tracker.on_data)
+        tracker.changed.append(lambda: self.annotations_changed.emit(layer))
+        return tracker
+
+    def track_prediction(self, layer: Any) -> None:
+        """``layer`` holds a prediction: none of its slices counts as annotated until
+        painted or accepted (should it be used as training labels)."""
+        tracker = self.tracker_of(layer, baseline=False)
+        for mask in tracker.reviewed:
+            mask[:] = False
+        tracker.held_out.clear()
+        tracker.trained.clear()
+
+    def _untrack(self, key: int) -> None:
+        tracker = self.trackers.pop(key)
+        connections = self.__dict__.get("_viewer_connections", [])
+        for emitter, callback in list(connections):
+            if callback in (tracker.on_paint, tracker.on_data):
+                try:
+                    emitter.disconnect(callback)
+                except (RuntimeError, ValueError, TypeError):
+                    pass
+                connections.remove((emitter, callback))
+
+    def _track_chosen(self, *args: Any) -> None:
+        layer = self.labels_combo.layer()
+        if layer is not None:
+            self.tracker_of(layer)
+
+    def accept_current(self, image: Any = None, accepted: bool = True) -> tuple[Any, int, int]:
+        """*Accept slice*: mark the slice shown along the sparse axis of the
+        :meth:`review_target` annotated (``accepted`` False: not); returns
+        ``(layer, axis, index)``."""
+        layer = self.review_target(image)
+        axis = self.sparse_axis_of(layer)
+        index = current_slice(self.viewer, layer, axis)
+        self.tracker_of(layer).accept(axis, index, accepted)
+        return layer, axis, index
+
+    def record_rounds(self, inputs: TrainingInputs) -> None:
+        """A run started with ``inputs``: remember its trained and held-out slices."""
+        for tracker, axis, trained, held in inputs.rounds:
+            tracker.record_round(axis, trained, held)
 
     # ------------------------------------------------------------------ sparse labels
 
@@ -199,26 +317,58 @@ class TrainingData(ViewerEvents, QObject):
         text = self.sparse_axis.currentText()
         return slicing_axis(self.viewer, layer) if text == SLICING_AXIS else int(text[-1])
 
-    def _sparsify(self, layer_pairs: list, pairs: list, num_classes: int) -> tuple[int, str]:
-        """Turn ``pairs``' labels into "annotated slices only" maps, in place; returns the
-        ignore label and the slice counts for the status."""
+    def _sparsify(self, layer_pairs: list, inputs: TrainingInputs, num_classes: int,
+                  continuing: bool) -> int:
+        """Turn ``inputs.pairs``' labels into "annotated slices only" training maps, in
+        place, and the held-out slices into ``inputs.validation`` maps (the rule of
+        :func:`voco_core.data.sparse.holdout_slices`; slices held out before stay held
+        out, and when ``continuing``, slices an earlier round trained on are not held
+        out now). Fills the status note and, when nothing is held out, the holdout
+        note; returns the ignore label."""
+        pairs = inputs.pairs
         max_label = max(int(labels.max()) if labels.size else 0 for _, _, (labels, _) in pairs)
         ignore = ignore_value(max_label, num_classes)
-        counts = []
+        counts, missing = [], []
         for row, ((_, labels_layer), (name, image, (labels, affine))) in enumerate(
                 zip(layer_pairs, pairs, strict=True)):
             axis = self.sparse_axis_of(labels_layer)
-            sparse, count = sparse_labels(labels_layer.name, labels, axis, ignore)
-            pairs[row] = (name, image, (sparse, affine))
-            counts.append(f"{labels_layer.name} {count}/{labels.shape[axis]} (axis {axis})")
-        return ignore, f"annotated slices: {', '.join(counts)}; ignore label {ignore}"
+            tracker = self.tracker_of(labels_layer)
+            annotated = tracker.annotated(axis)
+            count = int(annotated.sum())
+            if count == 0:
+                raise VoCoDataError(
+                    f"labels layer {labels_layer.name!r} has no painted voxel and no accepted "
+                    f"slice: paint at least one slice along axis {axis} (or accept one) for "
+                    "'annotated slices only'")
+            held = holdout_slices(annotated, foreground=annotated_slices(labels, axis),
+                                  keep=tracker.held_out.get(axis),
+                                  exclude=tracker.trained.get(axis) if continuing else None)
+            train, validation = split_sparse(labels, axis, ignore, annotated, held)
+            pairs[row] = (name, image, (train, affine))
+            inputs.rounds.append((tracker, axis, annotated & ~held, held))
+            text = f"{labels_layer.name} {count}/{labels.shape[axis]} (axis {axis})"
+            if validation is not None:
+                inputs.validation.append((row, (validation, affine)))
+                text += f", held out {describe_slices(np.flatnonzero(held))}"
+            else:
+                missing.append(slices_missing_for_holdout(count))
+            counts.append(text)
+        inputs.note = f"annotated slices: {', '.join(counts)}; ignore label {ignore}"
+        if not inputs.validation:
+            more = min(missing)
+            inputs.holdout_note = (
+                f"no held-out slices: paint or accept at least {more} more "
+                f"slice{'s' if more > 1 else ''}" if more else
+                "no held-out slices: every annotated slice was trained on before; paint "
+                "or accept a new slice")
+        return ignore
 
     # ------------------------------------------------------------------ a run's inputs
 
-    def gather(self, fresh: bool) -> TrainingInputs:
+    def gather(self, fresh: bool, continuing: bool = False) -> TrainingInputs:
         """What the next run trains on (GUI thread; typed errors for bad input).
         ``fresh``: a new run, not a resumed or continued one (only a new run takes its
-        classes from the layers)."""
+        classes from the layers); ``continuing``: a run continuing an earlier round."""
         if self.source.currentText() != SOURCE_PAIRS:
             data = self.data_path.path()
             if data is None:
@@ -237,7 +387,6 @@ class TrainingData(ViewerEvents, QObject):
         if names and fresh:
             inputs.data_overrides.update(num_classes=len(names), class_names=names)
         if self.sparse.isChecked():
-            ignore, inputs.note = self._sparsify(layer_pairs, inputs.pairs,
-                                                 len(names) if names else 0)
-            inputs.data_overrides["ignore_label"] = ignore
+            inputs.data_overrides["ignore_label"] = self._sparsify(
+                layer_pairs, inputs, len(names) if names else 0, continuing)
         return inputs

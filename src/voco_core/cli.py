@@ -309,6 +309,28 @@ def _prediction_stems(files: list) -> list[Path]:
     return stems
 
 
+class _WindowProgress:
+    """``segment``'s progress as a bar on stderr (windows done, time left), shown from
+    the first window on, so an input refused before any window stays one error line;
+    gone once the volume is written."""
+
+    def __init__(self, name: str):
+        self.name, self.bar = name, None
+
+    def __call__(self, done: float) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=self.name, leave=False, dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}% of windows |{bar}| "
+                                       "{elapsed} elapsed, {remaining} left")
+        self.bar.update(round(100 * done) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from voco_core.data.formats import file_format, write_itk_volume
     from voco_core.data.io import read_volume, write_volume
@@ -334,18 +356,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     planned = [outputs(source, stem) for source, stem in zip(files, stems, strict=True)]
     refuse_existing([path for named in planned for path in named.values()], args.overwrite)
-    from tqdm import tqdm
-
     for source, named in zip(files, planned, strict=True):  # a path or channel files
         start = time.perf_counter()
         record = read_volume(source)
-        # windows done and the time left, on stderr; gone when the volume is written
-        with tqdm(total=100, desc=record.name, leave=False, dynamic_ncols=True,
-                  bar_format="{desc}: {percentage:3.0f}% of windows |{bar}| "
-                             "{elapsed} elapsed, {remaining} left") as bar:
+        progress = _WindowProgress(record.name)
+        try:
             result = segment(record, segmenter, overlap=args.overlap,
-                             probabilities=args.probabilities,
-                             progress=lambda done: bar.update(round(100 * done) - bar.n))
+                             probabilities=args.probabilities, progress=progress)
+        finally:
+            progress.close()
         write_volume(named["labels"], result.labels, record)
         written = str(named["labels"])
         if "native" in named:
