@@ -589,3 +589,32 @@ def test_pretrain_widget_starts_torchrun_with_two_processes(make_napari_viewer_p
     assert state["step"] == 2 and state["world_size"] == 2
     assert widget.panel.plot.series["total"][0] == [1.0, 2.0]
     _assert_usable(widget)
+
+
+def test_positions_inspector_follows_a_run_folder(make_napari_viewer_proxy, qtbot,
+                                                  train_dataset, pretrain_run, finetune_run,
+                                                  notified):
+    """Follow → run folder…: a run written by any process (here a finished one) feeds
+    the inspector its checkpoints like a docked pretrain widget's."""
+    from napari_voco._positions_widget import PositionsWidget
+    from voco_core.errors import VoCoDataError
+
+    viewer = make_napari_viewer_proxy()
+    viewer.open(train_dataset / "imagesTr" / "phantom_000.nii.gz", plugin="napari-voco")
+    positions = PositionsWidget(viewer)
+    viewer.window.add_dock_widget(positions, name="VoCo positions")
+    positions.follow.refresh()
+    assert positions.follow.itemText(positions.follow.count() - 1) == "run folder…"
+    assert not positions.follow_folder(finetune_run)
+    assert isinstance(notified[-1], VoCoDataError) and "finetuning run" in str(notified[-1])
+    notified.clear()
+    assert positions.follow_folder(pretrain_run)
+    assert positions.followed is positions.folder_runner.state
+    last = pretrain_run / "checkpoints" / "last.pt"
+    qtbot.waitUntil(lambda: positions.checkpoint.path() == last, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not positions.folder_runner.running and not positions.busy,
+                    timeout=WAIT_MS)
+    assert not notified, notified
+    assert positions._view is not None  # the grid was drawn with the followed checkpoint
+    positions.follow.activated.emit(0)  # "off"
+    assert positions.followed is None

@@ -425,18 +425,30 @@ def pretrain_runs(viewer: napari.Viewer) -> list[tuple[str, RunState]]:
 
 
 class FollowCombo(QComboBox):
-    """*Follow*: "off", then the VoCo pretrain widgets docked in this viewer (re-read
-    every time the list opens). :attr:`chosen` fires with the chosen run's
-    :class:`RunState` (None for "off") when the user picks one."""
+    """*Follow*: "off", the VoCo pretrain widgets docked in this viewer (re-read every
+    time the list opens), then "run folder…". :attr:`chosen` fires with the chosen
+    run's :class:`RunState` (None for "off") when the user picks one;
+    :attr:`folder_requested` when they pick "run folder…" (any run folder, whoever
+    writes it)."""
 
     chosen = Signal(object)
+    folder_requested = Signal()
     OFF = "off"
+    FOLDER = "run folder…"
 
     def __init__(self, viewer: napari.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self._viewer = viewer
         self.addItem(self.OFF, None)
-        self.activated.connect(lambda index: self.chosen.emit(self.itemData(index)))
+        self.addItem(self.FOLDER, self.FOLDER)
+        self.activated.connect(self._on_activated)
+
+    def _on_activated(self, index: int) -> None:
+        data = self.itemData(index)
+        if isinstance(data, str) and data == self.FOLDER:
+            self.folder_requested.emit()
+        else:
+            self.chosen.emit(data)
 
     def refresh(self) -> None:
         """List "off" and the pretrain widgets of the viewer, keeping the shown run."""
@@ -447,6 +459,7 @@ class FollowCombo(QComboBox):
             self.addItem(self.OFF, None)
             for name, state in pretrain_runs(self._viewer):
                 self.addItem(name, state)
+            self.addItem(self.FOLDER, self.FOLDER)
             self._select(current)
         finally:
             self.blockSignals(False)

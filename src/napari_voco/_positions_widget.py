@@ -33,6 +33,8 @@ checkpoint that run writes and re-predict what is on screen. Scripts (and the
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -91,7 +93,7 @@ from napari_voco._positions_view import (
 )
 from napari_voco._tooltips import TOOLTIPS
 from voco_core.checkpoint import find_checkpoint
-from voco_core.errors import VoCoDataError
+from voco_core.errors import VoCoDataError, VoCoError
 from voco_core.inference import PositionModel, PositionResult, PreparedVolume
 
 if TYPE_CHECKING:
@@ -135,6 +137,7 @@ class PositionsWidget(ViewerEvents, QWidget):
         self.follow = FollowCombo(napari_viewer)
         self.follow.setToolTip(TOOLTIPS["follow"])
         self.follow.chosen.connect(self.follow_run)
+        self.follow.folder_requested.connect(self.ask_follow_folder)
         self.followed: RunState | None = None
         inputs.addRow("Follow", self.follow)
         inputs.addRow(self.grid_button)
@@ -222,6 +225,11 @@ class PositionsWidget(ViewerEvents, QWidget):
         self.listen(napari_viewer.camera.events.orientation, self._on_view_turned)
         self.listen(napari_viewer.scene.camera.events.zoom, self._update_labels)
         self.runner = JobRunner("positions", self)
+        # follows a run folder written by any process (Follow → run folder…)
+        self.folder_runner = JobRunner("pretrain", self)
+        self.folder_runner.failed.connect(self._fail)
+        self.folder_runner.finished.connect(self._follow_next_folder)
+        self._next_folder: Path | None = None
         self.runner.event.connect(self._on_outcome)
         self.runner.failed.connect(self._fail)
         self.runner.finished.connect(self._on_finished)
@@ -260,6 +268,8 @@ class PositionsWidget(ViewerEvents, QWidget):
         as they are written and re-run what is on screen; None stops following."""
         if self.followed is not None:
             self.followed.checkpoint_written.disconnect(self.on_checkpoint_written)
+            if self.followed is self.folder_runner.state and state is not self.followed:
+                self.folder_runner.stop()  # following a folder ends with it
         self.followed = state
         self.follow.show_followed(state)
         if state is None:
@@ -270,6 +280,49 @@ class PositionsWidget(ViewerEvents, QWidget):
             self._set_status(f"following {state.checkpoint}")
         else:
             self._set_status("following the pretraining: waiting for its first checkpoint")
+
+    def ask_follow_folder(self) -> None:
+        """*Follow → run folder…*: pick a pretraining run folder and follow it."""
+        from qtpy.QtWidgets import QFileDialog
+
+        chosen = QFileDialog.getExistingDirectory(self, "Follow a pretraining run folder")
+        if chosen:
+            self.follow_folder(Path(chosen))
+        else:
+            self.follow.show_followed(self.followed) if self.followed else self.follow_run(None)
+
+    def follow_folder(self, run_dir: Path) -> bool:
+        """Follow the pretraining run in ``run_dir``, whoever writes it (a terminal,
+        ``torchrun``, a cluster job on a shared folder): each checkpoint it writes is
+        taken as a followed widget's would be. False (and the failure shown) when the
+        folder holds no pretraining run."""
+        from voco_core.run_folder import RunFolder
+        from voco_core.run_follow import run_kind
+
+        try:
+            if run_kind(RunFolder(run_dir)) != "pretrain":
+                raise VoCoDataError("is a finetuning run: the inspector follows pretraining "
+                                    "runs", run_dir)
+        except VoCoError as err:
+            self._fail(err)
+            return False
+        self._next_folder = Path(run_dir)
+        if self.folder_runner.running:  # the previous folder's follower ends first
+            self.folder_runner.stop()
+        else:
+            self._follow_next_folder()
+        return True
+
+    def _follow_next_folder(self) -> None:
+        from napari_voco._run_panel import follow_job
+
+        run_dir, self._next_folder = self._next_folder, None
+        if run_dir is None:
+            return
+        self.follow_run(None)
+        self.folder_runner.start(functools.partial(follow_job, run_dir),
+                                 f"following {run_dir}", run_dir=str(run_dir))
+        self.follow_run(self.folder_runner.state)
 
     def release_viewer_events(self) -> None:
         """Closing the widget also stops following a run."""
