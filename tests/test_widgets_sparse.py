@@ -343,3 +343,23 @@ def test_sparse_without_painted_voxel_notifies_naming_the_layer(make_napari_view
     assert not widget.continue_button.isEnabled()
     assert not widget.continue_finetuning() and "nothing to continue" in str(notified[-1])
     assert widget.panel.start_button.isEnabled() and not (tmp_path / "ft").exists()
+
+
+def test_labels_painted_on_a_new_layer_keep_the_class_names(make_napari_viewer_proxy,
+                                                            train_dataset):
+    """A new Labels layer (napari's own, no metadata) painted over an image whose label
+    map is open: the run's classes are named from that label map, not class_5."""
+    import numpy as np
+
+    from napari_voco._finetune_widget import FinetuneWidget
+
+    viewer = make_napari_viewer_proxy()
+    viewer.open(train_dataset / "imagesTr" / "phantom_000.nii.gz", plugin="napari-voco")
+    [atlas] = viewer.open(train_dataset / "labelsTr" / "phantom_000.nii.gz",
+                          plugin="napari-voco")
+    painted = viewer.add_labels(np.zeros(atlas.data.shape, np.uint8), name="painted")
+    painted.data[10, 20:30, 20:30] = 5
+    widget = FinetuneWidget(viewer)
+    names = widget.data._label_names([painted])
+    assert names == atlas.metadata["voco"]["label_names"]
+    assert names[5] == "liver" or names["5"] == "liver"

@@ -111,6 +111,25 @@ class TrainingData(ViewerEvents, QObject):
 
     annotations_changed = Signal(object)
 
+    def _label_names(self, training_labels: list) -> dict | None:
+        """Class names for the training labels: those a training labels layer carries
+        (read with its ``dataset.json``), else those of another Labels layer of the
+        viewer on the same grid (the image's own label map), so that labels painted on
+        a new layer keep the names (``liver``, not ``class_5``)."""
+        def names_of(layer) -> dict | None:
+            return ((getattr(layer, "metadata", None) or {}).get("voco") or {}).get(
+                "label_names")
+
+        for layer in training_labels:
+            if names_of(layer):
+                return names_of(layer)
+        shape = tuple(training_labels[0].data.shape) if training_labels else None
+        for layer in map(unwrap, self.viewer.layers):
+            if (type(layer).__name__ == "Labels" and names_of(layer)
+                    and tuple(layer.data.shape) == shape):
+                return names_of(layer)
+        return None
+
     def __init__(self, viewer: napari.Viewer, fail: Callable[[Exception], None],
                  parent: QObject | None = None):
         super().__init__(parent)
@@ -379,8 +398,7 @@ class TrainingData(ViewerEvents, QObject):
         inputs = TrainingInputs(pairs=[
             (image.name, layer_volume(image), layer_volume(labels, "labels"))
             for image, labels in layer_pairs])
-        label_names = ((layer_pairs[0][1].metadata or {}).get("voco") or {}).get(
-            "label_names")
+        label_names = self._label_names([labels for _, labels in layer_pairs])
         max_label = max(int(labels.max()) if labels.size else 0
                         for _, _, (labels, _) in inputs.pairs)
         names = class_names_of(label_names, max_label)
