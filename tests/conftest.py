@@ -117,7 +117,9 @@ def tiny_finetune_config(overrides: dict | None = None, exact: bool = False):
     ``exact``: deterministic mode (see :data:`EXACT`)."""
     from voco_core.config import make_finetune_config, merge
 
-    base = {"train": {"total_steps": 2, "val_every": 2, "warmup_steps": 1,
+    # the file's spacing: the tests' small phantoms (6.25 mm voxels) are not resampled
+    base = {"data": {"spacing": None},
+            "train": {"total_steps": 2, "val_every": 2, "warmup_steps": 1,
                       "samples_per_volume": 1},
             "run": {"device": "cpu", "checkpoint_every": 100, "deterministic": False,
                     "tensorboard": False}}

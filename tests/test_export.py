@@ -185,7 +185,7 @@ def test_metadata_has_what_monai_expects(bundle, finetune_run):
     names = state["config"]["data"]["class_names"]
     assert pred["channel_def"] == {str(i): name for i, name in enumerate(names)}
     assert pred["num_channels"] == len(names) == 11 and image["num_channels"] == 1
-    assert meta["channels"] == 1 and meta["spacing_mm"] is None  # the tiny preset's
+    assert meta["channels"] == 1 and meta["spacing_mm"] is None  # the tests' tiny config's
     assert image["spatial_shape"] == [64, 64, 64] and image["value_range"] == [0, 1]
     # MONAI's own property lists: every required metadata entry, and every required
     # inference entry but ignite's `evaluator` (the bundle loops without ignite).

@@ -28,6 +28,7 @@ TINY_PRETRAIN = {
     "run": {"tensorboard": False, "log_every": 1},
 }
 TINY_FINETUNE = {
+    "data": {"spacing": None},  # as tests/conftest.py: the small phantoms at their own grid
     "train": {"samples_per_volume": 1, "warmup_steps": 1, "sw_batch_size": 1},
     "run": {"tensorboard": False},
 }

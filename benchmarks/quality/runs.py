@@ -329,9 +329,11 @@ class ResultStore:
 ENCODER_LEVERS = ("encoder_lr_scale", "freeze_encoder_steps")
 """Finetuning keys that only change how a pretrained encoder is treated."""
 
-SCHEMA_ADDITIONS = {"data.in_channels": 0}
+SCHEMA_ADDITIONS = {"data.in_channels": 0, "train.ce_balance": 0.0,
+                    "train.batch_dice": False}
 """Finetuning config keys added since older results files were written, with the value
-that means what those files did (``in_channels: 0``: one channel, from the data)."""
+that means what those files did (``in_channels: 0``: one channel, from the data;
+``ce_balance: 0`` and ``batch_dice: false``: plain DiceCE)."""
 
 
 def control_fingerprint(fingerprint: dict) -> dict:
