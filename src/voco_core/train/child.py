@@ -78,11 +78,15 @@ def iter_plan_in_child(plan: Any, data: Any, stop: StopFlag | None = None, *,
     process = context.Process(target=_child_main, name=f"voco-{plan.kind}",
                               args=(plan, data, events, child_stop, threads))
     process.start()
-    finished = False
+    stop_asked, timed_out = None, False
     try:
         while True:
             if stop is not None and stop.is_set():
                 child_stop.set()
+                stop_asked = stop_asked or time.monotonic()
+                if time.monotonic() - stop_asked > STOP_WAIT_SECONDS:
+                    timed_out = True  # a step that does not end: SIGTERM, then SIGKILL
+                    return
             try:
                 item = events.get(timeout=POLL_SECONDS)
             except queue.Empty:
@@ -94,14 +98,12 @@ def iter_plan_in_child(plan: Any, data: Any, stop: StopFlag | None = None, *,
                     process.join()  # reap it: its pid no longer holds the folder's lock
                     raise died(plan.run_dir, process.exitcode) from None
             if item == _END:
-                finished = True
                 return
             if isinstance(item, BaseException):
-                finished = True
                 raise item
             yield item
     finally:
-        _end_child(process, child_stop, graceful=not finished)
+        _end_child(process, child_stop, graceful=not timed_out)
         events.close()
         events.join_thread()
 
@@ -217,7 +219,8 @@ def died(run_dir: str | Path, exitcode: int | None) -> TrainerDied:
 
 def _end_child(process, child_stop, graceful: bool) -> None:
     """Wait for the child; a child still running (the caller stopped iterating) is asked
-    to stop, then sent SIGTERM, then SIGKILL, each after :data:`STOP_WAIT_SECONDS`."""
+    to stop, then sent SIGTERM, then SIGKILL, each after :data:`STOP_WAIT_SECONDS`
+    (the first wait is 10 s when it was already asked that long: ``graceful`` False)."""
     if not process.is_alive():
         process.join()
         return
