@@ -95,3 +95,32 @@ def test_a_child_whose_parent_dies_stops_with_a_checkpoint(tmp_path, train_datas
     assert not folder.lock_file.exists()
     state = load_checkpoint(folder.root)
     assert 1 <= state["step"] < 500  # stopped early, with a checkpoint
+
+
+UNGUARDED_SCRIPT = """
+print("main script ran", flush=True)
+from pathlib import Path
+from voco_core.plan import plan_pretrain
+from voco_core.train.child import iter_plan_in_child
+plan = plan_pretrain(preset="tiny", overrides={{"run": {{"device": "cpu"}}}}, out=Path({out!r}))
+try:
+    list(iter_plan_in_child(plan, Path({data!r}), threads=1))
+except Exception as err:
+    print("child said:", err, flush=True)
+"""
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_in_the_child(tmp_path):
+    """A napari script written without ``if __name__ == "__main__":`` (the usual
+    notebook-style script) must not be started a second time by the spawned child."""
+    import subprocess
+    import sys
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    script = tmp_path / "my_napari_script.py"
+    script.write_text(UNGUARDED_SCRIPT.format(out=str(tmp_path / "run"), data=str(empty)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.count("main script ran") == 1, done.stdout + done.stderr[-2000:]
+    assert "child said:" in done.stdout and "empty" in done.stdout

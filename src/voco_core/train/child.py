@@ -22,8 +22,10 @@ import multiprocessing
 import pickle
 import queue
 import signal
+import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,8 @@ def iter_plan_in_child(plan: Any, data: Any, stop: StopFlag | None = None, *,
     child_stop = context.Event()
     process = context.Process(target=_child_main, name=f"voco-{plan.kind}",
                               args=(plan, data, events, child_stop, threads))
-    process.start()
+    with _main_script_hidden():
+        process.start()
     stop_asked, timed_out = None, False
     try:
         while True:
@@ -193,6 +196,29 @@ class _EveryPoll:
     def is_set(self) -> bool:
         self.action()
         return False
+
+
+@contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """Start a spawned child without running the parent's main script again.
+
+    ``spawn`` imports the parent's ``__main__`` file in the child (to find objects
+    defined there). The child needs nothing from it: it runs voco_core code on voco_core
+    objects. A user's napari script without an ``if __name__ == "__main__":`` guard
+    would, imported again, open a second napari in the child; so the main module's
+    ``__file__`` and ``__spec__`` are out of sight while the child is started."""
+    main = sys.modules.get("__main__")
+    saved = {key: getattr(main, key) for key in ("__file__", "__spec__")
+             if main is not None and hasattr(main, key)}
+    try:
+        if main is not None:
+            main.__spec__ = None  # read as "no module name" by multiprocessing
+            if "__file__" in saved:
+                del main.__file__
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
 
 
 def died(run_dir: str | Path, exitcode: int | None) -> TrainerDied:
