@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from voco_core.checkpoint import atomic_torch_save, load_checkpoint, write_json
+from voco_core.checkpoint import atomic_torch_save, load_checkpoint
 from voco_core.errors import VoCoConfigError, VoCoDataError
+from voco_core.outputs import write_json
 from voco_core.plan import plan_finetune, plan_pretrain
 from voco_core.run_folder import RunFolder, read_log
 from voco_core.train.events import FinetuneEvent, PretrainEvent, TrainEvent

@@ -109,6 +109,38 @@ def test_tracker_counts_paint_and_accept_never_a_copied_prediction(make_napari_v
     assert (labels.data[0] == 0).all()
 
 
+def _painted_pair(viewer, dataset, name: str, slices: tuple[int, ...]):
+    """The phantom ``name`` as the reader opens it, and a Labels layer on its grid where
+    the user painted the true labels of ``slices`` (axial, axis 0); returns
+    ``(image, labels, truth)``."""
+    from napari_voco._io import read_nifti
+
+    data, kwargs, _ = read_nifti(str(dataset / "imagesTr" / name))[0]
+    image = viewer.add_image(data, **kwargs)
+    truth = np.asarray(read_nifti(str(dataset / "labelsTr" / name))[0][0])
+    painted = np.zeros(truth.shape, np.uint8)
+    painted[list(slices)] = truth[list(slices)]
+    labels = viewer.add_labels(painted, name="painted", **{
+        k: v for k, v in kwargs.items() if k in ("scale", "translate", "affine", "metadata")})
+    return image, labels, truth
+
+
+def _sparse_widget(viewer, out, steps: int):
+    """A docked finetune widget for a tiny sparse run of ``steps`` (validating at the
+    end) into ``out``."""
+    from napari_voco._finetune_widget import FinetuneWidget
+
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="VoCo finetune")
+    widget.overrides = TINY_FINETUNE
+    widget.preset.setCurrentText("tiny")
+    widget.steps.setValue(steps)
+    widget.val_every.setValue(steps)
+    widget.device.set_device("cpu")
+    widget.output.set_path(out)
+    return widget
+
+
 def _held_out_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     """The validation mean Dice of one fully annotated slice, computed here with numpy:
     per class present in the truth (background left out), then the mean."""
@@ -130,31 +162,15 @@ def test_sparse_finetune_holds_out_a_slice_and_learns_only_from_review(
         make_napari_viewer_proxy, qtbot, train_dataset, tmp_path, notified):
     from qtpy.QtCore import QTimer
 
-    from napari_voco._finetune_widget import FinetuneWidget
-    from napari_voco._io import read_nifti
     from napari_voco._layers import current_slice
     from napari_voco._sparse import COPY_SLICE, COPY_VOLUME
     from napari_voco._text import format_dice
     from voco_core.data.io import read_volume
 
     viewer = make_napari_viewer_proxy()
-    name = "phantom_000.nii.gz"
-    data, kwargs, _ = read_nifti(str(train_dataset / "imagesTr" / name))[0]
-    image = viewer.add_image(data, **kwargs)
-    truth = np.asarray(read_nifti(str(train_dataset / "labelsTr" / name))[0][0])
-    painted = np.zeros(truth.shape, np.uint8)
-    painted[list(PAINTED3)] = truth[list(PAINTED3)]  # the user paints three slices
-    labels = viewer.add_labels(painted, name="painted", **{
-        k: v for k, v in kwargs.items() if k in ("scale", "translate", "affine", "metadata")})
-
-    widget = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="VoCo finetune")
-    widget.overrides = TINY_FINETUNE
-    widget.preset.setCurrentText("tiny")
-    widget.steps.setValue(2)
-    widget.val_every.setValue(2)
-    widget.device.set_device("cpu")
-    widget.output.set_path(tmp_path / "ft")
+    # the user paints three slices
+    image, labels, truth = _painted_pair(viewer, train_dataset, "phantom_000.nii.gz", PAINTED3)
+    widget = _sparse_widget(viewer, tmp_path / "ft", steps=2)
     widget.data.image_combo.set_layer(image)
     widget.data.labels_combo.set_layer(labels)
     widget.data.sparse.setChecked(True)
@@ -290,26 +306,11 @@ def test_sparse_finetune_holds_out_a_slice_and_learns_only_from_review(
 @pytest.mark.serial
 def test_rounds_table_says_so_when_no_slice_is_held_out(make_napari_viewer_proxy, qtbot,
                                                         train_dataset, tmp_path, notified):
-    from napari_voco._finetune_widget import FinetuneWidget
-    from napari_voco._io import read_nifti
 
     viewer = make_napari_viewer_proxy()
-    name = "phantom_001.nii.gz"
-    data, kwargs, _ = read_nifti(str(train_dataset / "imagesTr" / name))[0]
-    image = viewer.add_image(data, **kwargs)
-    truth = np.asarray(read_nifti(str(train_dataset / "labelsTr" / name))[0][0])
-    painted = np.zeros(truth.shape, np.uint8)
-    painted[list(PAINTED)] = truth[list(PAINTED)]  # two slices: none can be held out
-    labels = viewer.add_labels(painted, name="painted", **{
-        k: v for k, v in kwargs.items() if k in ("scale", "translate", "affine", "metadata")})
-    widget = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="VoCo finetune")
-    widget.overrides = TINY_FINETUNE
-    widget.preset.setCurrentText("tiny")
-    widget.steps.setValue(1)
-    widget.val_every.setValue(1)
-    widget.device.set_device("cpu")
-    widget.output.set_path(tmp_path / "ft")
+    # two slices: none can be held out
+    image, labels, _ = _painted_pair(viewer, train_dataset, "phantom_001.nii.gz", PAINTED)
+    widget = _sparse_widget(viewer, tmp_path / "ft", steps=1)
     widget.data.add_pair(image, labels)
     widget.data.sparse.setChecked(True)
     assert widget.start()

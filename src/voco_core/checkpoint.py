@@ -20,13 +20,7 @@ import torch
 
 from voco_core import __version__
 from voco_core.errors import VoCoDataError
-from voco_core.outputs import (  # noqa: F401  (re-exported: the checkpoint's writers)
-    atomic_write,
-    atomic_write_text,
-    json_safe,
-    write_json,
-    write_through_file,
-)
+from voco_core.outputs import atomic_write, write_through_file
 from voco_core.run_folder import RunFolder
 
 PRETRAIN_FORMAT = "napari-voco/pretrain"

@@ -133,8 +133,8 @@ class RunFolder:
     def move_aside(self) -> Path:
         """Rename the folder to ``RUN_DIR.old-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... when
         that exists) and return the new path; refused while a run writes here."""
-        holder = _read_lock(self.lock_file)
-        if self.lock_file.exists() and _is_alive(holder):
+        if self.held():
+            holder = _read_lock(self.lock_file)
             raise VoCoDataError(f"another run is writing to this folder (pid "
                                 f"{holder.get('pid')} on {holder.get('host')}); stop it "
                                 "first or choose another output folder", self.root)

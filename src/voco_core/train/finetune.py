@@ -44,7 +44,6 @@ from voco_core.checkpoint import (
     saved_config,
     segmentation_meta,
     segmentation_payload,
-    write_json,
 )
 from voco_core.config import FinetuneConfig, finetune_config_from_dict, merge, resolve_device
 from voco_core.data.datalists import (
@@ -66,6 +65,7 @@ from voco_core.data.segmentation import (
 from voco_core.data.sparse import check_sparse_label, class_values, masked_dice
 from voco_core.errors import VoCoConfigError, VoCoDataError
 from voco_core.models import BACKBONE_PREFIXES, build_swin_unetr
+from voco_core.outputs import write_json
 from voco_core.run_folder import RunFolder
 from voco_core.segmentation_loss import MaskedDiceCELoss
 from voco_core.train.common import (

@@ -38,7 +38,6 @@ from voco_core.checkpoint import (
     pretrain_payload,
     require_resumable,
     saved_config,
-    write_json,
 )
 from voco_core.config import VoCoConfig, config_from_dict, merge, resolve_device
 from voco_core.data.datalists import DatalistEntry, load_datalist, resolve_in_channels
@@ -65,6 +64,7 @@ from voco_core.distributed import (
 from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoTrainingError
 from voco_core.losses import build_loss
 from voco_core.models import VoCoModel
+from voco_core.outputs import write_json
 from voco_core.run_folder import RunFolder, read_log
 from voco_core.train.batch_size import resolve_batch_size
 from voco_core.train.common import (
