@@ -152,10 +152,9 @@ def gui_job_threads(current: int, cpus: int) -> int:
 
 def _job_started() -> None:
     """Freeze the heap and size torch's thread pool for a starting job (module doc,
-    "Responsiveness"). The first job also imports what torch loads lazily on a first
-    training run (``torch._dynamo``, which pulls in sympy: about 800 modules) and
-    freezes again, so that neither the collections these imports trigger nor those
-    after the job scan those objects."""
+    "Responsiveness"). Nothing is preloaded for training: trainings run in their own
+    process, so what torch loads lazily on a first training run (``torch._dynamo``
+    and sympy, about 800 modules) never needs to be in napari's."""
     global _running_jobs, _saved_threads
     import torch
 
@@ -166,14 +165,6 @@ def _job_started() -> None:
             gc.freeze()
             _saved_threads = torch.get_num_threads()
             torch.set_num_threads(gui_job_threads(_saved_threads, available_cpus()))
-    if first:
-        try:
-            import torch._dynamo
-        except Exception:  # an older or trimmed torch: nothing to preload
-            pass
-        with _jobs_lock:
-            if _running_jobs == 1:  # no other job's objects would be frozen with them
-                gc.freeze()
 
 
 def _job_ended() -> None:
