@@ -134,12 +134,12 @@ class OurStep:
 
         from voco_core.distributed import DistContext
         from voco_core.losses import build_loss
-        from voco_core.models import VoCoModel
+        from voco_core.models import StudentTeacher
         from voco_core.train.common import amp_dtype, warmup_cosine
 
         o = config.optim
         self.config, self.device = config, torch.device(device)
-        self.model = VoCoModel(config.model).to(self.device)
+        self.model = StudentTeacher(config.model).to(self.device)
         self.loss_fn = build_loss(config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay,
@@ -169,9 +169,9 @@ def our_config(feature_size: int, teacher: str, checkpointing: bool, device: str
     """The base preset's geometry (16 base + 2 random crops of 96^3 per 384 x 384 x 96
     volume, the authors') resized to ``crop_size``^3, ``volumes`` per step, at
     ``feature_size``, with their 2048-wide head."""
-    from voco_core.config import make_config
+    from voco_core.config import make_pretrain_config
 
-    return make_config("base", {
+    return make_pretrain_config("base", {
         "geometry": {"input_size": crop_size},
         "model": {"feature_size": feature_size, "teacher": teacher,
                   "gradient_checkpointing": checkpointing},

@@ -9,8 +9,8 @@
 #      of Luffy03/VoCo is given in VOCO_AUTHORS_REPO (never committed)   ~1.5 min
 # Results: JSON files under $OUT (default benchmarks/results) and one line each.
 #
-# The device machine has torch with CUDA but not MONAI/nibabel: carry them as wheels
-# (see docs/benchmarks.md, "CUDA rows of issue 13") and set VOCO_WHEELS to that folder.
+# A machine with torch and CUDA but without MONAI/nibabel: carry their wheels and set
+# VOCO_WHEELS to that folder (rows: docs/benchmarks.md, "Not measured yet: needs a GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}

@@ -53,10 +53,10 @@ def model_flops(config, device) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from voco_core.models import VoCoModel
+    from voco_core.models import StudentTeacher
     from voco_core.train.common import amp_dtype, autocast
 
-    model = VoCoModel(replace(config.model, gradient_checkpointing=False),
+    model = StudentTeacher(replace(config.model, gradient_checkpointing=False),
                       config.data.image_channels).to(device)
     per_volume = config.num_base_crops + config.geometry.num_random_crops
     size = config.geometry.input_size
@@ -84,12 +84,12 @@ def run_row(overrides: dict, preset: str, device: str, steps: int, data: str) ->
     import torch
 
     from voco_core.attention import window_attention_backend
-    from voco_core.config import load_config, make_config, merge
+    from voco_core.config import load_pretrain_config, make_pretrain_config, merge
     from voco_core.train.pretrain import iter_pretrain
 
     overrides = dict(overrides)
     attention = overrides.pop("_attention", "auto")
-    config = make_config(preset, merge(overrides, {
+    config = make_pretrain_config(preset, merge(overrides, {
         "optim": {"total_steps": WARM_STEPS + steps},
         "run": {"device": device, "tensorboard": False, "checkpoint_every": 10_000}}))
     cuda = device.startswith("cuda")
@@ -122,7 +122,7 @@ def run_row(overrides: dict, preset: str, device: str, steps: int, data: str) ->
                 busy = gpu_kernel_seconds(prof)
         finally:
             events.close()
-        chosen = load_config(Path(run_dir) / "config.yaml")  # what auto chose, if asked
+        chosen = load_pretrain_config(Path(run_dir) / "config.yaml")  # what auto chose, if asked
     row = {"seconds_per_step": round(statistics.median(walls), 3),
            "crops_per_s": round(statistics.median(rates), 1),
            "measured_steps": len(walls),

@@ -72,12 +72,12 @@ def child_memory(kind: str, steps: int, data: str) -> dict:
            "cpu_allocator": allocator}
     with tempfile.TemporaryDirectory() as run_dir:
         if kind == "pretrain":
-            from voco_core.config import make_config
+            from voco_core.config import make_pretrain_config
             from voco_core.train.pretrain import iter_pretrain
 
             # volumes load lazily, one per step: time the steps after all are cached
             warmup = len(list((Path(data) / "imagesTr").glob("*.nii.gz")))
-            config = make_config("tiny", {"data": {"cache": "memory"}, "run": run,
+            config = make_pretrain_config("tiny", {"data": {"cache": "memory"}, "run": run,
                                           "optim": {"total_steps": steps + warmup}})
             events = list(iter_pretrain(config, str(Path(data) / "imagesTr"), run_dir))
         else:
@@ -130,11 +130,11 @@ def bench_cache(repeats: int, data: str) -> dict:
     import numpy as np
     import torch
 
-    from voco_core.config import make_config
+    from voco_core.config import make_pretrain_config
     from voco_core.data.datalists import load_datalist
     from voco_core.data.sampling import PretrainDataset, VoCoCropSampler
     from voco_core.losses import VoCoLoss
-    from voco_core.models import VoCoModel
+    from voco_core.models import StudentTeacher
     from voco_core.train.pretrain import voco_loss_on_batch
 
     entries = load_datalist(data)
@@ -143,7 +143,7 @@ def bench_cache(repeats: int, data: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             datasets = {}
             for cache in ("disk", "compact"):
-                config = make_config(preset, {"data": {"cache": cache,
+                config = make_pretrain_config(preset, {"data": {"cache": cache,
                                                        "cache_dir": f"{tmp}/{cache}"},
                                               "run": {"device": "cpu"}}, check_device=False)
                 datasets[cache] = PretrainDataset(entries, config)
@@ -170,8 +170,8 @@ def bench_cache(repeats: int, data: str) -> dict:
             }
             if preset == "tiny":  # what the error does to the loss: same crops, same model
                 torch.manual_seed(0)
-                tiny = make_config("tiny", {"run": {"device": "cpu"}})
-                model = VoCoModel(tiny.model).eval()
+                tiny = make_pretrain_config("tiny", {"run": {"device": "cpu"}})
+                model = StudentTeacher(tiny.model).eval()
                 losses = {}
                 for cache, dataset in datasets.items():
                     batch = VoCoCropSampler(tiny, augment=False)(

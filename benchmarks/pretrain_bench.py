@@ -44,11 +44,11 @@ def bench_sampler(repeats: int, device: str) -> dict:
     import numpy as np
     import torch
 
-    from voco_core.config import make_config
+    from voco_core.config import make_pretrain_config
     from voco_core.data.sampling import VoCoCropSampler
     from voco_core.reference import per_crop_labels, per_crop_monai_crops
 
-    config = make_config("base", {"run": {"device": "cpu"}}, check_device=False)
+    config = make_pretrain_config("base", {"run": {"device": "cpu"}}, check_device=False)
     volume = torch.rand(1, 384, 384, 96, generator=torch.Generator().manual_seed(0))
     result = {"geometry": "384x384x96 volume, 16 base + 2 random crops of 96^3 -> 64^3"}
     for augment in (False, True):
@@ -108,11 +108,11 @@ def bench_loss(repeats: int) -> dict:
 
 def child_step(variant: str, steps: int, data: str) -> dict:
     """Run in a fresh process: ``steps`` tiny pretraining steps; per-step wall/user/sys."""
-    from voco_core.config import make_config
+    from voco_core.config import make_pretrain_config
     from voco_core.train.pretrain import iter_pretrain
 
     allocator = os.environ.get("VOCO_BENCH_ALLOCATOR", "retain")
-    config = make_config("tiny", {"model": {"teacher": variant},
+    config = make_pretrain_config("tiny", {"model": {"teacher": variant},
                                   "optim": {"total_steps": steps + 1},
                                   "run": {"device": "cpu", "tensorboard": False,
                                           "checkpoint_every": 10_000,
@@ -167,11 +167,11 @@ def bench_adamw(repeats: int) -> dict:
     (``voco_core.train.common.adamw``), each on the same gradients, median of repeats."""
     import torch
 
-    from voco_core.config import make_config
-    from voco_core.models import VoCoModel
+    from voco_core.config import make_pretrain_config
+    from voco_core.models import StudentTeacher
 
-    config = make_config("tiny", {"run": {"device": "cpu"}})
-    params = [p for p in VoCoModel(config.model).parameters() if p.requires_grad]
+    config = make_pretrain_config("tiny", {"run": {"device": "cpu"}})
+    params = [p for p in StudentTeacher(config.model).parameters() if p.requires_grad]
     optimizers = {}
     for name, options in (("foreach", {"foreach": True}), ("fused", {"fused": True})):
         copies = [p.detach().clone().requires_grad_() for p in params]
@@ -195,18 +195,18 @@ def bench_attention(repeats: int) -> dict:
     import torch
 
     from voco_core.attention import swap_window_attention, window_attention_backend
-    from voco_core.config import make_config
+    from voco_core.config import make_pretrain_config
     from voco_core.losses import build_loss
     from voco_core.memory import (
         release_freed_memory,
         retain_freed_memory,
         saved_tensor_bytes,
     )
-    from voco_core.models import VoCoModel
+    from voco_core.models import StudentTeacher
 
-    config = make_config("tiny", {"run": {"device": "cpu"}})
+    config = make_pretrain_config("tiny", {"run": {"device": "cpu"}})
     torch.manual_seed(0)
-    model, loss_fn = VoCoModel(config.model), build_loss(config)
+    model, loss_fn = StudentTeacher(config.model), build_loss(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     k, m = config.geometry.grid_size ** 2, config.geometry.num_random_crops
@@ -257,17 +257,17 @@ def bench_cuda(steps: int, data: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from voco_core.config import make_config
+    from voco_core.config import make_pretrain_config
     from voco_core.data.sampling import VoCoCropSampler
     from voco_core.losses import VoCoLoss
-    from voco_core.models import VoCoModel
+    from voco_core.models import StudentTeacher
     from voco_core.train.pretrain import iter_pretrain, voco_loss_on_batch
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     result = {"device": torch.cuda.get_device_name(0)}
     for variant in ("full", "head"):
-        config = make_config("base", {"model": {"teacher": variant},
+        config = make_pretrain_config("base", {"model": {"teacher": variant},
                                       "optim": {"total_steps": steps + 2},
                                       "run": {"device": "cuda", "tensorboard": False,
                                               "checkpoint_every": 10_000}})
@@ -280,8 +280,8 @@ def bench_cuda(steps: int, data: str) -> dict:
                            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30,
                                                         2)}
     # FLOPs of one step's forward + backward (full teacher), and sampling on the device.
-    config = make_config("base", {"run": {"device": "cuda"}})
-    model = VoCoModel(config.model).cuda()
+    config = make_pretrain_config("base", {"run": {"device": "cuda"}})
+    model = StudentTeacher(config.model).cuda()
     sampler = VoCoCropSampler(config)
     volumes = [torch.rand(1, 384, 384, 96, device="cuda") for _ in range(2)]
     rngs = [np.random.default_rng(i) for i in range(2)]

@@ -250,7 +250,7 @@ def backbone(args, config, folders, work: Path) -> dict:
                 "loss_first_mean": record["loss_first_mean"],
                 "loss_last_mean": record["loss_last_mean"]}
     from voco_core.checkpoint import load_pretrain_checkpoint
-    from voco_core.config import config_from_dict
+    from voco_core.config import pretrain_config_from_dict
 
     target = work / "backbone.pt"
     if not (target.is_file() and target.samefile(args.backbone)):
@@ -259,7 +259,7 @@ def backbone(args, config, folders, work: Path) -> dict:
     digest = sha256_16(target)
     # Read back through today's schema (as quality.runs.pretrain_or_reuse does): fields
     # added since the checkpoint was written take their defaults.
-    saved = config_from_dict(state["config"], check_device=False).to_dict()
+    saved = pretrain_config_from_dict(state["config"], check_device=False).to_dict()
     differ = config_differences(config.to_dict(), saved)
     log(f"backbone: {args.backbone} (step {state['step']}, sha256 {digest}); config vs "
         f"this benchmark's pretraining: {', '.join(differ) or 'the same'}")

@@ -89,7 +89,7 @@ def tiny_config(overrides: dict | None = None, exact: bool = False):
     """The smallest VoCo config that runs: feature size 12, 40^3 crops at native size,
     a 2 x 2 grid over an 80 x 80 x 40 sample, m = 2, a 64-wide head. ``exact``:
     deterministic mode (see :data:`EXACT`)."""
-    from voco_core.config import make_config, merge
+    from voco_core.config import make_pretrain_config, merge
 
     base = {
         "data": {"target_size": [80, 80, 40]},
@@ -100,7 +100,7 @@ def tiny_config(overrides: dict | None = None, exact: bool = False):
         "run": {"device": "cpu", "checkpoint_every": 100, "log_every": 1, "tensorboard": False,
                 "deterministic": False},
     }
-    return make_config("tiny", merge(merge(base, EXACT if exact else {}), overrides or {}))
+    return make_pretrain_config("tiny", merge(merge(base, EXACT if exact else {}), overrides or {}))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from voco_core.attention import (
     swap_window_attention,
     window_attention_backend,
 )
-from voco_core.config import make_config
+from voco_core.config import make_pretrain_config
 from voco_core.memory import saved_tensor_bytes
 from voco_core.models import VoCoBackbone
 
@@ -177,7 +177,7 @@ def test_each_tiny_crop_saves_a_fraction_of_monai_activations():
 
 
 def test_backbones_use_it_and_swapping_back_keeps_the_state_dict():
-    backbone = VoCoBackbone(make_config("tiny").model)
+    backbone = VoCoBackbone(make_pretrain_config("tiny").model)
     kinds = {type(m) for m in backbone.modules() if isinstance(m, WindowAttention)}
     assert kinds == {MemoryEfficientWindowAttention}
     state = copy.deepcopy(backbone.state_dict())

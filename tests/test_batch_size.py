@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from voco_core.config import apply_overrides, make_config
+from voco_core.config import apply_overrides, make_pretrain_config
 from voco_core.errors import VoCoConfigError
 from voco_core.train.batch_size import (
     GIB,
@@ -66,11 +66,12 @@ def test_nothing_fits_is_one_config_error():
 
 
 def test_auto_is_a_config_value_and_other_words_are_refused():
-    config = apply_overrides(make_config("tiny", check_device=False), ["optim.batch_size=auto"],
+    config = apply_overrides(make_pretrain_config("tiny", check_device=False),
+                             ["optim.batch_size=auto"],
                              check_device=False)
     assert config.optim.batch_size == "auto"
-    assert make_config("base", {"optim": {"batch_size": "auto"}},
-                       check_device=False).optim.batch_size == "auto"
+    assert make_pretrain_config("base", {"optim": {"batch_size": "auto"}},
+                                check_device=False).optim.batch_size == "auto"
     for bad, expected in (("0", ">= 1 or auto"), ("many", "expected int or 'auto'")):
         with pytest.raises(VoCoConfigError, match=rf"optim.batch_size = .*{expected}"):
             apply_overrides(config, [f"optim.batch_size={bad}"], check_device=False)
@@ -79,20 +80,20 @@ def test_auto_is_a_config_value_and_other_words_are_refused():
 def test_on_a_cpu_auto_is_the_presets_split():
     for preset, expected in (("tiny", (1, 1, False)), ("base", (2, 1, True)),
                              ("huge", (1, 2, True))):
-        config = make_config(preset, {"optim": {"batch_size": "auto"}}, check_device=False)
+        config = make_pretrain_config(preset, {"optim": {"batch_size": "auto"}}, check_device=False)
         chosen, line = resolve_batch_size(config, torch.device("cpu"),
                                           probe=lambda *a: pytest.fail("probed a CPU"))
         o = chosen.optim
         assert (o.batch_size, o.grad_accum, chosen.model.gradient_checkpointing) == expected
         assert line.startswith("optim.batch_size auto: ") and "cpu: the" in line
-    config = make_config("tiny", {"optim": {"batch_size": 3}}, check_device=False)
+    config = make_pretrain_config("tiny", {"optim": {"batch_size": 3}}, check_device=False)
     assert resolve_batch_size(config, torch.device("cpu")) == (config, "")
 
 
 def test_on_a_gpu_auto_sizes_from_the_probe():
     """A fake probe stands in for a GPU: base keeps its 2 volumes per step and drops
     gradient checkpointing when both fit, and the chosen numbers validate."""
-    config = make_config("base", {"optim": {"batch_size": "auto"}}, check_device=False)
+    config = make_pretrain_config("base", {"optim": {"batch_size": "auto"}}, check_device=False)
     seen = []
 
     def probe(cfg, device, checkpointing):
@@ -113,8 +114,9 @@ def test_on_a_gpu_auto_sizes_from_the_probe():
 def test_auto_keeps_the_v2_loss_pairs_in_one_micro_batch():
     """v2 pairs volumes inside a micro-batch: auto checkpoints rather than split base's
     2 volumes into 1 x 2, and says so when even 2 do not fit."""
-    config = make_config("base", {"optim": {"batch_size": "auto"}, "loss": {"variant": "v2"},
-                                  "model": {"teacher": "head"}}, check_device=False)
+    config = make_pretrain_config("base", {"optim": {"batch_size": "auto"},
+                                           "loss": {"variant": "v2"},
+                                           "model": {"teacher": "head"}}, check_device=False)
 
     def probe(cfg, device, checkpointing):  # 1 volume fits plainly, 2 only checkpointed
         return probe_of(40, 2, 12 if checkpointing else 25)
@@ -129,7 +131,7 @@ def test_auto_keeps_the_v2_loss_pairs_in_one_micro_batch():
 
 
 def test_a_run_with_auto_saves_the_chosen_numbers_and_says_so(tmp_path, train_dataset):
-    from voco_core.config import load_config
+    from voco_core.config import load_pretrain_config
     from voco_core.train.pretrain import iter_pretrain
 
     stop = type("Stop", (), {"is_set": staticmethod(lambda: True)})()
@@ -137,7 +139,7 @@ def test_a_run_with_auto_saves_the_chosen_numbers_and_says_so(tmp_path, train_da
     events = list(iter_pretrain(config, train_dataset, tmp_path / "run", stop=stop))
     assert events[0].kind == "start"
     assert events[0].message.startswith("optim.batch_size auto: 1 volume(s) per micro-batch")
-    saved = load_config(tmp_path / "run" / "config.yaml")
+    saved = load_pretrain_config(tmp_path / "run" / "config.yaml")
     assert (saved.optim.batch_size, saved.optim.grad_accum) == (1, 1)
 
 

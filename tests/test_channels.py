@@ -304,11 +304,11 @@ def test_positions_on_a_two_channel_volume(channel_runs, channel_data, train_dat
 
 
 def test_old_configs_without_the_field_mean_one_channel():
-    from voco_core.config import config_from_dict
+    from voco_core.config import pretrain_config_from_dict
 
     values = tiny_config().to_dict()
     del values["data"]["in_channels"]
-    config = config_from_dict(values, check_device=False)
+    config = pretrain_config_from_dict(values, check_device=False)
     assert config.data.in_channels == 0 and config.data.image_channels == 1
 
 
@@ -318,11 +318,11 @@ def test_reader_opens_channels_as_layers_that_widgets_stack_back(channel_data):
     from napari.layers import Image
     from napari.layers.utils.stack_utils import split_channels
 
-    from napari_voco._io import read_nifti
+    from napari_voco._io import read_volumes
     from napari_voco._layers import layer_to_record, layer_volume
 
     path = channel_data / "stacked" / "phantom_000.nii.gz"
-    [(data, kwargs, kind)] = read_nifti(str(path))
+    [(data, kwargs, kind)] = read_volumes(str(path))
     # shown axial: (S, P, L) of the RAS file's (R, A, S) axes, channels last
     assert kind == "image" and kwargs["channel_axis"] == 3 and data.shape == (48, 64, 64, 2)
     layers = [Image(d, **k) for d, k, _ in split_channels(  # what viewer.add_image does

@@ -86,7 +86,9 @@ def test_voco_compare_end_to_end_and_resume(train_dataset, pretrain_run, tmp_pat
                  for name in started[:2]}
     capsys.readouterr()
 
-    assert main(command) == 0  # resumes: the finished runs are read back, not rerun
+    # Resumes, two runs at once in their own processes: the finished runs are read
+    # back, not rerun; the interrupted third and the fourth run side by side.
+    assert main([*command, "--jobs", "2"]) == 0
     printed = capsys.readouterr().out
     for name, stamp in first_two.items():
         assert (out / "runs" / name / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp

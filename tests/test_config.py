@@ -10,12 +10,12 @@ import torch
 from voco_core.config import (
     FINETUNE_PRESETS,
     PRESETS,
-    VoCoConfig,
+    PretrainConfig,
     apply_overrides,
-    load_config,
     load_finetune_config,
-    make_config,
+    load_pretrain_config,
     make_finetune_config,
+    make_pretrain_config,
     parse_override,
     resolve_device,
 )
@@ -24,15 +24,15 @@ from voco_core.errors import VoCoConfigError
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_are_valid_and_round_trip_through_yaml_and_json(tmp_path, preset):
-    config = make_config(preset)
+    config = make_pretrain_config(preset)
     assert config.preset == preset
     for name in ("config.yaml", "config.json"):
-        again = load_config(config.save(tmp_path / name))
+        again = load_pretrain_config(config.save(tmp_path / name))
         assert again == config
 
 
 def test_base_preset_is_the_authors_setup():
-    config = make_config("base")
+    config = make_pretrain_config("base")
     assert config.data.target_size == (384, 384, 96) and config.geometry.grid_size == 4
     assert config.base_crop_size == (96, 96, 96) and config.random_crop_size == (96, 96, 96)
     assert config.geometry.input_size == 64 and config.num_base_crops == 16
@@ -40,11 +40,11 @@ def test_base_preset_is_the_authors_setup():
     assert config.optim.lr == 1e-4 and config.optim.amsgrad
     assert (config.optim.warmup_steps, config.optim.total_steps) == (5000, 250_000)
     assert config.data.ct_window == (-175.0, 250.0)
-    assert [make_config(p).model.feature_size for p in ("large", "huge")] == [96, 192]
+    assert [make_pretrain_config(p).model.feature_size for p in ("large", "huge")] == [96, 192]
 
 
 def test_tiny_preset_fits_a_cpu():
-    config = make_config("tiny")
+    config = make_pretrain_config("tiny")
     assert config.model.feature_size == 12 and config.geometry.input_size == 40
     assert config.base_crop_size == (40, 40, 40) and not config.geometry.resize_crops
 
@@ -52,15 +52,16 @@ def test_tiny_preset_fits_a_cpu():
 def test_partial_file_is_completed_from_its_preset(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("preset: tiny\noptim:\n  lr: 0.001\n  total_steps: 7\n")
-    config = load_config(path)
+    config = load_pretrain_config(path)
     assert config.optim.lr == 1e-3 and config.optim.total_steps == 7
     assert config.model.feature_size == 12
 
 
 def test_cli_style_overrides():
     assert parse_override("optim.lr=3e-4") == {"optim": {"lr": 3e-4}}
-    config = apply_overrides(make_config("tiny"), ["optim.lr=5e-4", "data.target_size=[120,120,40]",
-                                                   "model.teacher=head", "run.tensorboard=false"])
+    config = apply_overrides(make_pretrain_config("tiny"),
+                             ["optim.lr=5e-4", "data.target_size=[120,120,40]",
+                              "model.teacher=head", "run.tensorboard=false"])
     assert config.optim.lr == 5e-4 and config.data.target_size == (120, 120, 40)
     assert config.model.teacher == "head" and config.run.tensorboard is False
 
@@ -85,23 +86,23 @@ def test_cli_style_overrides():
 )
 def test_invalid_values_fail_at_load_time_naming_the_field(overrides, fragment):
     with pytest.raises(VoCoConfigError, match=fragment):
-        make_config("base", overrides)
+        make_pretrain_config("base", overrides)
 
 
 def test_native_crops_must_equal_input_size():
     with pytest.raises(VoCoConfigError, match="resize_crops"):
-        make_config("base", {"geometry": {"resize_crops": False}})
+        make_pretrain_config("base", {"geometry": {"resize_crops": False}})
 
 
 def test_unknown_preset():
     with pytest.raises(VoCoConfigError, match="preset 'xl' is unknown"):
-        make_config("xl")
+        make_pretrain_config("xl")
 
 
 @pytest.mark.parametrize(
     ("load", "invalid", "fragment"),
     [
-        (load_config, {"optim": {"lr": 0}}, r"wrong.json: optim.lr = 0"),
+        (load_pretrain_config, {"optim": {"lr": 0}}, r"wrong.json: optim.lr = 0"),
         (load_finetune_config, {"train": {"roi_size": [60, 64, 64]}},
          r"wrong.json: train.roi_size = \(60, 64, 64\)"),
     ],
@@ -126,14 +127,14 @@ def test_bad_files_are_one_error_naming_the_file(tmp_path, load, invalid, fragme
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_but_absent():
     with pytest.raises(VoCoConfigError, match="CUDA is not available"):
-        make_config("tiny", {"run": {"device": "cuda"}})
+        make_pretrain_config("tiny", {"run": {"device": "cuda"}})
     with pytest.raises(VoCoConfigError, match="CUDA is not available"):
         resolve_device("cuda:1")
     assert resolve_device("auto").type == "cpu"
 
 
 def test_to_dict_is_plain_json():
-    values = VoCoConfig().to_dict()
+    values = PretrainConfig().to_dict()
     assert json.loads(json.dumps(values)) == values
 
 

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 
 from voco_core.cli import main
 from voco_core.data.datalists import load_datalist
-from voco_core.data.dicom import DICOM_POSITION_TOLERANCE_MM, list_dicom_series
 from voco_core.data.io import check_volume_header, looks_like_labels, read_volume
+from voco_core.data.readers.dicom import DICOM_POSITION_TOLERANCE_MM, list_dicom_series
 from voco_core.errors import VoCoDataError
 
 from conftest import one_line_error, save_nifti

@@ -56,7 +56,7 @@ def test_label_map_written_with_source_geometry_and_bool_becomes_uint8(tmp_path,
     mask = np.zeros((6, 6, 4), bool)
     mask[2:4, 1:5, 1:3] = True
     label = read_volume(write_volume(tmp_path / "lab.nii.gz", mask, like=image))
-    assert label.is_label_map and label.array.dtype == np.uint8
+    assert label.has_integer_dtype and label.array.dtype == np.uint8
     assert label.array.sum() == mask.sum()
     check_pair(image, label)
 

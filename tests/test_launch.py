@@ -44,9 +44,11 @@ def test_launcher_docks_the_widgets_and_runs_the_main_job(make_napari_viewer_pro
     assert not errors, errors
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 1
     assert positions.checkpoint.path() == tmp_path / "run" / "checkpoints" / "last.pt"
-    assert pretrain.run_state.status == "done"
+    from napari_voco._jobs import JobState
+
+    assert pretrain.run_state.status == JobState.DONE
     # from the first checkpoint on, the inspector shows sampled sub-volumes
-    qtbot.waitUntil(lambda: positions.sample_result is not None and not positions.busy,
+    qtbot.waitUntil(lambda: positions.sample_result is not None and not positions.running,
                     timeout=120_000)
     assert len(positions.sample_result.predicted) == _launch.SAMPLED_SUB_VOLUMES
     assert positions.samples_layer.nshapes == _launch.SAMPLED_SUB_VOLUMES
@@ -192,3 +194,46 @@ def test_launcher_without_display_says_so(monkeypatch, capsys):
     monkeypatch.setattr(_launch.sys, "platform", "linux")
     assert _launch.main([]) == 1
     assert "no display" in capsys.readouterr().err
+
+
+@pytest.mark.gui
+def test_sigterm_stops_the_job_at_its_next_step_then_closes(make_napari_viewer, qtbot):
+    """``kill`` / Ctrl-C on the launcher: the running job stops at its next step and
+    saves, napari closes, and each stage is said in one line."""
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from napari_voco import _launch
+    from napari_voco._jobs import JobRunner, JobState
+
+    viewer = make_napari_viewer()
+    runner = JobRunner("pretrain", viewer.window._qt_window)
+
+    def training(context):  # a step every 50 ms until stopped; the stop step saves
+        step = 0
+        while not context.stop.is_set():
+            step += 1
+            yield SimpleNamespace(kind="step", step=step, total_steps=10_000)
+            time.sleep(0.05)
+        yield SimpleNamespace(kind="stopped", step=step, total_steps=10_000,
+                              checkpoint=f"/runs/r/checkpoints/last.pt@{step}")
+
+    runner.start(training, "tiny pretraining", run_dir="/runs/r")
+    qtbot.waitUntil(lambda: runner.state.step >= 3, timeout=10_000)
+    said: list[str] = []
+    before = signal.getsignal(signal.SIGTERM)
+    restore = _launch.stop_on_signals(viewer, say=said.append)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        qtbot.waitUntil(lambda: len(said) >= 2, timeout=20_000)
+    finally:
+        restore()
+    assert said[0] == ("napari-voco: SIGTERM: stopping 1 running job(s) at their next step, "
+                       "then closing")
+    assert runner.state.status is JobState.STOPPED
+    step = runner.state.step
+    assert said[1] == (f"napari-voco: pretrain stopped at step {step}; checkpoint "
+                       f"/runs/r/checkpoints/last.pt@{step} (resume it from the widget, or "
+                       "--resume /runs/r)")
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back

@@ -196,11 +196,11 @@ def test_v2_runs_in_float32_under_autocast():
 
 
 def test_build_loss_follows_the_config():
-    from voco_core.config import make_config
+    from voco_core.config import make_pretrain_config
 
-    v1 = build_loss(make_config("tiny", {"loss": {"pos_weight": 2.0}}, check_device=False))
+    v1 = build_loss(make_pretrain_config("tiny", {"loss": {"pos_weight": 2.0}}, check_device=False))
     assert isinstance(v1, VoCoLoss) and v1.weights == {"pos": 2.0, "neg": 1.0, "reg": 1.0}
-    v2 = build_loss(make_config("tiny", {"loss": {"variant": "v2", "inter_weight": 0.5},
+    v2 = build_loss(make_pretrain_config("tiny", {"loss": {"variant": "v2", "inter_weight": 0.5},
                                          "model": {"teacher": "head"}}, check_device=False))
     assert isinstance(v2, VoCoV2Loss)
     assert v2.weights == {"intra": 1.0, "inter": 0.5, "reg": 1.0}

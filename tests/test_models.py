@@ -7,13 +7,13 @@ import torch
 from monai.networks.nets import SwinUNETR
 
 from voco_core.config import ModelConfig
-from voco_core.models import VoCoModel, backbone_state_dict, ema_update
+from voco_core.models import StudentTeacher, backbone_state_dict, ema_update
 
 TINY = ModelConfig(feature_size=12, head_hidden_dim=32, head_out_dim=16)
 
 
 def test_feature_is_pooled_multiscale_24_times_feature_size():
-    model = VoCoModel(TINY)
+    model = StudentTeacher(TINY)
     assert model.student.backbone.out_dim == 24 * 12
     student, teacher = model(torch.rand(3, 1, 40, 40, 40))
     assert student.shape == teacher.shape == (3, 16)
@@ -21,7 +21,7 @@ def test_feature_is_pooled_multiscale_24_times_feature_size():
 
 @pytest.mark.parametrize("variant", ["full", "head", "none"])
 def test_teacher_starts_as_a_copy_and_never_requires_grad(variant):
-    model = VoCoModel(ModelConfig(**{**TINY.__dict__, "teacher": variant}))
+    model = StudentTeacher(ModelConfig(**{**TINY.__dict__, "teacher": variant}))
     if variant == "none":
         assert model.teacher is None
         return
@@ -42,7 +42,7 @@ def test_ema_update_formula():
 
 
 def test_head_variant_teacher_reuses_the_student_backbone():
-    model = VoCoModel(ModelConfig(**{**TINY.__dict__, "teacher": "head"}))
+    model = StudentTeacher(ModelConfig(**{**TINY.__dict__, "teacher": "head"}))
     with torch.no_grad():
         model.student.head.mlp[0].weight.add_(1.0)  # make student and teacher heads differ
     x = torch.rand(2, 1, 40, 40, 40)
@@ -54,7 +54,7 @@ def test_head_variant_teacher_reuses_the_student_backbone():
 
 @pytest.mark.parametrize("feature_size", [12, 48])
 def test_backbone_loads_into_swinunetr_with_no_unexpected_keys(feature_size):
-    model = VoCoModel(ModelConfig(feature_size=feature_size, head_hidden_dim=8, head_out_dim=8,
+    model = StudentTeacher(ModelConfig(feature_size=feature_size, head_hidden_dim=8, head_out_dim=8,
                                   teacher="none"))
     exported = backbone_state_dict(model)
     assert exported and all(k.split(".")[0] in {"swinViT", "encoder1", "encoder2", "encoder3",
@@ -70,8 +70,8 @@ def test_backbone_loads_into_swinunetr_with_no_unexpected_keys(feature_size):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    plain = VoCoModel(ModelConfig(**{**TINY.__dict__, "teacher": "none"}))
-    checkpointed = VoCoModel(ModelConfig(**{**TINY.__dict__, "teacher": "none",
+    plain = StudentTeacher(ModelConfig(**{**TINY.__dict__, "teacher": "none"}))
+    checkpointed = StudentTeacher(ModelConfig(**{**TINY.__dict__, "teacher": "none",
                                             "gradient_checkpointing": True}))
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.rand(2, 1, 40, 40, 40)
@@ -85,7 +85,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_feature_dropout_hits_the_student_in_training_only():
     config = ModelConfig(**{**TINY.__dict__, "teacher": "head", "feature_dropout": 0.5})
-    model = VoCoModel(config)
+    model = StudentTeacher(config)
     x = torch.rand(3, 1, 40, 40, 40)
     torch.manual_seed(0)
     student, teacher = model(x)
@@ -100,5 +100,5 @@ def test_feature_dropout_hits_the_student_in_training_only():
         student_eval, _ = model(x)
     torch.testing.assert_close(student_eval, clean_student)
     # Without dropout the model is unchanged by the new module.
-    plain = VoCoModel(ModelConfig(**{**TINY.__dict__, "teacher": "head"}))
+    plain = StudentTeacher(ModelConfig(**{**TINY.__dict__, "teacher": "head"}))
     assert plain.feature_dropout.p == 0.0

@@ -186,8 +186,8 @@ def test_predict_refuses_inputs_that_would_share_an_output_before_writing(
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(train_dataset / "imagesTr" / "phantom_000.nii.gz", folder / "case.nii.gz")
-    from voco_core.data.formats import write_itk_volume
     from voco_core.data.io import read_volume
+    from voco_core.data.readers.itk import write_itk_volume
 
     record = read_volume(folder / "case.nii.gz")
     write_itk_volume(folder / "case.nrrd", record.array, record.affine)

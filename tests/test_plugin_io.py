@@ -21,7 +21,7 @@ from napari_voco._io import (
     get_reader,
     label_storage_dtype,
     layer_voxel_to_world,
-    read_nifti,
+    read_volumes,
     write_image,
     write_labels,
 )
@@ -103,7 +103,7 @@ def lps_to_display(array: np.ndarray) -> np.ndarray:
 
 def test_label_map_opens_as_labels_with_its_geometry(tmp_path, rotated_affine):
     path = save_nifti(tmp_path / "organs.nii.gz", label_volume(), rotated_affine)
-    [(data, kwargs, layer_type)] = read_nifti(str(path))
+    [(data, kwargs, layer_type)] = read_volumes(str(path))
     assert layer_type == "labels"
     # display order (axial slices on the slider), and the voxel -> RAS affine of that
     # array: the file's affine with its columns in the same order
@@ -126,7 +126,7 @@ def test_label_map_opens_as_labels_with_its_geometry(tmp_path, rotated_affine):
 
 def test_ct_opens_as_image_with_ct_window_and_rotated_affine(tmp_path, rotated_affine):
     path = save_nifti(tmp_path / "ct.nii.gz", ct_volume(), rotated_affine)
-    [(data, kwargs, layer_type)] = read_nifti(str(path))
+    [(data, kwargs, layer_type)] = read_volumes(str(path))
     assert layer_type == "image"  # int16, but negative HU: not a label map
     assert data.dtype == np.int16
     np.testing.assert_array_equal(data, lps_to_display(ct_volume()))
@@ -144,7 +144,7 @@ def test_reader_uses_the_core_image_or_labels_rule(tmp_path):
     cases = [("t1_brain.nii.gz", mri, "image"), ("atlas_labels.nii.gz", atlas, "labels"),
              ("ct.nii.gz", ct_volume(), "image")]
     for name, data, expected in cases:
-        [(_, _, layer_type)] = read_nifti(str(save_nifti(tmp_path / name, data)))
+        [(_, _, layer_type)] = read_volumes(str(save_nifti(tmp_path / name, data)))
         assert layer_type == expected, name
 
 
@@ -161,7 +161,7 @@ def test_reader_uses_the_core_image_or_labels_rule(tmp_path):
 def test_layer_type_rule(tmp_path, data, expected):
     stored = data.astype(np.uint8) if data.dtype == np.bool_ else data
     path = save_nifti(tmp_path / "v.nii.gz", stored)
-    [(layer_data, kwargs, layer_type)] = read_nifti(str(path))
+    [(layer_data, kwargs, layer_type)] = read_volumes(str(path))
     assert layer_type == expected
     assert "contrast_limits" not in kwargs  # none of these spans the CT window
     if expected == "labels":
@@ -169,11 +169,12 @@ def test_layer_type_rule(tmp_path, data, expected):
 
 
 def test_decathlon_label_names_become_layer_features(phantom_dataset):
-    [(_, kwargs, layer_type)] = read_nifti(str(phantom_dataset / "labelsTr" / "phantom_000.nii.gz"))
+    [(_, kwargs, layer_type)] = read_volumes(
+        str(phantom_dataset / "labelsTr" / "phantom_000.nii.gz"))
     assert layer_type == "labels"
     assert kwargs["metadata"]["voco"]["label_names"] == LABEL_NAMES
     assert list(kwargs["features"]["name"]) == [LABEL_NAMES[v] for v in sorted(LABEL_NAMES)]
-    [(_, image_kwargs, image_type)] = read_nifti(
+    [(_, image_kwargs, image_type)] = read_volumes(
         str(phantom_dataset / "imagesTr" / "phantom_000.nii.gz")
     )
     assert image_type == "image" and "features" not in image_kwargs
@@ -198,7 +199,7 @@ def test_corrupt_file_raises_typed_error_naming_the_file(tmp_path, damage):
 def test_missing_file_raises_typed_error(tmp_path):
     path = tmp_path / "absent.nii.gz"
     with pytest.raises(VoCoDataError, match=r"absent\.nii\.gz: image file not found"):
-        read_nifti(str(path))
+        read_volumes(str(path))
 
 
 # --------------------------------------------------------------------------- writing
@@ -206,7 +207,7 @@ def test_missing_file_raises_typed_error(tmp_path):
 
 def test_image_round_trip_preserves_data_and_affine(tmp_path, affine):
     source = save_nifti(tmp_path / "ct.nii.gz", ct_volume(), affine)
-    [(data, kwargs, layer_type)] = read_nifti(str(source))
+    [(data, kwargs, layer_type)] = read_volumes(str(source))
     assert layer_type == "image"
     out = tmp_path / "out" / "ct_copy.nii.gz"
     assert write_image(str(out), data, kwargs) == [str(out)]
@@ -215,7 +216,7 @@ def test_image_round_trip_preserves_data_and_affine(tmp_path, affine):
     assert written.get_data_dtype() == np.int16
     np.testing.assert_array_equal(np.asarray(written.dataobj), ct_volume())
     np.testing.assert_array_equal(written.affine, nib.load(source).affine)
-    [(again, again_kwargs, again_type)] = read_nifti(str(out))
+    [(again, again_kwargs, again_type)] = read_volumes(str(out))
     assert again_type == "image" and again.dtype == np.int16
     np.testing.assert_array_equal(again, data)
     np.testing.assert_array_equal(again_kwargs["affine"], kwargs["affine"])
@@ -223,7 +224,7 @@ def test_image_round_trip_preserves_data_and_affine(tmp_path, affine):
 
 def test_labels_round_trip_preserves_data_and_affine(tmp_path, affine):
     source = save_nifti(tmp_path / "organs.nii", label_volume(), affine)
-    [(data, kwargs, layer_type)] = read_nifti(str(source))
+    [(data, kwargs, layer_type)] = read_volumes(str(source))
     assert layer_type == "labels"
     out = tmp_path / "organs_copy.nii"
     assert write_labels(str(out), data.astype(np.int32), kwargs) == [str(out)]
@@ -249,7 +250,7 @@ def test_napari_layers_round_trip_through_their_own_transform(tmp_path, affine):
         written = nib.load(out)
         np.testing.assert_array_equal(np.asarray(written.dataobj), layer.data)
         np.testing.assert_allclose(written.affine, DISPLAY_TO_RAS @ affine, atol=1e-5)
-        [(again, kwargs, _)] = read_nifti(str(out))
+        [(again, kwargs, _)] = read_volumes(str(out))
         # the same voxel values at the same napari world positions
         again_layer = (Labels if layer is labels_layer else Image)(again, **{
             k: v for k, v in kwargs.items() if k in ("affine", "metadata")})
@@ -472,3 +473,6 @@ def test_sample_data_opens_in_viewer_within_two_seconds(make_napari_viewer_proxy
                                image._data_to_world.affine_matrix)
     assert labels.data.max() == max(LABEL_NAMES)
     assert image.metadata["voco"]["orientation"] == "RAS"
+    # The layers render: the GUI tests' display (Xvfb, Qt xcb, OpenGL) works.
+    screenshot = viewer.screenshot(canvas_only=True)
+    assert screenshot.ndim == 3 and screenshot.std() > 0

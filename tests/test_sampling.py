@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from voco_core.config import make_config
+from voco_core.config import make_pretrain_config
 from voco_core.data.datalists import load_datalist
 from voco_core.data.sampling import (
     LoadFailure,
@@ -30,7 +30,7 @@ CROP_ATOL = 5e-5  # ~3 axes x ulp(~150) x a neighbour difference of at most 1
 @pytest.mark.parametrize("resize", [True, False])
 def test_fast_crops_match_the_per_crop_monai_oracle(resize):
     if resize:  # v1 geometry: a 3 x 3 grid of 48 x 48 x 40 crops resized to 40^3
-        config = make_config("tiny", {"data": {"target_size": [144, 144, 40]},
+        config = make_pretrain_config("tiny", {"data": {"target_size": [144, 144, 40]},
                                       "geometry": {"grid_size": 3, "resize_crops": True}})
     else:  # native 40^3 crops
         config = tiny_config()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from voco_core.cli import main
-from voco_core.config import make_config
+from voco_core.config import make_pretrain_config
 from voco_core.data.io import read_volume
 from voco_core.errors import VoCoConfigError
 from voco_core.geometry import base_crop_grid
@@ -24,7 +24,7 @@ from voco_core.inference import (
     prepare_volume,
 )
 from voco_core.losses import overlap_logits
-from voco_core.models import ProjectionHead, VoCoNet
+from voco_core.models import BackboneWithHead, ProjectionHead
 
 from conftest import shared_folder, tiny_config
 
@@ -91,7 +91,7 @@ def test_positions_of_a_v2_run_are_student_vs_teacher(v2_run, train_dataset):
 def test_positions_with_a_full_v2_teacher_use_its_own_backbone(train_dataset):
     config = tiny_config({"loss": {"variant": "v2"}, "model": {"teacher": "full"}})
     torch.manual_seed(0)
-    student, teacher = VoCoNet(config.model).eval(), VoCoNet(config.model).eval()
+    student, teacher = BackboneWithHead(config.model).eval(), BackboneWithHead(config.model).eval()
     model = PositionModel(student, config, torch.device("cpu"), "random", 0, teacher)
     image = read_volume(train_dataset / "imagesTr" / "phantom_000.nii.gz")
     result = positions(image, model, n=1, seed=0)
@@ -106,8 +106,8 @@ def test_positions_with_a_full_v2_teacher_use_its_own_backbone(train_dataset):
 
 def test_v2_needs_a_teacher_and_the_v2_preset_is_valid():
     with pytest.raises(VoCoConfigError, match=r"model.teacher = 'none' .* loss.variant v2"):
-        make_config("tiny", {"loss": {"variant": "v2"}, "model": {"teacher": "none"}})
-    config = make_config("v2", check_device=False)
+        make_pretrain_config("tiny", {"loss": {"variant": "v2"}, "model": {"teacher": "none"}})
+    config = make_pretrain_config("v2", check_device=False)
     assert config.loss.variant == "v2" and config.model.teacher == "head"
     assert config.base_crop_size == (64, 64, 64) and config.num_base_crops == 9
     assert (config.model.head_hidden_dim, config.model.head_out_dim) == (1024, 1024)

@@ -8,7 +8,7 @@ from monai.networks.nets import SwinUNETR
 
 from voco_core.config import ModelConfig
 from voco_core.errors import VoCoDataError
-from voco_core.models import VoCoModel, backbone_state_dict
+from voco_core.models import StudentTeacher, backbone_state_dict
 from voco_core.weights import LoadReport, load_backbone, normalise_key
 
 TINY = ModelConfig(feature_size=12, head_hidden_dim=16, head_out_dim=8, teacher="none")
@@ -17,20 +17,20 @@ TINY = ModelConfig(feature_size=12, head_hidden_dim=16, head_out_dim=8, teacher=
 @pytest.fixture(scope="module")
 def pretrained():
     torch.manual_seed(3)
-    return VoCoModel(TINY)
+    return StudentTeacher(TINY)
 
 
 def swinunetr(feature_size: int = 12) -> SwinUNETR:
     return SwinUNETR(in_channels=1, out_channels=3, feature_size=feature_size, use_v2=True)
 
 
-def assert_backbone_equal(net: SwinUNETR, model: VoCoModel) -> None:
+def assert_backbone_equal(net: SwinUNETR, model: StudentTeacher) -> None:
     loaded = net.state_dict()
     for key, value in backbone_state_dict(model).items():
         torch.testing.assert_close(loaded[key], value)
 
 
-def released(model: VoCoModel, wrap: str | None, prefix: str, swin_vit: bool = False,
+def released(model: StudentTeacher, wrap: str | None, prefix: str, swin_vit: bool = False,
              with_head: bool = False) -> dict:
     """A checkpoint in one of the layouts released VoCo weights come in."""
     tensors = {}
@@ -93,7 +93,7 @@ def test_partial_shape_mismatch_is_reported_by_block(pretrained):
 
 def test_missing_blocks_are_listed():
     torch.manual_seed(0)
-    model = VoCoModel(TINY)
+    model = StudentTeacher(TINY)
     state = {k: v for k, v in backbone_state_dict(model).items() if not k.startswith("encoder")}
     report = load_backbone(swinunetr(), state)
     assert report.missing and all(n.startswith("encoder") for n in report.missing)

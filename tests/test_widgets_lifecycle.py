@@ -56,15 +56,15 @@ def _owned_by(callbacks: list, widget) -> list:
 
 def test_job_runner_relays_events_stops_and_reports_failures(qtbot, monkeypatch):
     from napari_voco import _notify
-    from napari_voco._jobs import JobRunner
+    from napari_voco._jobs import JobRunner, JobState
 
     notified: list[BaseException] = []
     monkeypatch.setattr(_notify, "notify_error", notified.append)
-    runner = JobRunner("test")
-    runner.failed.connect(_notify.notify_error)
     seen: list = []
-    runner.event.connect(seen.append)
-    statuses: list[str] = []
+    finished: list[JobState] = []
+    runner = JobRunner("test", on_event=seen.append, on_failed=_notify.notify_error,
+                       on_finished=lambda: finished.append(runner.state.status))
+    statuses: list[JobState] = []
     runner.state.events.status.connect(statuses.append)
     released = threading.Event()
 
@@ -81,8 +81,10 @@ def test_job_runner_relays_events_stops_and_reports_failures(qtbot, monkeypatch)
     runner.stop()
     qtbot.waitUntil(lambda: not runner.running, timeout=60_000)
     assert seen[:4] == ["emitted 0", 0, "emitted 1", 1]  # in order
-    assert len(seen) < 2000 and statuses == ["running", "stopping", "stopped"]
-    assert not notified
+    assert len(seen) < 2000
+    assert statuses == [JobState.RUNNING, JobState.STOPPING, JobState.STOPPED]
+    assert statuses == ["running", "stopping", "stopped"]  # a StrEnum: equal to its names
+    assert finished == [JobState.STOPPED] and not notified
 
     def failing(context):
         yield "first"
@@ -90,7 +92,8 @@ def test_job_runner_relays_events_stops_and_reports_failures(qtbot, monkeypatch)
 
     runner.start(failing, "failing")
     qtbot.waitUntil(lambda: not runner.running, timeout=60_000)
-    assert seen[-1] == "first" and runner.state.status == "failed"
+    assert seen[-1] == "first" and runner.state.status == JobState.FAILED
+    assert finished == [JobState.STOPPED, JobState.FAILED]
     assert [str(err) for err in notified] == ["bad value in the job"]
     assert "bad value" in runner.state.message
 

@@ -57,11 +57,11 @@ def _positions_widget(viewer, qtbot, checkpoint):
 
 
 def _wait(qtbot, widget) -> None:
-    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
 
 
 def _assert_usable(widget) -> None:
-    assert not widget.busy
+    assert not widget.running
     buttons = getattr(widget, "buttons", None) or (widget.run_button,)
     assert all(button.isEnabled() for button in buttons)
 
@@ -173,7 +173,7 @@ def test_placed_box_predicts_true_overlap_and_follows_a_drag(
     moved = np.array(layer.data[0])
     moved[:, a] -= 8
     layer.data = [moved]
-    qtbot.waitUntil(lambda: widget.box_result is not first and not widget.busy,
+    qtbot.waitUntil(lambda: widget.box_result is not first and not widget.running,
                     timeout=WAIT_MS)
     second = check_against_direct_call()
     assert not np.array_equal(second.sample_boxes, first.sample_boxes)
@@ -183,7 +183,7 @@ def test_placed_box_predicts_true_overlap_and_follows_a_drag(
     viewer.dims.set_point(c, image.data_to_world(np.eye(3)[c] * 5)[c])
     assert np.all(np.asarray(layer.data[0])[:, c] == 5)
     qtbot.wait(500)
-    assert widget.box_result is second and not widget.busy
+    assert widget.box_result is second and not widget.running
     assert loads == ["load_position_model", "prepare_volume"]  # cached after the first run
     _assert_usable(widget)
 
@@ -262,8 +262,8 @@ def test_segmentation_overlays_the_image(make_napari_viewer_proxy, qtbot, checkp
     [image] = viewer.open(phantom.path, plugin="napari-voco")  # display order, voco metadata
     widget = _segment_widget(viewer, checkpoints["segment"])
     widget.run()
-    assert widget.busy and not widget.run_button.isEnabled()
-    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    assert widget.running and not widget.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
     assert errors() == []
     labels = viewer.layers["phantom_000 segmentation"]
     assert labels.data.shape == image.data.shape
@@ -297,7 +297,7 @@ def test_segmentation_cancel(make_napari_viewer_proxy, qtbot, checkpoints, phant
     widget.run()
     assert widget.cancel_button.isEnabled()
     widget.cancel_button.click()
-    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not widget.running, timeout=WAIT_MS)
     assert widget.last_status == "cancelled"
     assert errors() == []
     assert "phantom segmentation" not in [layer.name for layer in viewer.layers]

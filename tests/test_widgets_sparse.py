@@ -113,11 +113,11 @@ def _painted_pair(viewer, dataset, name: str, slices: tuple[int, ...]):
     """The phantom ``name`` as the reader opens it, and a Labels layer on its grid where
     the user painted the true labels of ``slices`` (axial, axis 0); returns
     ``(image, labels, truth)``."""
-    from napari_voco._io import read_nifti
+    from napari_voco._io import read_volumes
 
-    data, kwargs, _ = read_nifti(str(dataset / "imagesTr" / name))[0]
+    data, kwargs, _ = read_volumes(str(dataset / "imagesTr" / name))[0]
     image = viewer.add_image(data, **kwargs)
-    truth = np.asarray(read_nifti(str(dataset / "labelsTr" / name))[0][0])
+    truth = np.asarray(read_volumes(str(dataset / "labelsTr" / name))[0][0])
     painted = np.zeros(truth.shape, np.uint8)
     painted[list(slices)] = truth[list(slices)]
     labels = viewer.add_labels(painted, name="painted", **{

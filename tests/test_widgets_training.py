@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
+
+from napari_voco._jobs import JobState
+
 pytestmark = pytest.mark.gui
 
 WAIT_MS = 180_000
@@ -154,9 +157,9 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     assert widget.batch.text() == "auto"  # the default: sized by the run, kept by presets
     assert widget.field_overrides()["optim"]["batch_size"] == "auto"
     panel, state = widget.panel, widget.run_state
-    assert state.status == "idle" and state.checkpoint == ""
+    assert state.status == JobState.IDLE and state.checkpoint == ""
     written: list[str] = []
-    statuses: list[str] = []
+    statuses: list[JobState] = []
     events = []
     tasks: list[list[str]] = []
     state.checkpoint_written.connect(written.append)
@@ -173,7 +176,7 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     _click(qtbot, panel.start_button)
     assert panel.running and panel.start_button.text() == "Stop"
     assert not widget.settings.isEnabled()
-    assert state.status == "running" and state.run_dir == str(run)
+    assert state.status == JobState.RUNNING and state.run_dir == str(run)
     _wait_idle(qtbot, widget)
     assert not notified, notified
 
@@ -185,7 +188,7 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     checkpoint = run / "checkpoints" / "last.pt"
     assert load_checkpoint(checkpoint)["step"] == stopped  # weights_only load
     assert state.checkpoint == str(checkpoint) and written[-1] == str(checkpoint)
-    assert statuses == ["running", "stopping", "stopped"]
+    assert statuses == [JobState.RUNNING, JobState.STOPPING, JobState.STOPPED]
     assert (state.step, state.total) == (stopped, 3)
     assert panel.progress.value() == stopped and panel.progress.maximum() == 3
     assert len(panel.plot.series["total"][0]) == stopped
@@ -219,7 +222,7 @@ def test_pretrain_progress_plot_stop_and_resume(make_napari_viewer_proxy, qtbot,
     assert panel.plot.axes.get_xlim() == (0.0, 3.0)
     low, high = panel.plot.axes.get_ylim()
     assert all(low <= value <= high for value in panel.plot.series["total"][1])
-    assert state.status == "done" and state.step == 3
+    assert state.status == JobState.DONE and state.step == 3
     _assert_usable(widget)
 
 
@@ -259,13 +262,13 @@ def test_pretrain_on_image_layers_and_napari_cancel(make_napari_viewer_proxy, qt
                                                     rotated_affine):
     """Open image layers are written with their affine to RUN_DIR/layers; napari's task
     cancel (what closing the window does) stops the run with a checkpoint."""
-    from napari_voco._io import DISPLAY_TO_RAS, read_nifti
+    from napari_voco._io import DISPLAY_TO_RAS, read_volumes
     from napari_voco._layers import unwrap
     from voco_core.checkpoint import load_checkpoint
     from voco_core.data.io import read_volume
 
     viewer = make_napari_viewer_proxy()
-    data, kwargs, _ = read_nifti(str(train_dataset / "imagesTr" / "phantom_000.nii.gz"))[0]
+    data, kwargs, _ = read_volumes(str(train_dataset / "imagesTr" / "phantom_000.nii.gz"))[0]
     viewer.add_image(data, **kwargs)
     viewer.add_image(np.asarray(data)[::-1].copy(), name="scaled/copy", scale=(2.0, 1.5, 3.0),
                      translate=(10.0, -4.0, 7.0), units="mm")
@@ -286,7 +289,7 @@ def test_pretrain_on_image_layers_and_napari_cancel(make_napari_viewer_proxy, qt
     _wait_idle(qtbot, widget)
     assert not notified, notified
     assert widget.panel.last_event.kind == "stopped" and widget.panel.last_event.step == 0
-    assert widget.run_state.status == "stopped"
+    assert widget.run_state.status == JobState.STOPPED
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 0
     first = read_volume(run / "layers" / "phantom_000.nii")
     np.testing.assert_allclose(first.affine, kwargs["metadata"]["voco"]["affine"])
@@ -310,7 +313,7 @@ def test_pretrain_bad_inputs_notify_and_leave_gui_usable(make_napari_viewer_prox
     assert widget.start()  # the folder is read in the worker
     _wait_idle(qtbot, widget)
     assert isinstance(notified[-1], VoCoDataError) and "no NIfTI files" in str(notified[-1])
-    assert "failed" in widget.panel.status.text() and widget.run_state.status == "failed"
+    assert "failed" in widget.panel.status.text() and widget.run_state.status == JobState.FAILED
     _assert_usable(widget)
 
     widget.data_path.set_path(train_dataset)
@@ -342,14 +345,14 @@ def test_finetune_layer_pairs_dice_and_segment(make_napari_viewer_proxy, qtbot, 
     from napari.layers import Labels
 
     from napari_voco._finetune_widget import FinetuneWidget
-    from napari_voco._io import read_nifti
+    from napari_voco._io import read_volumes
     from voco_core.checkpoint import load_checkpoint
 
     viewer = make_napari_viewer_proxy()
     for index in (0, 1):
         name = f"phantom_{index:03d}.nii.gz"
         for folder in ("imagesTr", "labelsTr"):
-            data, kwargs, kind = read_nifti(str(train_dataset / folder / name))[0]
+            data, kwargs, kind = read_volumes(str(train_dataset / folder / name))[0]
             if folder == "labelsTr":
                 kwargs["name"] = f"{kwargs['name']} labels"
             getattr(viewer, f"add_{kind}")(data, **kwargs)
@@ -478,14 +481,14 @@ def test_positions_widget_follows_the_running_pretraining(make_napari_viewer_pro
     def place_once(path: str) -> None:  # after the first checkpoint, place a box
         if not boxes_placed:
             boxes_placed.append(path)
-            qtbot.waitUntil(lambda: not positions.busy, timeout=WAIT_MS)
+            qtbot.waitUntil(lambda: not positions.running, timeout=WAIT_MS)
             positions.place_box()
 
     pretrain.run_state.checkpoint_written.connect(place_once)
     pretrain.run_state.checkpoint_written.connect(on_checkpoint)
     assert pretrain.start()
     _wait_idle(qtbot, pretrain)
-    qtbot.waitUntil(lambda: not positions.busy, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: not positions.running, timeout=WAIT_MS)
     assert not notified, notified
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     assert positions.checkpoint.path() == last
@@ -529,7 +532,7 @@ def test_napari_survives_a_killed_trainer_and_resumes_the_run(
     assert killed and len(notified) == 1 and isinstance(notified[0], TrainerDied)
     last = run / "checkpoints" / "last.pt"
     assert "SIGKILL" in str(notified[0]) and str(last) in str(notified[0])
-    assert widget.run_state.status == "failed" and "failed" in widget.panel.status.text()
+    assert widget.run_state.status == JobState.FAILED and "failed" in widget.panel.status.text()
     assert [layer.name for layer in viewer.layers] == ["painted"]
     assert painted.data[3, 4, 5] == 2
     _assert_usable(widget)
@@ -564,7 +567,7 @@ def test_follow_run_shows_a_run_started_elsewhere(make_napari_viewer_proxy, qtbo
     assert not notified, notified
     assert panel.last_event.kind == "done" and panel.plot.series["total"][0] == [1.0]
     assert written == [str(pretrain_run / "checkpoints" / "last.pt")]
-    assert widget.run_state.status == "done" and "done: 1 steps" in panel.status.text()
+    assert widget.run_state.status == JobState.DONE and "done: 1 steps" in panel.status.text()
     _assert_usable(widget)
     assert panel.follow_button.isEnabled()
 
@@ -585,7 +588,7 @@ def test_pretrain_widget_starts_torchrun_with_two_processes(make_napari_viewer_p
     assert widget.start()
     _wait_idle(qtbot, widget)
     assert not notified, notified
-    assert widget.panel.last_event.kind == "done" and widget.run_state.status == "done"
+    assert widget.panel.last_event.kind == "done" and widget.run_state.status == JobState.DONE
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 2 and state["world_size"] == 2
     assert widget.panel.plot.series["total"][0] == [1.0, 2.0]
@@ -613,7 +616,7 @@ def test_positions_inspector_follows_a_run_folder(make_napari_viewer_proxy, qtbo
     assert positions.followed is positions.folder_runner.state
     last = pretrain_run / "checkpoints" / "last.pt"
     qtbot.waitUntil(lambda: positions.checkpoint.path() == last, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: not positions.folder_runner.running and not positions.busy,
+    qtbot.waitUntil(lambda: not positions.folder_runner.running and not positions.running,
                     timeout=WAIT_MS)
     assert not notified, notified
     assert positions._view is not None  # the grid was drawn with the followed checkpoint

@@ -130,7 +130,7 @@ def test_a_failure_shows_in_the_widgets_status_line(make_napari_viewer_proxy, qt
     qtbot.wait(50)
     widget.checkpoint.set_path("")
     (widget.run if name == "segment" else widget.show_grid)()
-    qtbot.waitUntil(lambda: not widget.busy, timeout=10_000)
+    qtbot.waitUntil(lambda: not widget.running, timeout=10_000)
     assert len(notified) == 1 and "no checkpoint chosen" in str(notified[0])
     assert widget.status.text() == f"failed: {_notify.error_message(notified[0])}"
     qtbot.wait(50)

@@ -18,16 +18,16 @@ import numpy as np
 
 def random_position_model(config, seed: int, device: str):
     """A randomly initialised student; ``seed`` = the run seed gives exactly the
-    network pretraining started from (VoCoModel builds its student first)."""
+    network pretraining started from (StudentTeacher builds its student first)."""
     import torch
 
     from voco_core.config import resolve_device
     from voco_core.inference import PositionModel
-    from voco_core.models import VoCoNet
+    from voco_core.models import BackboneWithHead
 
     torch.manual_seed(seed)
     torch_device = resolve_device(device)
-    net = VoCoNet(config.model).to(torch_device).eval()
+    net = BackboneWithHead(config.model).to(torch_device).eval()
     return PositionModel(net, config, torch_device, f"random init (seed {seed})", 0)
 
 

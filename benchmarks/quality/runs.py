@@ -147,7 +147,7 @@ def pretrain_or_reuse(config, data: Path, work: Path, reuse: bool) -> dict:
     when finished, and continued from its last checkpoint when interrupted; a run of
     another config there is an error (one pretraining config per work folder)."""
     from voco_core.checkpoint import load_pretrain_checkpoint
-    from voco_core.config import config_from_dict
+    from voco_core.config import pretrain_config_from_dict
     from voco_core.train.pretrain import pretrain
 
     run_dir, keep_dir = work / "pretrain_run", work / "kept"
@@ -158,7 +158,7 @@ def pretrain_or_reuse(config, data: Path, work: Path, reuse: bool) -> dict:
         state = load_pretrain_checkpoint(last)
         # The saved config read back through today's schema: fields added since
         # that run get their defaults instead of making an identical run "other".
-        saved = config_from_dict(state["config"], check_device=False).to_dict()
+        saved = pretrain_config_from_dict(state["config"], check_device=False).to_dict()
         mine = {k: v for k, v in config.to_dict().items() if k != "run"}
         theirs = {k: v for k, v in saved.items() if k != "run"}
         if not mine["data"]["in_channels"]:  # 0: from the data, which the run recorded

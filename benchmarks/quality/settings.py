@@ -50,9 +50,9 @@ def aligned_spacing(args) -> tuple[float, float, float]:
     """Default spacing of ``--align-scales``: in-plane, the body spans the pretraining
     sample's x size (2.6 mm for ``tiny``'s 120 voxels: no padding-dominated samples);
     in depth, the phantoms' own 288 mm / shape[2] (4.5 mm at 64 slices)."""
-    from voco_core.config import make_config
+    from voco_core.config import make_pretrain_config
 
-    target_x = make_config(args.preset, check_device=False).data.target_size[0]
+    target_x = make_pretrain_config(args.preset, check_device=False).data.target_size[0]
     in_plane = round(PHANTOM_BODY_WIDTH_MM / target_x, 3)
     return in_plane, in_plane, round(288.0 / args.phantom_shape[2], 3)
 
@@ -119,7 +119,7 @@ def lever_overrides(args) -> tuple[dict, dict]:
 
 def pretrain_config(args, steps: int):
     """The VoCo pretraining config of this evaluation (``args.seed`` seeds the run)."""
-    from voco_core.config import make_config, merge
+    from voco_core.config import make_pretrain_config, merge
 
     base = {
         # The phantoms are CT: the window, stated (not auto), keeps the recorded runs'
@@ -131,7 +131,7 @@ def pretrain_config(args, steps: int):
                 "deterministic": False, "checkpoint_every": args.eval_every,
                 "log_every": 1},
     }
-    return make_config(args.preset, merge(base, lever_overrides(args)[0]))
+    return make_pretrain_config(args.preset, merge(base, lever_overrides(args)[0]))
 
 
 def finetune_config(args, mode: str, seed: int):

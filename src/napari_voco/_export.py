@@ -69,13 +69,12 @@ class BundleExporter(QObject):
         self.button = QPushButton(BUTTON_TEXT)
         self.button.setToolTip(TOOLTIPS["export_bundle"])
         self.button.clicked.connect(self.export)
-        self.runner = JobRunner("export", self)
-        self.runner.event.connect(self._on_result)
-        self.runner.failed.connect(self.fail)
-        self.runner.finished.connect(self._on_finished)
+        self.runner = JobRunner("export", self, on_event=self._on_result, on_failed=self.fail,
+                                on_finished=self._on_finished)
 
     @property
     def running(self) -> bool:
+        """True while an export runs."""
         return self.runner.running
 
     def export(self) -> bool:

@@ -51,30 +51,26 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QPlainTextEdit,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QWidget,
 )
 
 from napari_voco._export import BundleExporter
+from napari_voco._fields import MAX_STEPS, TrainingFields, spin
 from napari_voco._inputs import (
-    DeviceCombo,
     LayerCombo,
     PathEdit,
-    ScientificSpinBox,
     ViewerEvents,
     narrow,
     release_viewer_events_on_close,
-    scrolling_layout,
 )
-from napari_voco._jobs import JobContext, JobRunner, RunState
+from napari_voco._jobs import JobContext, JobRunner, JobState
 from napari_voco._layers import (
     current_slice,
     layer_to_record,
@@ -84,7 +80,7 @@ from napari_voco._layers import (
     unwrap,
     write_training_volume,
 )
-from napari_voco._run_panel import RunPanel, TrainingJob, default_run_dir, plan_new_run
+from napari_voco._run_panel import TrainingJob
 from napari_voco._sparse import (
     COPY_SLICE,
     COPY_VOLUME,
@@ -102,7 +98,7 @@ from voco_core.config import FINETUNE_PRESETS, make_finetune_config, merge
 from voco_core.data.datalists import DatalistEntry
 from voco_core.errors import VoCoDataError
 from voco_core.inference import SegmentationResult, SliceScore
-from voco_core.plan import default_preset, next_round_folder, plan_continue, plan_finetune
+from voco_core.plan import next_round_folder, plan_continue, plan_finetune
 from voco_core.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -216,16 +212,20 @@ def review_segmentation_job(record: Any, checkpoint: str, device: str, axis: int
     yield ReviewMaps(entropy, ranking, axis)
 
 
-class FinetuneWidget(ViewerEvents, QWidget):
+class FinetuneWidget(TrainingFields, ViewerEvents, QWidget):
     """SwinUNETR finetuning: layer pairs or a folder, optional VoCo weights, the run
     panel (Start/Stop, progress, live loss/Dice), per-class Dice, then segmentation
-    with the best checkpoint.
+    with the best checkpoint (shared fields, start and stop:
+    :class:`~napari_voco._fields.TrainingFields`).
 
     Signals:
         segmented(object): the Labels layer made by *Segment with best checkpoint*.
     """
 
     segmented = Signal(object)
+    KIND, TITLE = "finetune", "Finetuning"
+    RESUMED_FIELDS = ("pretrained",)
+    job_body = staticmethod(finetune_job)
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
@@ -254,44 +254,19 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.pretrained = PathEdit("optional: VoCo pretraining run, checkpoint or released "
                                    "weights", file_filter="Checkpoints (*.pt *.pth)")
         self.pretrained.setToolTip(TOOLTIPS["pretrained"])
-        self.preset = QComboBox()
-        self.preset.addItems(list(FINETUNE_PRESETS))
-        self.steps = QSpinBox()
-        self.steps.setRange(1, 100_000_000)
-        self.steps.setToolTip(TOOLTIPS["finetune_steps"])
-        self.lr = ScientificSpinBox(1e-4)
-        self.lr.setToolTip(TOOLTIPS["finetune_lr"])
-        self.val_every = QSpinBox()
-        self.val_every.setRange(1, 100_000_000)
-        self.val_every.setToolTip(TOOLTIPS["val_every"])
-        self.device = DeviceCombo()
-        self.output = PathEdit("run folder (default: ~/napari-voco/runs/finetune-<time>)")
-        self.output.setToolTip(TOOLTIPS["output"])
-        self.resume = PathEdit("optional: finetuning run folder or its last.pt",
-                               file_filter="Checkpoints (*.pt)")
-        self.resume.setToolTip(TOOLTIPS["resume"])
-        self.resume.changed.connect(self._on_resume_changed)
-        self.preset.currentTextChanged.connect(self.apply_preset)
-        self.preset.setCurrentText(default_preset(self.device.device())[0])
-        self.apply_preset(self.preset.currentText())
+        self.add_run_fields(FINETUNE_PRESETS, 1e-4,
+                            "optional: finetuning run folder or its last.pt")
+        self.val_every = spin(MAX_STEPS, TOOLTIPS["val_every"])
+        self.choose_default_preset()
 
+        # -- settings and run
         form = QFormLayout()
         self.data.add_rows(form)
-        form.addRow("Pretrained", self.pretrained)
-        form.addRow("Preset", self.preset)
-        form.addRow("Steps", self.steps)
-        form.addRow("Learning rate", self.lr)
-        form.addRow("Validate every", self.val_every)
-        form.addRow("Device", self.device)
-        form.addRow("Output folder", self.output)
-        form.addRow("Resume from", self.resume)
-        self.settings = QGroupBox("Finetuning")
-        self.settings.setLayout(form)
-
-        # -- run
-        self.panel = RunPanel("finetune", self.start, self.settings, loss_name="loss",
-                              ylabel="DiceCE loss", right=(DICE_SERIES,),
-                              right_label="validation mean Dice")
+        layout = self.add_settings(
+            [("Pretrained", self.pretrained), "preset", "steps", "lr",
+             ("Validate every", self.val_every), "device", "output", "resume"],
+            form, loss_name="loss", ylabel="DiceCE loss", right=(DICE_SERIES,),
+            right_label="validation mean Dice")
         self.panel.progressed.connect(self._on_event)
         self.panel.run_finished.connect(self._on_finished)
         self.report = QPlainTextEdit()
@@ -344,9 +319,6 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.resume.changed.connect(self._update_segment_button)
         segment_row.addRow(self.exporter.button)
 
-        layout = scrolling_layout(self)
-        layout.addWidget(self.settings)
-        layout.addWidget(self.panel, 1)
         layout.addWidget(self.report)
         layout.addWidget(self.dice_label)
         layout.addWidget(self.dice_table)
@@ -354,21 +326,17 @@ class FinetuneWidget(ViewerEvents, QWidget):
 
         self.data.annotations_changed.connect(self._on_annotations_changed)
         self.listen(napari_viewer.dims.events.current_step, self._update_accept_button)
-        self.segment_runner = JobRunner("segment", self)
-        self.segment_runner.event.connect(self._on_segment_event)
-        self.segment_runner.failed.connect(self.panel.fail)
-        self.segment_runner.finished.connect(self._on_segment_finished)
+        self.segment_runner = JobRunner("segment", self, on_event=self._on_segment_event,
+                                        on_failed=self.panel.fail,
+                                        on_finished=self._on_segment_finished)
         self.panel.state.events.status.connect(self._update_segment_button)
         self._update_segment_button()
         release_viewer_events_on_close(self)
 
     @property
-    def run_state(self) -> RunState:
-        """The run's evented state (status, step, total, newest checkpoint)."""
-        return self.panel.state
-
-    @property
     def segmenting(self) -> bool:
+        """True while *Segment with best checkpoint* runs (:attr:`panel`'s ``running``:
+        while a training runs)."""
         return self.segment_runner.running
 
     # ------------------------------------------------------------------ settings
@@ -379,13 +347,6 @@ class FinetuneWidget(ViewerEvents, QWidget):
         self.steps.setValue(config.train.total_steps)
         self.lr.setValue(config.train.lr)
         self.val_every.setValue(config.train.val_every)
-
-    def _on_resume_changed(self, text: str) -> None:
-        resuming = bool(text.strip())
-        for widget, key in ((self.preset, ""), (self.lr, "finetune_lr"),
-                            (self.pretrained, "pretrained")):
-            widget.setEnabled(not resuming)
-            widget.setToolTip(TOOLTIPS["resumed"] if resuming else TOOLTIPS.get(key, ""))
 
     def field_overrides(self, resuming: bool = False) -> dict:
         """The widget's fields as nested config overrides; when ``resuming``, only those
@@ -398,19 +359,13 @@ class FinetuneWidget(ViewerEvents, QWidget):
     def make_job(self, continue_from: Path | None = None) -> FinetuneJob:
         """Check the inputs and plan the run (GUI thread; typed errors for bad input);
         ``continue_from``: a finished run folder this run continues (new folder beside it)."""
-        resume = None if continue_from is not None else self.resume.path()
-        if resume is not None and not resume.exists():
-            raise VoCoDataError("finetuning run folder or checkpoint to resume not found",
-                                resume)
+        resume = (None if continue_from is not None
+                  else self.resume_path("finetuning run folder or checkpoint"))
         fresh = resume is None and continue_from is None
         pretrained = self.pretrained.path() if fresh else None  # plan checks it
         self._from_random = fresh and pretrained is None
-        out = self.output.path()
-        if continue_from is not None:
-            out = next_round_folder(continue_from)
-        elif out is None and resume is None:
-            out = default_run_dir("finetune")
-            self.output.set_path(out)
+        out = (next_round_folder(continue_from) if continue_from is not None
+               else self.output_folder(resume))
         overrides = self.field_overrides(resuming=resume is not None)
         inputs = self.data.gather(fresh, continuing=continue_from is not None)
         self._inputs = inputs
@@ -422,16 +377,10 @@ class FinetuneWidget(ViewerEvents, QWidget):
             self._run_note = "; ".join(filter(None, (
                 f"continues {continue_from.name} → {out.name}", self._run_note)))
         overrides = merge(overrides, self.overrides)
-        if fresh:
-            job = FinetuneJob(plan_new_run(plan_finetune, preset=self.preset.currentText(),
-                                           overrides=overrides, out=out,
-                                           pretrained=pretrained))
-        else:  # resumed or continued: planned in the worker (it loads a checkpoint)
-            from voco_core.config import resolve_device
-
-            resolve_device(self.device.device())  # a missing GPU is reported at once
-            job = FinetuneJob(resume=resume, overrides=overrides, out=out,
-                              continue_from=continue_from)
+        # resumed or continued: planned in the worker (it loads a checkpoint)
+        job = self.training_job(FinetuneJob, plan_finetune, fresh=fresh, overrides=overrides,
+                                out=out, plan_options={"pretrained": pretrained},
+                                resume=resume, continue_from=continue_from)
         job.pairs, job.data, job.validation = inputs.pairs, inputs.data, inputs.validation
         return job
 
@@ -440,20 +389,16 @@ class FinetuneWidget(ViewerEvents, QWidget):
     def start(self, continue_from: Path | None = None) -> bool:
         """Start finetuning (``continue_from``: see :meth:`make_job`); False (and a
         notification) when the inputs are bad."""
-        if self.panel.running or self.segmenting:
+        if self.segmenting:
             return False
-        try:
-            job = self.make_job(continue_from)
-        except Exception as err:
-            self.panel.fail(err)
+        job = self.planned_job(functools.partial(self.make_job, continue_from))
+        if job is None:
             return False
         self.best_checkpoint = None
         self.last_run_dir = job.run_dir
         self._continuing = continue_from is not None
         self.report.setPlainText("")
-        self.panel.launch(functools.partial(finetune_job, job),
-                          f"VoCo finetuning → {job.run_dir}", job.run_dir,
-                          resumed=job.resume is not None)
+        self.launch_job(job)
         if self._inputs is not None:
             self.data.record_rounds(self._inputs)  # trained / held-out slices, per layer
         if self._run_note:
@@ -543,10 +488,6 @@ class FinetuneWidget(ViewerEvents, QWidget):
         go_to_slice(self.viewer, layer, self.review.axis, index)
         self.panel.status.setText(f"slice {index} of axis {self.review.axis}: review it "
                                   "(paint a correction or Accept slice)")
-
-    def stop(self) -> None:
-        """Stop the run before its next step (a checkpoint is written)."""
-        self.panel.stop()
 
     def segment_with_best(self) -> bool:
         """Segment the chosen image layer with the run's best checkpoint (in a worker),
@@ -711,7 +652,7 @@ class FinetuneWidget(ViewerEvents, QWidget):
                                       f"{layer.name!r}, axis {axis})")
 
     def _on_segment_finished(self) -> None:
-        if self.segment_runner.state.status == "stopped":
+        if self.segment_runner.state.status == JobState.STOPPED:
             self.panel.status.setText("segmentation cancelled")
         self._segment_job = None
         self._update_segment_button()

@@ -2,7 +2,7 @@
 
 The reader opens what :func:`voco_core.data.read_volume` reads: NIfTI (``.nii``,
 ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) and a
-folder holding one DICOM series (see :mod:`voco_core.data.formats`).
+folder holding one DICOM series (see :mod:`voco_core.data.readers`).
 
 Geometry
 --------
@@ -86,8 +86,8 @@ from nibabel.orientations import (
 )
 
 from voco_core.data import looks_like_labels
-from voco_core.data.formats import is_volume_file_path, looks_like_dicom_folder
 from voco_core.data.io import VolumeRecord, read_volume, write_volume
+from voco_core.data.readers.sources import is_volume_file_path, looks_like_dicom_folder
 from voco_core.errors import VoCoDataError
 
 # (data, layer keyword arguments, layer type name): what npe2 readers return.
@@ -178,14 +178,14 @@ def _as_path_list(path: Any) -> list[str] | None:
 
 
 def get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
-    """npe2 reader hook: :func:`read_nifti` when every path is a volume file (NIfTI,
+    """npe2 reader hook: :func:`read_volumes` when every path is a volume file (NIfTI,
     NRRD, MetaImage) or a folder holding DICOM files, else None.
 
     ``path`` is one path or a list of paths. Returns None (never raises) for a
     folder without DICOM files (a look at its first files,
-    :func:`~voco_core.data.formats.looks_like_dicom_folder`), a name not ending in
+    :func:`~voco_core.data.readers.sources.looks_like_dicom_folder`), a name not ending in
     a volume suffix, or a list with any such entry. Whether the file or series can
-    actually be read is checked by :func:`read_nifti`.
+    actually be read is checked by :func:`read_volumes`.
     """
     try:
         paths = _as_path_list(path)
@@ -200,10 +200,10 @@ def get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
                 return None
     except Exception:  # an odd path (e.g. not decodable) is simply not ours
         return None
-    return read_nifti
+    return read_volumes
 
 
-def read_nifti(path: str | Sequence[str]) -> list[LayerDataTuple]:
+def read_volumes(path: str | Sequence[str]) -> list[LayerDataTuple]:
     """Read one volume (NIfTI, NRRD or MetaImage file, or DICOM series folder) or a list
     of them: one layer per volume, in order.
 
@@ -484,16 +484,17 @@ def storage_array(array: np.ndarray, labels: bool = False) -> np.ndarray:
     return array
 
 
-def layer_volume(data: Any, meta: Mapping[str, Any], kind: str = "image",
-                 name: str | None = None, path: str | Path | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def layer_data_volume(data: Any, meta: Mapping[str, Any], kind: str = "image",
+                      name: str | None = None, path: str | Path | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """``(array, affine)`` of a single-channel 3-D layer given as napari hands it to
     writers (``data`` and the ``meta`` keyword dict): the full-resolution level as a
     numpy array in the layer's own (display) order, unchanged, and its voxel -> RAS+
-    affine (:func:`layer_voxel_to_world`). The one layer -> volume helper of the plugin
-    (the widgets pass a layer's data and transform, see
-    :func:`napari_voco._layers.layer_meta`): a label painted on the axial slice ``k``
-    of the slider is ``array[k]``, whose voxels share one RAS+ ``z``.
+    affine (:func:`layer_voxel_to_world`). The one layer -> volume rule of the plugin:
+    the writers use it, and so do the widgets, through
+    :func:`napari_voco._layers.layer_volume` (a layer object: its data and transform,
+    :func:`napari_voco._layers.layer_meta`). A label painted on the axial slice ``k`` of
+    the slider is ``array[k]``, whose voxels share one RAS+ ``z``.
 
     Raises :class:`VoCoDataError` naming the layer (``name``) or the file (``path``)
     for an RGB or non-3-D layer."""
@@ -519,7 +520,7 @@ def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     Returns ``[path]``. Raises :class:`VoCoDataError` for a non-3-D or RGB layer or an
     unwritable path.
     """
-    array, affine = layer_volume(data, meta, "image", path=path)
+    array, affine = layer_data_volume(data, meta, "image", path=path)
     array, affine, _dtype = storage_volume(array, affine, meta)
     return [str(write_volume(path, storage_array(array), affine=affine))]
 
@@ -533,7 +534,7 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     ``[path]``. Raises :class:`VoCoDataError` for a non-3-D layer, labels outside the
     ``int32`` range or an unwritable path.
     """
-    array, affine = layer_volume(data, meta, "labels", path=path)
+    array, affine = layer_data_volume(data, meta, "labels", path=path)
     array, affine, dtype = storage_volume(array, affine, meta)
     # the source's own integer type (at most 32 bits, as NIfTI label maps go) round-trips
     # exactly; anything else is narrowed to the smallest type that holds the values

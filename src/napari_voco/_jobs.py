@@ -13,9 +13,12 @@ a :func:`napari.qt.threading.create_worker` generator worker, so napari lists it
 as a running task of the current viewer's window (closing that window while a job
 runs asks first, naming it). :class:`JobRunner` relays every yielded event to the
 GUI thread (:attr:`JobRunner.event`) and keeps one evented :class:`RunState`
-(idle / running / stopping / stopped / done / failed, step, total, message) that
-widgets and other widgets (the positions inspector following a pretraining) watch
-instead of reading attributes scattered over a widget.
+(a :class:`JobState`: idle / running / stopping / stopped / done / failed; step,
+total, message) that widgets and other widgets (the positions inspector following a
+pretraining) watch instead of reading attributes scattered over a widget. A widget
+hands its runner its callbacks once (``JobRunner(kind, self, on_event=...,
+on_failed=self.fail, on_finished=...)``); every widget calls "a job is running"
+``running`` and its failure handler ``fail``.
 
 Stop
 ----
@@ -36,21 +39,20 @@ machines, ``torch.cuda.empty_cache()``.
 
 Responsiveness
 --------------
-While jobs run, two things keep the GUI thread running (measured on a busy 2-core
-machine, docs/gui.md):
+While jobs run in this process, two things keep the GUI thread running (docs/gui.md):
 
 * Full garbage collections hold the GIL for as long as they scan every tracked
-  object: with napari, torch and MONAI loaded that is millions of objects, 0.2-0.5 s
-  each. The objects that existed before the first job started are frozen
+  object: with napari, torch and MONAI loaded that is millions of objects, a visible
+  stall each time. The objects that existed before the first job started are frozen
   (``gc.freeze``: left out of collections), so collections during a job and the one
   after it scan only what the job made. They are unfrozen when the last job ends.
 * torch's intra-op thread pool leaves one core to the GUI thread (at least one
-  thread): a tiny pretraining with 2 threads stalled the GUI for up to 0.3 s and
-  took 2.7 times as long as with 1 thread.
+  thread): with every core busy, the GUI stalls and the job itself slows down.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import gc
 import os
@@ -64,8 +66,19 @@ from psygnal import Signal as PsygnalSignal
 from psygnal import evented
 from qtpy.QtCore import QObject, Signal
 
-IDLE, RUNNING, STOPPING, STOPPED, DONE, FAILED = (
-    "idle", "running", "stopping", "stopped", "done", "failed")
+
+class JobState(enum.StrEnum):
+    """What a job runner's job is doing (:attr:`RunState.status`). A ``StrEnum``: each
+    state also equals (and prints as) its lower-case name, e.g. ``"done"``."""
+
+    IDLE = "idle"
+    """Never ran."""
+    RUNNING = "running"
+    STOPPING = "stopping"
+    """Stop asked: the job ends at its next step."""
+    STOPPED = "stopped"
+    DONE = "done"
+    FAILED = "failed"
 
 
 @evented
@@ -73,8 +86,9 @@ IDLE, RUNNING, STOPPING, STOPPED, DONE, FAILED = (
 class RunState:
     """What a widget's job is doing, as evented fields (``state.events.status`` etc.).
 
-    ``status``: ``idle`` (never ran), ``running``, ``stopping`` (stop asked, the job
-    ends at its next step), ``stopped``, ``done`` or ``failed``. ``step`` / ``total``:
+    ``status``: a :class:`JobState` (``IDLE``: never ran, ``RUNNING``, ``STOPPING``:
+    stop asked, the job ends at its next step, ``STOPPED``, ``DONE`` or ``FAILED``).
+    ``step`` / ``total``:
     optimizer steps of a training (0 for other jobs). ``run_dir``: the training's run
     folder, ``checkpoint``: the newest checkpoint it wrote ("" before the first).
     ``description`` names the job (napari's task list shows it).
@@ -85,7 +99,7 @@ class RunState:
     """
 
     kind: str = ""
-    status: str = IDLE
+    status: JobState = JobState.IDLE
     step: int = 0
     total: int = 0
     message: str = ""
@@ -98,7 +112,7 @@ class RunState:
     @property
     def active(self) -> bool:
         """True while a job runs (also while it is stopping)."""
-        return self.status in (RUNNING, STOPPING)
+        return self.status in (JobState.RUNNING, JobState.STOPPING)
 
 
 @dataclass
@@ -240,7 +254,9 @@ class JobRunner(QObject):
 
     ``start(body, description)`` runs ``body(context)`` in a worker; every yielded or
     emitted event comes back as :attr:`event` (in order, in the GUI thread), an
-    exception as :attr:`failed`, and :attr:`finished` follows in every case.
+    exception as :attr:`failed`, and :attr:`finished` follows in every case. The
+    owner's callbacks for the three are given once, here: ``on_event(event)``,
+    ``on_failed(error)`` (the widget's ``fail``) and ``on_finished()``.
     Events with ``step``/``total_steps``/``checkpoint`` (the trainers') update the
     state's step, total and checkpoint; a last event of kind ``stopped`` or ``done``
     sets the final status.
@@ -251,8 +267,15 @@ class JobRunner(QObject):
     finished = Signal()
     _relayed = Signal(object)  # context.emit: worker thread -> GUI thread, queued
 
-    def __init__(self, kind: str = "", parent: QObject | None = None):
+    def __init__(self, kind: str = "", parent: QObject | None = None, *,
+                 on_event: Callable[[Any], Any] | None = None,
+                 on_failed: Callable[[BaseException], Any] | None = None,
+                 on_finished: Callable[[], Any] | None = None):
         super().__init__(parent)
+        for signal, callback in ((self.event, on_event), (self.failed, on_failed),
+                                 (self.finished, on_finished)):
+            if callback is not None:
+                signal.connect(callback)
         self.state = RunState(kind=kind)
         self.worker = None
         self.stop_flag = threading.Event()
@@ -265,6 +288,7 @@ class JobRunner(QObject):
 
     @property
     def running(self) -> bool:
+        """True while a job runs (also while it is stopping)."""
         return self.worker is not None
 
     @property
@@ -295,14 +319,14 @@ class JobRunner(QObject):
         self.state.run_dir = run_dir
         self.state.description = description
         self.state.message = message
-        self.state.status = RUNNING
+        self.state.status = JobState.RUNNING
         worker.start()
 
     def stop(self) -> None:
         """Ask the job to stop at its next step (no effect when none is running)."""
         if self.worker is not None and not self.stop_flag.is_set():
             self.stop_flag.set()
-            self.state.status = STOPPING
+            self.state.status = JobState.STOPPING
 
     def _on_yielded(self, item: Any) -> None:
         if isinstance(item, JobFailed):
@@ -328,10 +352,10 @@ class JobRunner(QObject):
     def _on_finished(self) -> None:
         self.worker = None
         if self.last_error is not None:
-            self.state.status = FAILED
+            self.state.status = JobState.FAILED
         elif self._last_kind == "stopped" or (self.stop_flag.is_set()
                                               and self._last_kind != "done"):
-            self.state.status = STOPPED
+            self.state.status = JobState.STOPPED
         else:
-            self.state.status = DONE
+            self.state.status = JobState.DONE
         self.finished.emit()

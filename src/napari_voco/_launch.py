@@ -19,9 +19,11 @@ job.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from voco_core.errors import VoCoError
@@ -167,8 +169,8 @@ def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
     from qtpy.QtCore import QTimer
 
     from napari_voco._inputs import keep_placement
-    from voco_core.data.formats import volume_sources
     from voco_core.data.phantoms import make_phantom_dataset
+    from voco_core.data.readers.sources import volume_sources
 
     has_volumes = args.data.is_dir() and bool(volume_sources(args.data, "image"))
     if not (args.data / "dataset.json").is_file() and not has_volumes:
@@ -209,6 +211,76 @@ def set_up_viewer(viewer, args: argparse.Namespace) -> dict:
     return widgets
 
 
+STOP_WAIT_SECONDS = 120
+"""How long a SIGTERM/SIGINT waits for the running jobs to stop at their next step
+(and save) before napari closes anyway: a tiny CPU step takes seconds, a base step on
+a busy GPU well under a minute."""
+
+
+def stop_on_signals(viewer, say: Callable[[str], None] = print) -> Callable[[], None]:
+    """SIGTERM and SIGINT (``kill``, Ctrl-C in the terminal, a session's logout) stop
+    every running VoCo job at its next step, where it saves its checkpoint and releases
+    its run folder, then close napari; each step is said in one line. Returns a function
+    that puts the previous handlers back."""
+    import signal
+
+    from qtpy.QtCore import QTimer
+
+    def handler(signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        QTimer.singleShot(0, lambda: stop_jobs_then_close(viewer, name, say))
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Python runs signal handlers between bytecodes only: while Qt's loop waits in C++,
+    # a periodic no-op timer lets it in.
+    ticker = QTimer(viewer.window._qt_window)
+    ticker.timeout.connect(lambda: None)
+    ticker.start(200)
+
+    def restore() -> None:
+        with contextlib.suppress(RuntimeError):  # gone with the closed window
+            ticker.stop()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def stop_jobs_then_close(viewer, reason: str, say: Callable[[str], None] = print,
+                         wait_seconds: float = STOP_WAIT_SECONDS) -> None:
+    """Stop the running jobs of ``viewer``'s VoCo widgets, wait (at most
+    ``wait_seconds``, the GUI responsive) until they have, say where each run stands,
+    and close the viewer."""
+    from qtpy.QtCore import QTimer
+
+    from napari_voco._jobs import JobRunner
+
+    runners = [r for r in viewer.window._qt_window.findChildren(JobRunner) if r.running]
+    say(f"napari-voco: {reason}: " + (
+        f"stopping {len(runners)} running job(s) at their next step, then closing"
+        if runners else "closing"))
+    for runner in runners:
+        runner.stop()
+    deadline = time.monotonic() + wait_seconds
+
+    def close_when_stopped() -> None:
+        if any(r.running for r in runners) and time.monotonic() < deadline:
+            QTimer.singleShot(100, close_when_stopped)
+            return
+        for runner in runners:
+            state = runner.state
+            if runner.running:
+                say(f"napari-voco: the {state.kind or 'job'} did not stop within "
+                    f"{wait_seconds:.0f} s; closing anyway")
+            elif state.checkpoint:
+                say(f"napari-voco: {state.kind} stopped at step {state.step}; checkpoint "
+                    f"{state.checkpoint} (resume it from the widget, or --resume "
+                    f"{state.run_dir})")
+        viewer.close()
+
+    close_when_stopped()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not has_display():
@@ -219,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import napari
 
-        set_up_viewer(napari.Viewer(title="napari-voco"), args)
+        viewer = napari.Viewer(title="napari-voco")
+        set_up_viewer(viewer, args)
+        stop_on_signals(viewer)
         napari.run()
     except VoCoError as err:
         print(f"napari-voco: error: {err}", file=sys.stderr)

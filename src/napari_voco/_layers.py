@@ -31,8 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_voco._io import derived_metadata, layer_data_to_display, storage_array
-from napari_voco._io import layer_volume as _layer_volume
+from napari_voco._io import (
+    derived_metadata,
+    layer_data_to_display,
+    layer_data_volume,
+    storage_array,
+)
 from voco_core.data.io import VolumeRecord, write_volume
 from voco_core.errors import VoCoDataError
 
@@ -77,7 +81,7 @@ def layer_volume(layer: Layer, kind: str = "image") -> tuple[np.ndarray, np.ndar
     """``(array, affine)`` of a single-channel 3-D layer: its full-resolution data in the
     layer's own (display) order and its voxel -> RAS+ affine: ``metadata["voco"]``
     (layers from this plugin's reader) or else its napari transform taken back from
-    the display world to RAS+ (see :func:`napari_voco._io.layer_volume`, the one
+    the display world to RAS+ (see :func:`napari_voco._io.layer_data_volume`, the one
     rule). :class:`VoCoDataError` names the layer otherwise, also for one channel of a
     multi-channel file: training from layers takes single-channel images (the widgets
     write them as 3-D NIfTI)."""
@@ -87,7 +91,8 @@ def layer_volume(layer: Layer, kind: str = "image") -> tuple[np.ndarray, np.ndar
             f"layer {layer.name!r} is channel {channel + 1} of {channels} of {path}: training "
             "from layers takes single-channel images; train on the multi-channel file "
             "itself (a data folder or datalist)")
-    return _layer_volume(layer.data, layer_meta(layer), kind, name=getattr(layer, "name", "?"))
+    return layer_data_volume(layer.data, layer_meta(layer), kind,
+                             name=getattr(layer, "name", "?"))
 
 
 def channel_of(layer: Layer) -> tuple[int, int, str | None]:
@@ -130,8 +135,8 @@ def layer_to_record(layer: Any, viewer: napari.Viewer | None = None) -> VolumeRe
             raise VoCoDataError(f"layer {layer.name!r} is channel {channel + 1} of {channels} "
                                 f"of {path}, but channel {missing[0]} is not in the viewer: "
                                 "open the file again")
-        volumes = [_layer_volume(siblings[c].data, layer_meta(siblings[c]), "image",
-                                 name=siblings[c].name) for c in range(channels)]
+        volumes = [layer_data_volume(siblings[c].data, layer_meta(siblings[c]), "image",
+                                     name=siblings[c].name) for c in range(channels)]
         affine = volumes[0][1]
         if any(v[0].shape != volumes[0][0].shape for v in volumes):
             raise VoCoDataError(f"the channel layers of {path} differ in shape: "

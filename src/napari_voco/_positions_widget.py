@@ -224,21 +224,18 @@ class PositionsWidget(ViewerEvents, QWidget):
         self.listen(napari_viewer.dims.events.ndisplay, self._on_view_turned)
         self.listen(napari_viewer.camera.events.orientation, self._on_view_turned)
         self.listen(napari_viewer.scene.camera.events.zoom, self._update_labels)
-        self.runner = JobRunner("positions", self)
+        self.runner = JobRunner("positions", self, on_event=self._on_outcome,
+                                on_failed=self.fail, on_finished=self._on_finished)
         # follows a run folder written by any process (Follow → run folder…)
-        self.folder_runner = JobRunner("pretrain", self)
-        self.folder_runner.failed.connect(self._fail)
-        self.folder_runner.finished.connect(self._follow_next_folder)
+        self.folder_runner = JobRunner("pretrain", self, on_failed=self.fail,
+                                       on_finished=self._follow_next_folder)
         self._next_folder: Path | None = None
-        self.runner.event.connect(self._on_outcome)
-        self.runner.failed.connect(self._fail)
-        self.runner.finished.connect(self._on_finished)
         release_viewer_events_on_close(self)
 
     # ------------------------------------------------------------------ public actions
 
     @property
-    def busy(self) -> bool:
+    def running(self) -> bool:
         """True while a computation runs (or one is queued)."""
         return self.runner.running or self._pending is not None
 
@@ -304,7 +301,7 @@ class PositionsWidget(ViewerEvents, QWidget):
                 raise VoCoDataError("is a finetuning run: the inspector follows pretraining "
                                     "runs", run_dir)
         except VoCoError as err:
-            self._fail(err)
+            self.fail(err)
             return False
         self._next_folder = Path(run_dir)
         if self.folder_runner.running:  # the previous folder's follower ends first
@@ -349,7 +346,7 @@ class PositionsWidget(ViewerEvents, QWidget):
         try:
             job = self._make_job(kind, params)
         except Exception as err:
-            self._fail(err)
+            self.fail(err)
             return
         if job is None:
             return
@@ -423,9 +420,9 @@ class PositionsWidget(ViewerEvents, QWidget):
         try:
             self._show_outcome(outcome)
         except Exception as err:
-            self._fail(err)
+            self.fail(err)
 
-    def _fail(self, err: BaseException) -> None:
+    def fail(self, err: BaseException) -> None:
         """A notification, and the whole message in the status line (scrolled to)."""
         _notify.notify_error(err)
         self._set_status(f"failed: {_notify.error_message(err)}")

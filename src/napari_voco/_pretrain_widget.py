@@ -26,42 +26,31 @@ run writes one. The positions inspector follows a pretraining through it.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFormLayout,
-    QGroupBox,
-    QListWidget,
-    QListWidgetItem,
-    QSpinBox,
-    QWidget,
-)
+from qtpy.QtWidgets import QComboBox, QListWidget, QListWidgetItem, QWidget
 
+from napari_voco._fields import MAX_STEPS, TrainingFields, combo, spin
 from napari_voco._inputs import (
     CompactStack,
-    DeviceCombo,
     PathEdit,
-    ScientificSpinBox,
     ViewerEvents,
     cuda_device_names,
     narrow,
     release_viewer_events_on_close,
-    scrolling_layout,
 )
-from napari_voco._jobs import JobContext, RunState
+from napari_voco._jobs import JobContext
 from napari_voco._layers import layer_volume, safe_file_stem, unwrap, write_training_volume
-from napari_voco._run_panel import RunPanel, TrainingJob, default_run_dir, plan_new_run
+from napari_voco._run_panel import TrainingJob
 from napari_voco._tooltips import TOOLTIPS
-from voco_core.config import PRESETS, make_config, merge
+from voco_core.config import PRESETS, make_pretrain_config, merge
 from voco_core.data.datalists import DatalistEntry
 from voco_core.errors import VoCoDataError
-from voco_core.plan import default_preset, plan_pretrain
+from voco_core.plan import plan_pretrain
 
 if TYPE_CHECKING:
     import napari
@@ -172,23 +161,14 @@ AUTO_BATCH = "auto"
 """The batch spin box's text at 0, and the ``optim.batch_size`` value it stands for."""
 
 
-def _spin(maximum: int, tooltip: str) -> QSpinBox:
-    spin = QSpinBox()
-    spin.setRange(1, maximum)
-    spin.setToolTip(tooltip)
-    return spin
-
-
-def _combo(items: list[str], tooltip: str) -> QComboBox:
-    combo = QComboBox()
-    combo.addItems(items)
-    combo.setToolTip(tooltip)
-    return combo
-
-
-class PretrainWidget(QWidget):
+class PretrainWidget(TrainingFields, QWidget):
     """VoCo pretraining: data, settings, and the run panel (Start/Stop, progress, live
-    loss plot). :attr:`panel` runs and shows the run, :attr:`run_state` is its state."""
+    loss plot). :attr:`panel` runs and shows the run, :attr:`run_state` is its state
+    (shared fields, start and stop: :class:`~napari_voco._fields.TrainingFields`)."""
+
+    KIND, TITLE = "pretrain", "Pretraining"
+    RESUMED_FIELDS = ("teacher", "variant")
+    job_body = staticmethod(pretrain_job)
 
     def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
@@ -210,71 +190,36 @@ class PretrainWidget(QWidget):
             self.source.setCurrentText(SOURCE_LAYERS)
 
         # -- settings
-        self.preset = QComboBox()
-        self.preset.addItems(list(PRESETS))
-        self.steps = _spin(100_000_000, TOOLTIPS["pretrain_steps"])
-        self.batch = _spin(1024, TOOLTIPS["batch"])
+        self.add_run_fields(PRESETS, 3e-4, "optional: run folder or last.pt to continue")
         # 0 shows "auto" (optim.batch_size: auto, the default here): the run sizes its
         # micro-batches to the device; the status line says what it chose.
-        self.batch.setMinimum(0)
+        self.batch = spin(1024, TOOLTIPS["batch"], minimum=0)
         self.batch.setSpecialValueText(AUTO_BATCH)
         self.batch.setValue(0)
-        self.lr = ScientificSpinBox(3e-4)
-        self.lr.setToolTip(TOOLTIPS["pretrain_lr"])
-        self.teacher = _combo(["full", "head", "none"], TOOLTIPS["teacher"])
-        self.variant = _combo(["v1", "v2"], TOOLTIPS["variant"])
+        self.teacher = combo(["full", "head", "none"], TOOLTIPS["teacher"])
+        self.variant = combo(["v1", "v2"], TOOLTIPS["variant"])
         self.variant.currentTextChanged.connect(self._on_variant_changed)
-        self.checkpoint_every = _spin(100_000_000, TOOLTIPS["checkpoint_every"])
-        self.device = DeviceCombo()
+        self.checkpoint_every = spin(MAX_STEPS, TOOLTIPS["checkpoint_every"])
         gpus = len(cuda_device_names())
-        self.processes = _spin(max(gpus, 1), TOOLTIPS["processes"])
-        self.processes.setMinimum(1)
+        self.processes = spin(max(gpus, 1), TOOLTIPS["processes"])
         self.processes.setValue(1)
-        self.output = PathEdit("run folder (default: ~/napari-voco/runs/pretrain-<time>)")
-        self.output.setToolTip(TOOLTIPS["output"])
-        self.resume = PathEdit("optional: run folder or last.pt to continue",
-                               file_filter="Checkpoints (*.pt)")
-        self.resume.setToolTip(TOOLTIPS["resume"])
-        self.resume.changed.connect(self._on_resume_changed)
-        self.preset.currentTextChanged.connect(self.apply_preset)
-        self.preset.setCurrentText(default_preset(self.device.device())[0])
-        self.apply_preset(self.preset.currentText())
+        self.choose_default_preset()
 
-        form = QFormLayout()
-        form.addRow("Data", self.source)
-        form.addRow("", self.data_stack)
-        form.addRow("Preset", self.preset)
-        form.addRow("Steps", self.steps)
-        form.addRow("Batch", self.batch)
-        form.addRow("Learning rate", self.lr)
-        form.addRow("Teacher", self.teacher)
-        form.addRow("Loss", self.variant)
-        form.addRow("Checkpoint every", self.checkpoint_every)
-        form.addRow("Device", self.device)
-        if gpus > 1:  # one process per GPU through torchrun
-            form.addRow("GPUs (torchrun)", self.processes)
-        form.addRow("Output folder", self.output)
-        form.addRow("Resume from", self.resume)
-        self.settings = QGroupBox("Pretraining")
-        self.settings.setLayout(form)
-
-        self.panel = RunPanel("pretrain", self.start, self.settings)
-        layout = scrolling_layout(self)
-        layout.addWidget(self.settings)
-        layout.addWidget(self.panel, 1)
+        self.add_settings([
+            ("Data", self.source), ("", self.data_stack), "preset", "steps",
+            ("Batch", self.batch), "lr", ("Teacher", self.teacher), ("Loss", self.variant),
+            ("Checkpoint every", self.checkpoint_every), "device",
+            # one process per GPU through torchrun
+            *([("GPUs (torchrun)", self.processes)] if gpus > 1 else []),
+            "output", "resume"])
         release_viewer_events_on_close(self)
-
-    @property
-    def run_state(self) -> RunState:
-        """The run's evented state (status, step, total, newest checkpoint)."""
-        return self.panel.state
 
     # ------------------------------------------------------------------ settings
 
     def apply_preset(self, preset: str) -> None:
         """Fill steps, batch, learning rate, teacher, loss and checkpoint interval with
         the preset's values."""
-        config = make_config(preset, check_device=False)
+        config = make_pretrain_config(preset, check_device=False)
         self.steps.setValue(config.optim.total_steps)
         if self.batch.value() != 0:  # auto stays auto: it adapts to the preset itself
             self.batch.setValue(config.optim.batch_size)
@@ -287,13 +232,6 @@ class PretrainWidget(QWidget):
         # v2 compares the student with the teacher's base crops: it needs a teacher.
         if variant == "v2" and self.teacher.currentText() == "none":
             self.teacher.setCurrentText("head")
-
-    def _on_resume_changed(self, text: str) -> None:
-        resuming = bool(text.strip())
-        for widget, key in ((self.preset, ""), (self.lr, "pretrain_lr"),
-                            (self.teacher, "teacher"), (self.variant, "variant")):
-            widget.setEnabled(not resuming)
-            widget.setToolTip(TOOLTIPS["resumed"] if resuming else TOOLTIPS.get(key, ""))
 
     def field_overrides(self, resuming: bool = False) -> dict:
         """The widget's fields as nested config overrides; when ``resuming``, only those
@@ -309,22 +247,11 @@ class PretrainWidget(QWidget):
 
     def make_job(self) -> PretrainJob:
         """Check the inputs and plan the run (GUI thread; typed errors for bad input)."""
-        resume = self.resume.path()
-        if resume is not None and not resume.exists():
-            raise VoCoDataError("run folder or checkpoint to resume not found", resume)
-        out = self.output.path()
-        if out is None and resume is None:
-            out = default_run_dir("pretrain")
-            self.output.set_path(out)
+        resume = self.resume_path("run folder or checkpoint")
+        out = self.output_folder(resume)
         overrides = merge(self.field_overrides(resuming=resume is not None), self.overrides)
-        if resume is None:
-            job = PretrainJob(plan_new_run(plan_pretrain, preset=self.preset.currentText(),
-                                           overrides=overrides, out=out))
-        else:
-            from voco_core.config import resolve_device
-
-            resolve_device(self.device.device())  # a missing GPU is reported at once
-            job = PretrainJob(resume=resume, overrides=overrides, out=out)
+        job = self.training_job(PretrainJob, plan_pretrain, fresh=resume is None,
+                                overrides=overrides, out=out, resume=resume)
         job.processes = int(self.processes.value())
         if self.source.currentText() == SOURCE_LAYERS:
             layers = self.layer_list.checked_layers()
@@ -337,25 +264,4 @@ class PretrainWidget(QWidget):
                 raise VoCoDataError("no data chosen: pick a folder of NIfTI files or a "
                                     "datalist JSON")
         return job
-
-    # ------------------------------------------------------------------ actions
-
-    def start(self) -> bool:
-        """Start a run with the current settings; False (and a notification) when the
-        inputs are bad or a run is already going."""
-        if self.panel.running:
-            return False
-        try:
-            job = self.make_job()
-        except Exception as err:
-            self.panel.fail(err)
-            return False
-        self.panel.launch(functools.partial(pretrain_job, job),
-                          f"VoCo pretraining → {job.run_dir}", job.run_dir,
-                          resumed=job.resume is not None)
-        return True
-
-    def stop(self) -> None:
-        """Stop the run before its next step (a checkpoint is written)."""
-        self.panel.stop()
 

@@ -104,8 +104,8 @@ class LossPlot(QWidget):
     redrawn at most every ``redraw_ms``. Drawing runs in the GUI thread, so it is kept
     cheap: the x axis spans the whole run (:meth:`set_steps`) and the left y axis
     only grows in coarse steps, so most updates redraw just the lines over a cached
-    background (blitting); a full draw (about 20 ms, 10 times more on a 2-core machine
-    busy training) happens only when an axis range or the set of series changes, at
+    background (blitting); a full draw (tens of milliseconds, far more on a machine busy
+    training) happens only when an axis range or the set of series changes, at
     most once per redraw.
     """
 
@@ -155,8 +155,8 @@ class LossPlot(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
-        # A figure's first draw costs several later ones (fonts, ticks: 0.3 s on a busy
-        # 2-core machine): pay it when the widget opens, not in the GUI thread mid-run.
+        # A figure's first draw costs several later ones (fonts, ticks): pay it when the
+        # widget opens, not in the GUI thread mid-run.
         self._full_draw()
 
     def _add_series(self, name: str) -> None:
@@ -294,7 +294,8 @@ class RunPanel(QWidget):
         self.loss_name = loss_name
         self.last_event = None
         self.run_device: str | None = None  # the device of the last run launched
-        self.runner = JobRunner(kind, self)
+        self.runner = JobRunner(kind, self, on_event=self._on_event, on_failed=self.fail,
+                                on_finished=self._on_finished)
         self.state = self.runner.state
 
         self.start_button = QPushButton("Start")
@@ -322,14 +323,11 @@ class RunPanel(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.plot, 1)
 
-        self.runner.event.connect(self._on_event)
-        self.runner.failed.connect(self.fail)
-        self.runner.finished.connect(self._on_finished)
-
     # ------------------------------------------------------------------ state
 
     @property
     def running(self) -> bool:
+        """True while a run (or following a run folder) goes."""
         return self.runner.running
 
     @property

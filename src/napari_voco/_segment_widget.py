@@ -44,7 +44,7 @@ from napari_voco._inputs import (
     reveal,
     scrolling_layout,
 )
-from napari_voco._jobs import JobContext, JobRunner
+from napari_voco._jobs import JobContext, JobRunner, JobState
 from napari_voco._layers import layer_to_record, show_segmentation
 from napari_voco._tooltips import TOOLTIPS
 from voco_core.data.io import VolumeRecord
@@ -171,28 +171,27 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.model_label)
         layout.addWidget(self.table, 1)
 
-        self.runner = JobRunner("segment", self)
-        self.runner.event.connect(self._on_event)
-        self.runner.failed.connect(self._fail)
-        self.runner.finished.connect(self._on_finished)
+        self.runner = JobRunner("segment", self, on_event=self._on_event, on_failed=self.fail,
+                                on_finished=self._on_finished)
         release_viewer_events_on_close(self)
 
     # ------------------------------------------------------------------ actions
 
     @property
-    def busy(self) -> bool:
+    def running(self) -> bool:
+        """True while a segmentation runs."""
         return self.runner.running
 
     def run(self) -> None:
         """Start segmenting the chosen image (nothing happens while a run is going)."""
-        if self.busy:
+        if self.running:
             return
         try:
             layer = self.image_combo.layer()
             record = layer_to_record(layer, self.viewer)
             path = checkpoint_path(self.checkpoint, "finetuning")
         except Exception as err:
-            self._fail(err)
+            self.fail(err)
             return
         overlap = self.overlap.value()
         overlap = None if overlap < 0 else float(overlap)
@@ -209,7 +208,7 @@ class SegmentWidget(QWidget):
 
     def cancel(self) -> None:
         """Ask the running segmentation to stop (before its next window batch)."""
-        if not self.busy:
+        if not self.running:
             return
         self.runner.stop()
         self.cancel_button.setEnabled(False)
@@ -240,14 +239,14 @@ class SegmentWidget(QWidget):
             self._set_status("segmenting…")
 
     def _on_finished(self) -> None:
-        if self.runner.state.status == "stopped" and self.runner.last_error is None:
+        if self.runner.state.status == JobState.STOPPED and self.runner.last_error is None:
             self.progress.setValue(0)
             self._set_status("cancelled")
         self._job_image = self._job_record = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
 
-    def _fail(self, err: BaseException) -> None:
+    def fail(self, err: BaseException) -> None:
         """A notification, and the whole message in the status line (scrolled to)."""
         _notify.notify_error(err)
         self.progress.setValue(0)

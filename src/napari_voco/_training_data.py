@@ -136,7 +136,7 @@ class TrainingData(ViewerEvents, QObject):
         from napari.layers import Labels
 
         self.viewer = viewer
-        self._fail = fail
+        self.fail = fail
         self.pairs: list[tuple[Any, Any]] = []
         """The image + labels layer pairs, in the order of :attr:`pair_list`."""
         self.trackers: dict[int, AnnotationTracker] = {}
@@ -211,7 +211,7 @@ class TrainingData(ViewerEvents, QObject):
         try:
             self.add_pair(self.image_combo.layer(), self.labels_combo.layer())
         except Exception as err:
-            self._fail(err)
+            self.fail(err)
 
     def remove_selected_pair(self) -> None:
         row = self.pair_list.currentRow()

@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 # Transparent huge pages for torch's CPU allocator: on CPU training the large
 # activations otherwise page-fault so much that system time exceeds user time
-# (a 2-core step went from ~36 s to ~23 s). Read when torch allocates, so it is
-# set before torch is imported; a user's own setting wins.
+# (docs/benchmarks.md). Read when torch allocates, so it is set before torch is
+# imported; a user's own setting wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoError

@@ -12,16 +12,15 @@ parameters, same state dict) computes the same attention on one of three paths:
   19% more step time on 2 threads (median; docs/benchmarks.md).
   ``torch.nn.functional.scaled_dot_product_attention`` is no help on CPU: with a
   trainable relative-position bias as its mask it runs the plain-maths kernel and
-  keeps the same ``(n, n)`` matrices (a whole tiny step, one thread: saved 3.56 GiB
-  as MONAI against 0.66 GiB chunked, time equal within noise; ``pretrain_bench.py
-  --sections attention``).
+  keeps the same ``(n, n)`` matrices (a tiny step saves about a fifth of MONAI's
+  activations at the same speed; ``pretrain_bench.py --sections attention``).
 - **GPUs: SDPA** (:func:`sdpa_window_attention`, also under autocast):
   ``scaled_dot_product_attention`` with the bias (relative-position bias plus
   MONAI's shift mask) as ``attn_mask``; the windows are folded into the head axis
   so that one ``(1, windows x heads, n, n)`` mask broadcasts over the volumes
   (no per-window copy). While the bias needs a gradient, only the memory-efficient
   kernel (which returns one) and the plain maths are allowed: cuDNN's has no
-  gradient for the mask. Its CUDA speed and memory are not measured yet.
+  gradient for the mask.
 - **MONAI's own forward** under CPU autocast (the chunks are not written for it)
   and with attention dropout while training (MONAI's random numbers).
 
@@ -47,9 +46,8 @@ BACKENDS = ("auto", "chunked", "sdpa", "monai")
 elsewhere), or one forced (see :meth:`MemoryEfficientWindowAttention.path`)."""
 
 CHUNK_BYTES = 4 * 2**20
-"""Logits per chunk (bytes). Measured for the stage-1 attention of a tiny step (351
-windows, forward + backward, one thread): 4 MB 3.5-3.7 s, 16 MB 5.0-6.1 s, 64 MB
-4.6-5.2 s, MONAI's unchunked 5.2-7.2 s (docs/benchmarks.md)."""
+"""Logits per chunk (bytes): the fastest of the sizes tried on CPU; larger chunks
+leave the cache (``pretrain_bench.py --sections attention``, docs/benchmarks.md)."""
 
 
 def _chunk_windows(windows: int, period: int, row_bytes: int) -> int:

@@ -222,18 +222,18 @@ def check_weights(saved: object, expected: Mapping[str, torch.Tensor], source: s
 
 def saved_config(state: dict, kind: Literal["pretrain", "finetune"], path: str | Path):
     """The run config stored in a checkpoint (``state["config"]``), built and validated
-    as ``kind``'s config (:class:`~voco_core.config.VoCoConfig` or
+    as ``kind``'s config (:class:`~voco_core.config.PretrainConfig` or
     :class:`~voco_core.config.FinetuneConfig`; the device is not checked: a run saved
     on a GPU loads on a CPU). A missing or invalid one is a :class:`VoCoDataError`
     naming ``path``. The one reader of a checkpoint's config: planning a resume,
     restoring, continuing, inference and export all use it."""
-    from voco_core.config import config_from_dict, finetune_config_from_dict
+    from voco_core.config import finetune_config_from_dict, pretrain_config_from_dict
     from voco_core.errors import VoCoConfigError
 
     if not isinstance(state.get("config"), dict) or not isinstance(
             state["config"].get("run", {}), dict):
         raise VoCoDataError("missing key 'config' (the run's configuration)", path)
-    from_dict = config_from_dict if kind == "pretrain" else finetune_config_from_dict
+    from_dict = pretrain_config_from_dict if kind == "pretrain" else finetune_config_from_dict
     try:
         return from_dict(state["config"], check_device=False)
     except VoCoConfigError as err:

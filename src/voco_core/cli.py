@@ -49,13 +49,18 @@ def _cmd_make_phantoms(args: argparse.Namespace) -> int:
 
     if min(args.shape) < 16:
         raise VoCoConfigError(f"--shape: each size must be at least 16 voxels, got {args.shape}")
+    if args.spacing and args.style != "classic":
+        raise VoCoConfigError(f"--spacing: not with --style {args.style}, whose subjects each "
+                              "take their voxel size from their own field of view and scan range")
     start = time.perf_counter()
     dataset_json = make_phantom_dataset(
         args.out, n=args.n, seed=args.seed, shape=tuple(args.shape),
         spacing=tuple(args.spacing) if args.spacing else None, overwrite=args.overwrite,
+        style=args.style,
     )
+    style = "" if args.style == "classic" else f"{args.style} "
     print(
-        f"wrote {args.n} phantoms of shape {tuple(args.shape)} to {args.out} "
+        f"wrote {args.n} {style}phantoms of shape {tuple(args.shape)} to {args.out} "
         f"({dataset_json.name}, imagesTr/, labelsTr/) in {time.perf_counter() - start:.1f} s"
     )
     return 0
@@ -268,7 +273,7 @@ def _inputs(path: Path) -> list:
     images of a Decathlon-style JSON datalist (its ``test`` list, else ``training``;
     an image there may be a list of channel files)."""
     from voco_core.data.datalists import load_datalist, read_dataset_json
-    from voco_core.data.formats import looks_like_dicom_folder, volume_sources
+    from voco_core.data.readers.sources import looks_like_dicom_folder, volume_sources
     from voco_core.errors import VoCoDataError
 
     if path.is_dir():
@@ -293,7 +298,7 @@ def _prediction_stems(files: list) -> list[Path]:
     layout ``case_00000/imaging.nii.gz``), its folders below the inputs' common folder
     too (``case_00000/imaging``). Inputs that still clash (``case.nii.gz`` and
     ``case.nrrd`` in one folder) are refused before anything is written."""
-    from voco_core.data.formats import volume_stem
+    from voco_core.data.readers.sources import volume_stem
 
     firsts = [Path(f[0] if isinstance(f, list | tuple) else f) for f in files]
     stems = [Path(volume_stem(f)) for f in firsts]
@@ -332,8 +337,9 @@ class _WindowProgress:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from voco_core.data.formats import file_format, write_itk_volume
     from voco_core.data.io import read_volume, write_volume
+    from voco_core.data.readers.itk import write_itk_volume
+    from voco_core.data.readers.sources import file_format
     from voco_core.inference import load_segmenter, segment
     from voco_core.outputs import refuse_existing
 
@@ -396,8 +402,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_positions(args: argparse.Namespace) -> int:
-    from voco_core.data.formats import volume_stem
     from voco_core.data.io import read_volume
+    from voco_core.data.readers.sources import volume_stem
     from voco_core.inference import plot_positions, position_report, positions
     from voco_core.outputs import refuse_existing, write_json
 
@@ -420,7 +426,8 @@ def _cmd_positions(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from voco_core.evaluation import CompareSettings, compare, headline
 
-    settings = CompareSettings(folds=args.folds, seeds=args.seeds, steps=args.steps,
+    settings = CompareSettings(folds=args.folds, seeds=args.seeds, jobs=args.jobs,
+                               steps=args.steps,
                                val_every=args.val_every, preset=args.preset,
                                overrides=_flag_overrides(args, "train"))
     start = time.perf_counter()
@@ -439,9 +446,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     folder = RunFolder(args.out)
     data = Path(args.data)
     # Flips and rot90 drawn independently per crop (the spec's augmentation) make the
-    # pretext task need orientation invariance, which a few CPU minutes do not learn:
-    # measured over 50 tiny steps, mean loss 0.43 -> 0.39 with them, 0.42 -> 0.20
-    # without. The demo keeps the intensity shift and says so.
+    # pretext task need orientation invariance, which a few CPU minutes do not learn
+    # (docs/benchmarks.md). The demo keeps the intensity shift and says so.
     plan = plan_pretrain(preset="tiny", out=folder.root, overwrite=args.overwrite, overrides={
         "optim": {"total_steps": args.steps}, "augment": {"flip_prob": 0.0, "rot90_prob": 0.0},
         "run": {"device": "cpu"}})
@@ -459,6 +465,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"mean loss of the first {window} steps {first:.4f} -> last {window} {final:.4f} "
               f"({time.perf_counter() - start:.0f} s)")
     return status
+
+
+def _add_run_options(parser: argparse.ArgumentParser, kind: str, example: str) -> None:
+    """The options ``voco pretrain`` and ``voco finetune`` share."""
+    parser.add_argument("--out", type=Path,
+                        help=f"run folder (default: a new runs/{kind}-<time>)")
+    parser.add_argument("--preset", choices=["tiny", "base", "large", "huge"],
+                        help="model preset (default: base with CUDA, tiny on CPU)")
+    parser.add_argument("--config", type=Path, help=f"YAML/JSON {kind} config file")
+    parser.add_argument("--steps", type=_positive_int, help="total optimizer steps")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                        help=f"override any config field, e.g. --set {example} (repeatable)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move a run already in --out aside (RUN.old-<time>) and start anew")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,7 +501,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     phantoms.add_argument(
         "--spacing", type=_positive_float, nargs=3, metavar=("SX", "SY", "SZ"),
-        help="voxel size in mm (default: a 400 x 400 x 288 mm field of view / shape)",
+        help="voxel size in mm (default: a 400 x 400 x 288 mm field of view / shape); "
+             "classic style only",
+    )
+    phantoms.add_argument(
+        "--style", choices=["classic", "varied"], default="classic",
+        help="classic (default): every subject from one protocol, 400 x 400 x 288 mm, all "
+             "organs (recorded results reproduce). varied: each subject a different "
+             "examination: chest, abdomen or both, patient size and position, deformed and "
+             "resized organs, an absent kidney or spleen, liver lesions (labelled liver), "
+             "contrast phase, noise and slice thickness; voxel size per subject from its "
+             "field of view (docs/data.md, Varied phantoms)",
     )
     phantoms.add_argument("--overwrite", action="store_true",
                              help="replace phantom files already in --out")
@@ -496,38 +527,20 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--data", type=Path, required=True,
                      help="folder of volumes (NIfTI, NRRD, MetaImage, DICOM series "
                           "subfolders), Decathlon folder or dataset.json")
-    pre.add_argument("--out", type=Path, help="run folder (default: the config's run.output_dir)")
-    pre.add_argument("--preset", choices=["tiny", "base", "large", "huge"],
-                     help="model/geometry preset (default: base with CUDA, tiny on CPU)")
-    pre.add_argument("--config", type=Path, help="YAML/JSON config file")
-    pre.add_argument("--steps", type=_positive_int, help="total optimizer steps")
-    pre.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    _add_run_options(pre, "pretrain", "optim.lr=3e-4")
     pre.add_argument("--resume", type=Path, help="run folder or checkpoint to continue")
-    pre.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                     help="override any config field, e.g. --set optim.lr=3e-4 (repeatable)")
-    pre.add_argument("--overwrite", action="store_true",
-                        help="move a run already in --out aside (RUN.old-<time>) and start anew")
     pre.set_defaults(func=_cmd_pretrain)
 
     fine = commands.add_parser("finetune", help="finetune SwinUNETR for segmentation")
     fine.add_argument("--data", type=Path, required=True,
                       help="Decathlon folder (imagesTr/labelsTr) or dataset.json with labels")
-    fine.add_argument("--out", type=Path, help="run folder (default: the config's run.output_dir)")
     fine.add_argument("--pretrained", type=Path,
                       help="VoCo checkpoint for the encoder (own run folder/file or released)")
-    fine.add_argument("--preset", choices=["tiny", "base", "large", "huge"],
-                      help="model preset (default: base with CUDA, tiny on CPU)")
-    fine.add_argument("--config", type=Path, help="YAML/JSON finetuning config file")
-    fine.add_argument("--steps", type=_positive_int, help="total optimizer steps")
-    fine.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    _add_run_options(fine, "finetune", "train.lr=1e-4")
     fine.add_argument("--resume", type=Path, help="finetuning run folder or last.pt to continue")
     fine.add_argument("--continue-from", type=Path, metavar="RUN",
                       help="new run starting from a finetuned run's network (best.pt) with "
                            "the current labels (correct-and-retrain); default --out RUN_r2")
-    fine.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                      help="override a field, e.g. --set train.lr=1e-4 (repeatable)")
-    fine.add_argument("--overwrite", action="store_true",
-                         help="move a run already in --out aside (RUN.old-<time>) and start anew")
     fine.set_defaults(func=_cmd_finetune)
 
     predict = commands.add_parser(
@@ -590,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folds over the cases (default: min(5, cases))")
     comp.add_argument("--seeds", type=_positive_int, default=1,
                       help="paired seeds per fold (default 1)")
+    comp.add_argument("--jobs", type=_positive_int, default=1,
+                      help="runs at once, each in its own process with a share of the CPU "
+                           "threads (default 1)")
     comp.add_argument("--steps", type=_positive_int,
                       help="finetuning steps of every run (default: the preset's); long "
                            "enough for the curves to flatten")

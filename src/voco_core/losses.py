@@ -214,7 +214,7 @@ class VoCoV2Loss(_OverlapLoss):
 
 
 def build_loss(config) -> nn.Module:
-    """The pretraining loss a :class:`~voco_core.config.VoCoConfig` asks for
+    """The pretraining loss a :class:`~voco_core.config.PretrainConfig` asks for
     (``loss.variant``), called as ``loss(student_crops, teacher_crops, student_bases,
     teacher_bases, labels)`` and returning a dict with ``total``, its terms and
     ``logits``."""

@@ -3,12 +3,11 @@
 A training step allocates and frees the same large activation buffers every step.
 glibc's malloc serves blocks above its mmap threshold (at most 32 MB) with fresh
 ``mmap`` calls and returns them on free, so every step page-faults (the kernel
-zeroes) all of that memory again: on 2 cores, a tiny full-teacher step spent 2.7 s
-of system time beside 5.0 s of user time. :func:`retain_freed_memory` tells glibc to
-serve large blocks from its heap and never trim it, so freed blocks are reused:
-the same step then took 2.4 s instead of 4.5 s, with 0.08 s of system time, at the
-price of a higher peak resident set (6.5 GB instead of 3.8 GB; see
-docs/benchmarks.md). :func:`release_freed_memory` undoes it after training.
+zeroes) all of that memory again, and system time rivals the step's compute.
+:func:`retain_freed_memory` tells glibc to serve large blocks from its heap and never
+trim it, so freed blocks are reused: steps about twice as fast, at the price of a
+higher peak resident set (docs/benchmarks.md, "memory").
+:func:`release_freed_memory` undoes it after training.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class ProjectionHead(nn.Module):
         return self.mlp(x)
 
 
-class VoCoNet(nn.Module):
+class BackboneWithHead(nn.Module):
     """Backbone + projection head: crops ``(N, C, S, S, S)`` -> features ``(N, D)``."""
 
     def __init__(self, config: ModelConfig, in_channels: int = 1):
@@ -111,7 +111,7 @@ class VoCoNet(nn.Module):
         return self.head(self.backbone(x))
 
 
-class VoCoModel(nn.Module):
+class StudentTeacher(nn.Module):
     """Student and (optional) EMA teacher for one teacher variant.
 
     - ``full``: the teacher is a whole copy of backbone + head.
@@ -126,7 +126,7 @@ class VoCoModel(nn.Module):
     training mode only; the teacher is fed the clean features. This is ordinary
     element-wise ``nn.Dropout``, not the authors' release's ``Dropout1d`` on a 2-D
     input (which PyTorch reads as one unbatched sample and so zeroes whole crops'
-    feature vectors) and not active in eval mode: :class:`VoCoNet` used at inference
+    feature vectors) and not active in eval mode: :class:`BackboneWithHead` used at inference
     has no dropout at all.
     """
 
@@ -134,7 +134,7 @@ class VoCoModel(nn.Module):
         super().__init__()
         self.variant = config.teacher
         self.momentum = config.ema_momentum
-        self.student = VoCoNet(config, in_channels)
+        self.student = BackboneWithHead(config, in_channels)
         self.feature_dropout = nn.Dropout(config.feature_dropout)
         self.teacher: nn.Module | None = None
         if self.variant == "full":
@@ -173,15 +173,16 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         t.lerp_(s.detach(), 1.0 - momentum)
 
 
-def backbone_state_dict(model: VoCoModel | VoCoNet | VoCoBackbone) -> dict[str, torch.Tensor]:
+def backbone_state_dict(model: StudentTeacher | BackboneWithHead | VoCoBackbone,
+                        ) -> dict[str, torch.Tensor]:
     """The student backbone's weights under SwinUNETR's names (``swinViT.*``, ``encoder*``).
 
     ``SwinUNETR(...).load_state_dict(this, strict=False)`` reports no unexpected keys;
     the missing ones are exactly the decoder's.
     """
-    if isinstance(model, VoCoModel):
+    if isinstance(model, StudentTeacher):
         model = model.student
-    if isinstance(model, VoCoNet):
+    if isinstance(model, BackboneWithHead):
         model = model.backbone
     return {k: v.detach().clone() for k, v in model.state_dict().items()
             if k.startswith(BACKBONE_PREFIXES)}

@@ -34,14 +34,14 @@ from voco_core.checkpoint import (
 )
 from voco_core.config import (
     FinetuneConfig,
-    VoCoConfig,
-    config_from_dict,
+    PretrainConfig,
     finetune_config_from_dict,
-    load_config,
     load_finetune_config,
-    make_config,
+    load_pretrain_config,
     make_finetune_config,
+    make_pretrain_config,
     merge,
+    pretrain_config_from_dict,
 )
 from voco_core.errors import ExistingRunError, VoCoConfigError, VoCoDataError
 from voco_core.run_folder import RunFolder
@@ -53,7 +53,7 @@ class RunPlan:
     checkpoint file to continue from; ``notes`` are one-line remarks for the user."""
 
     kind: Literal["pretrain", "finetune"]
-    config: VoCoConfig | FinetuneConfig
+    config: PretrainConfig | FinetuneConfig
     run_dir: Path
     resume: Path | None
     pretrained: Path | None = None
@@ -168,7 +168,7 @@ def next_round_folder(parent_root: Path) -> Path:
     return parent_root.parent / f"{base}_r{index}"
 
 
-def _v2_batch_note(config: VoCoConfig) -> list[str]:
+def _v2_batch_note(config: PretrainConfig) -> list[str]:
     """The v2 loss pairs each volume with its neighbour in the micro-batch: with one
     volume per micro-batch (tiny's default; with auto, a step of one volume) that is
     the volume itself, and the inter-volume term becomes a second intra-volume term."""
@@ -206,7 +206,7 @@ def _plan(kind: Literal["pretrain", "finetune"], preset: str | None,
         if preset is not None:
             raise VoCoConfigError(f"preset {preset} and config file {config_file}: give one "
                                   "(the config file names its own preset)")
-        loaded = (load_config if kind == "pretrain" else load_finetune_config)(
+        loaded = (load_pretrain_config if kind == "pretrain" else load_finetune_config)(
             config_file, check_device=False)
         values = loaded.to_dict()
         config = _from_dict(kind, merge(values, _with_output(
@@ -216,7 +216,7 @@ def _plan(kind: Literal["pretrain", "finetune"], preset: str | None,
             preset, note = default_preset(str((overrides.get("run") or {}).get("device",
                                                                                "auto")))
             notes.append(note)
-        make = make_config if kind == "pretrain" else make_finetune_config
+        make = make_pretrain_config if kind == "pretrain" else make_finetune_config
         if out is None:  # an explicit --set run.output_dir, else a new folder
             named = (overrides.get("run") or {}).get("output_dir")
             out = Path(named) if named else default_run_dir(kind)
@@ -237,8 +237,8 @@ def _with_output(overrides: dict[str, Any], out: Path) -> dict[str, Any]:
     return merge(overrides, {"run": {"output_dir": str(out)}})
 
 
-def _from_dict(kind: str, values: dict[str, Any]) -> VoCoConfig | FinetuneConfig:
-    return (config_from_dict if kind == "pretrain" else finetune_config_from_dict)(values)
+def _from_dict(kind: str, values: dict[str, Any]) -> PretrainConfig | FinetuneConfig:
+    return (pretrain_config_from_dict if kind == "pretrain" else finetune_config_from_dict)(values)
 
 
 def _saved_config(kind: Literal["pretrain", "finetune"], checkpoint: Path) -> dict[str, Any]:

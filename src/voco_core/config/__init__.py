@@ -2,14 +2,14 @@
 
 Defaults are the authors'; presets (:data:`PRESETS`, :data:`FINETUNE_PRESETS`)
 change only what differs. A config round-trips through YAML/JSON
-(:func:`load_config`, :func:`load_finetune_config`, ``.save``) and takes
+(:func:`load_pretrain_config`, :func:`load_finetune_config`, ``.save``) and takes
 ``section.field=value`` overrides (:func:`apply_overrides`, the CLI's ``--set``).
 ``validate`` runs on every load and raises :class:`~voco_core.errors.VoCoConfigError`
 naming the field.
 
 - :mod:`voco_core.config.common`: shared machinery (type coercion, presets, merge,
   overrides, device, file reading) and :class:`RunConfig`;
-- :mod:`voco_core.config.pretrain`: :class:`VoCoConfig` (``voco pretrain``);
+- :mod:`voco_core.config.pretrain`: :class:`PretrainConfig` (``voco pretrain``);
 - :mod:`voco_core.config.finetune`: :class:`FinetuneConfig` (``voco finetune``).
 """
 
@@ -40,11 +40,11 @@ from voco_core.config.pretrain import (
     LossConfig,
     ModelConfig,
     OptimConfig,
-    VoCoConfig,
+    PretrainConfig,
     apply_overrides,
-    config_from_dict,
-    load_config,
-    make_config,
+    load_pretrain_config,
+    make_pretrain_config,
+    pretrain_config_from_dict,
 )
 
 __all__ = [
@@ -58,21 +58,21 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "PretrainConfig",
     "RunConfig",
     "SegDataConfig",
     "SegModelConfig",
     "SegTrainConfig",
     "Size3",
-    "VoCoConfig",
     "apply_overrides",
-    "config_from_dict",
     "finetune_config_from_dict",
-    "load_config",
     "load_finetune_config",
-    "make_config",
+    "load_pretrain_config",
     "make_finetune_config",
+    "make_pretrain_config",
     "merge",
     "parse_override",
+    "pretrain_config_from_dict",
     "read_config_file",
     "resolve_device",
 ]

@@ -75,7 +75,7 @@ class RunConfig:
     deterministic: bool = False
     """Bit-reproducible runs. On CPU: no oneDNN (its multi-threaded convolution backward
     sums in a varying order) and one intra-op thread (other threaded reductions vary
-    when the machine is busy), so steps are about 2x slower on 2 cores. On CUDA:
+    when the machine is busy), so CPU steps are slower. On CUDA:
     deterministic cuDNN, no autotuning. Without it, repeated runs agree to float
     rounding (~1e-4 in the loss after a few steps), and so does a resumed run with
     the uninterrupted one."""
@@ -87,8 +87,7 @@ class RunConfig:
     """``torch.compile`` the networks' forward passes (``nn.Module.compile``: the
     weights' names, and so the checkpoints, stay as they are): pretraining's student
     backbone (and the ``full`` teacher's), finetuning's SwinUNETR. Off by default:
-    on the 2-core CPU the tiny backbone's compilation had not finished after 9.6
-    minutes (eager steps 4.8-6.9 s); the CUDA speed-up is not yet measured
+    on a small CPU, compiling the tiny backbone takes longer than a whole demo run
     (docs/benchmarks.md)."""
 
 

@@ -1,4 +1,4 @@
-"""The pretraining config (:class:`VoCoConfig`): one source of truth for every
+"""The pretraining config (:class:`PretrainConfig`): one source of truth for every
 hyper-parameter of ``voco pretrain``.
 
 Defaults are the authors'; presets (:data:`PRESETS`) change only what differs.
@@ -164,7 +164,7 @@ class OptimConfig:
     """``auto``: bf16 on CUDA when supported, else fp16 with GradScaler; off on CPU."""
 
 @dataclass
-class VoCoConfig(ConfigFile):
+class PretrainConfig(ConfigFile):
     preset: str = "base"
     data: DataConfig = field(default_factory=DataConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
@@ -178,7 +178,7 @@ class VoCoConfig(ConfigFile):
     def preset_split(self) -> tuple[int, int]:
         """The preset's ``(batch_size, grad_accum)``: the volumes per optimizer step
         that ``optim.batch_size: auto`` keeps and splits its own way."""
-        optim = make_config(self.preset, check_device=False).optim
+        optim = make_pretrain_config(self.preset, check_device=False).optim
         return int(optim.batch_size), int(optim.grad_accum)
 
     @property
@@ -200,7 +200,7 @@ class VoCoConfig(ConfigFile):
         return (int(xy[0]), int(xy[1]), self.data.target_size[2])
 
     # ------------------------------------------------------------ checks
-    def validate(self, check_device: bool = True) -> VoCoConfig:
+    def validate(self, check_device: bool = True) -> PretrainConfig:
         """Raise :class:`VoCoConfigError` on the first invalid field; return self."""
         d, g, m, o, r = self.data, self.geometry, self.model, self.optim, self.run
         _require(len(d.target_size) == 3 and min(d.target_size) > 0, "data.target_size",
@@ -278,7 +278,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 3 x 3 grid over a 120 x 120 x 40 sample, a 512-wide head. One volume per
     # step with m = 4 sub-volumes: as many sub-volumes per step as the authors'
     # 2 volumes x m = 2, which keeps the position loss's step-to-step noise down.
-    # Measured on 2 cores: ~3.8 s per step (13 crops through student + teacher).
     "tiny": {
         "data": {"target_size": [120, 120, 40]},
         "geometry": {"grid_size": 3, "num_random_crops": 4, "input_size": 40,
@@ -314,27 +313,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 
-def make_config(preset: str = "base", overrides: dict[str, Any] | None = None,
-                check_device: bool = True) -> VoCoConfig:
+def make_pretrain_config(preset: str = "base", overrides: dict[str, Any] | None = None,
+                check_device: bool = True) -> PretrainConfig:
     """Defaults, then a preset, then nested ``overrides``; validated."""
-    return _from_preset(VoCoConfig, PRESETS, preset, overrides, check_device)
+    return _from_preset(PretrainConfig, PRESETS, preset, overrides, check_device)
 
 
 
-def config_from_dict(values: dict[str, Any], check_device: bool = True) -> VoCoConfig:
-    """A saved config (``to_dict``) back into a :class:`VoCoConfig`: its preset, then its values."""
-    return make_config(values.get("preset", "base"), values, check_device=check_device)
+def pretrain_config_from_dict(values: dict[str, Any], check_device: bool = True) -> PretrainConfig:
+    """A saved config (``to_dict``) back into a :class:`PretrainConfig`: its preset,
+    then its values."""
+    return make_pretrain_config(values.get("preset", "base"), values, check_device=check_device)
 
 
 
-def load_config(path: str | Path, check_device: bool = True) -> VoCoConfig:
+def load_pretrain_config(path: str | Path, check_device: bool = True) -> PretrainConfig:
     """Read a YAML or JSON pretraining config file (a partial one is completed from its
     preset); errors are one line naming the file."""
-    return read_config_file(path, lambda values: config_from_dict(values, check_device))
+    return read_config_file(path, lambda values: pretrain_config_from_dict(values, check_device))
 
 
-def apply_overrides(config: VoCoConfig, overrides: list[str] | dict[str, Any],
-                    check_device: bool = True) -> VoCoConfig:
+def apply_overrides(config: PretrainConfig, overrides: list[str] | dict[str, Any],
+                    check_device: bool = True) -> PretrainConfig:
     """A new config with ``section.field=value`` strings (or a nested dict) applied."""
     values = config.to_dict()
     if isinstance(overrides, dict):
@@ -342,5 +342,5 @@ def apply_overrides(config: VoCoConfig, overrides: list[str] | dict[str, Any],
     else:
         for text in overrides:
             values = merge(values, parse_override(text))
-    return config_from_dict(values, check_device=check_device)
+    return pretrain_config_from_dict(values, check_device=check_device)
 

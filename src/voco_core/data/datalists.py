@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from voco_core.data.files import require_file
-from voco_core.data.formats import require_volume_source, volume_sources
+from voco_core.data.readers.nifti import require_file
+from voco_core.data.readers.sources import require_volume_source, volume_sources
 from voco_core.errors import VoCoDataError
 
 

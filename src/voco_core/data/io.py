@@ -1,10 +1,13 @@
-"""Volume reading and writing (checks before a read: :mod:`voco_core.data.files`;
-datalists: :mod:`voco_core.data.datalists`).
+"""The public front for volumes: :class:`VolumeRecord`, :func:`read_volume` (and
+:func:`read_channels`), :func:`check_volume_header`, :func:`write_volume` and the
+grid checks :func:`check_min_shape` and :func:`check_pair`.
 
-:func:`read_volume` reads NIfTI (``.nii``, ``.nii.gz``) with nibabel and, through
-:mod:`voco_core.data.formats` (SimpleITK), NRRD (``.nrrd``, ``.nhdr``), MetaImage
+:func:`read_volume` reads NIfTI (``.nii``, ``.nii.gz``) with nibabel (checks before
+the read: :mod:`voco_core.data.readers.nifti`) and, through
+:mod:`voco_core.data.readers.itk` (SimpleITK), NRRD (``.nrrd``, ``.nhdr``), MetaImage
 (``.mha``, ``.mhd``) and a folder holding one DICOM series, all to the same
-convention. :func:`write_volume` writes NIfTI.
+convention (which reader takes a path: :mod:`voco_core.data.readers.sources`).
+:func:`write_volume` writes NIfTI.
 
 Axis convention
 ---------------
@@ -49,18 +52,10 @@ import nibabel as nib
 import numpy as np
 
 from voco_core.data.datalists import is_channel_list
-from voco_core.data.files import (
-    READ_ERRORS,
-    is_nifti_path,
-    nifti_suffix,
-    open_nifti,
-)
-from voco_core.data.formats import (
-    check_other_header,
-    read_other_volume,
-    volume_stem,
-)
 from voco_core.data.labelmaps import looks_like_labels
+from voco_core.data.readers.itk import check_other_header, read_other_volume
+from voco_core.data.readers.nifti import READ_ERRORS, is_nifti_path, nifti_suffix, open_nifti
+from voco_core.data.readers.sources import volume_stem
 from voco_core.errors import VoCoDataError
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -109,7 +104,7 @@ class VolumeRecord:
         return "".join(nib.aff2axcodes(self.affine))
 
     @property
-    def is_label_map(self) -> bool:
+    def has_integer_dtype(self) -> bool:
         """True for integer or boolean data, the dtypes a label map can have. Integer
         CT and 8-bit MRI have them too: whether a volume *is* a label map is
         :func:`looks_like_labels`."""
@@ -174,7 +169,7 @@ def check_volume_header(
     path = Path(path)
     if is_nifti_path(path):
         _, shape = open_nifti(path, kind)
-    else:  # NRRD, MetaImage or a DICOM series folder (voco_core.data.formats)
+    else:  # NRRD, MetaImage or a DICOM series folder (readers.itk)
         shape = check_other_header(path, kind)
     if min_shape is not None:
         _require_min_shape(shape[:3], min_shape, path)
@@ -254,7 +249,7 @@ def read_volume(
 ) -> VolumeRecord:
     """Read a 3-D volume: NIfTI (``.nii`` or ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``),
     MetaImage (``.mha``, ``.mhd``) or a folder holding one DICOM series (the last three
-    through :func:`voco_core.data.formats.read_other_volume`; ``header`` is then None).
+    through :func:`voco_core.data.readers.itk.read_other_volume`; ``header`` is then None).
 
     Args:
         path: the file or DICOM series folder, or a list of channel files of one

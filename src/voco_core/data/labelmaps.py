@@ -66,7 +66,7 @@ def looks_like_labels(record: VolumeRecord) -> tuple[bool, str]:
     'label'")`` or ``(False, "more than 64 distinct integer values (grey values)")``.
     """
     data = record.array
-    if data.ndim == 4:  # a label map has one channel (files.open_nifti refuses others)
+    if data.ndim == 4:  # a label map has one channel (readers.nifti.open_nifti refuses others)
         return False, f"{data.shape[3]} channels (a multi-channel image)"
     if data.dtype == np.bool_:
         return True, "boolean data"

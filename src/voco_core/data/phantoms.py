@@ -22,13 +22,23 @@ texture, noise level (12-25 HU) and partial-volume blur.
 
 Everything is drawn from ``numpy.random.default_rng([seed, index])``: the same
 seed and index give identical arrays (and identical ``.nii.gz`` bytes).
+
+Styles
+------
+``style="classic"`` (the default) is the population above: one protocol, every organ
+present. ``style="varied"`` (:mod:`voco_core.data.phantom_variety`) makes each subject
+a different examination too: chest, abdomen or both, patient size and position,
+deformed and resized organs, an absent kidney or spleen, liver lesions, contrast phase,
+noise and slice thickness, from adult CT population ranges (docs/data.md). Both use
+the same 11 labels, so their datasets mix.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -47,6 +57,7 @@ LABEL_NAMES: dict[int, str] = {
     10: "stomach",
 }
 LABELS: dict[str, int] = {name: value for value, name in LABEL_NAMES.items()}
+STYLES: tuple[str, ...] = ("classic", "varied")
 
 DEFAULT_SHAPE = (160, 160, 96)
 DEFAULT_FOV_MM = (400.0, 400.0, 288.0)
@@ -95,12 +106,15 @@ class Phantom:
         label: ``(X, Y, Z)`` uint8, values in :data:`LABEL_NAMES`.
         affine: ``(4, 4)`` voxel -> RAS+ mm.
         spacing: voxel size in mm.
+        info: what was drawn for a ``varied`` subject (region, phase, slice
+            thickness, noise, absent organs, lesions, ...); empty for ``classic``.
     """
 
     image: np.ndarray
     label: np.ndarray
     affine: np.ndarray
     spacing: tuple[float, float, float]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def _smooth_curve(rng: np.random.Generator, n: int, cycles: int = 3) -> np.ndarray:
@@ -133,6 +147,7 @@ def make_phantom(
     index: int = 0,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     spacing: tuple[float, float, float] | None = None,
+    style: str = "classic",
 ) -> Phantom:
     """Generate subject ``index`` of the phantom population ``seed``.
 
@@ -141,10 +156,22 @@ def make_phantom(
         index: subject number within the population.
         shape: voxels ``(X, Y, Z)``; each at least 16.
         spacing: voxel size in mm; default: 400 x 400 x 288 mm field of view / shape.
+            ``classic`` only: a ``varied`` subject's voxel size follows from its own
+            field of view and scan range.
+        style: ``"classic"`` or ``"varied"`` (see the module text).
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"shape must be 3 sizes of at least 16 voxels, got {shape}")
+    if style == "varied":
+        if spacing is not None:
+            raise ValueError("spacing cannot be set for style 'varied': each subject's "
+                             "voxel size follows from its field of view and scan range")
+        from voco_core.data.phantom_variety import make_varied_phantom
+
+        return make_varied_phantom(seed, index, shape)
     if spacing is None:
         spacing = tuple(f / n for f, n in zip(DEFAULT_FOV_MM, shape, strict=True))
     spacing = tuple(float(s) for s in spacing)
@@ -254,12 +281,15 @@ def make_phantom_dataset(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     spacing: tuple[float, float, float] | None = None,
     overwrite: bool = False,
+    style: str = "classic",
 ) -> Path:
     """Write ``n`` phantoms in Decathlon layout: ``imagesTr/``, ``labelsTr/``, ``dataset.json``.
 
     Returns the path of ``dataset.json``. Files are named ``phantom_000.nii.gz``...
     Files of those names already in ``out`` are refused before anything is written
     (:func:`~voco_core.outputs.refuse_existing`), unless ``overwrite``.
+    ``style="varied"`` (see :func:`make_phantom`) adds ``style`` and, per subject, its
+    voxel size and what was drawn (``phantom.subjects``) to ``dataset.json``.
     """
     from voco_core.data.io import write_volume
     from voco_core.errors import VoCoDataError
@@ -267,17 +297,25 @@ def make_phantom_dataset(
 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    if style != "classic" and spacing is not None:
+        raise ValueError(f"spacing cannot be set for style {style!r}: each subject's "
+                         "voxel size follows from its field of view and scan range")
     out = Path(out)
     names = [f"phantom_{index:03d}.nii.gz" for index in range(n)]
     refuse_existing([out / "dataset.json", *(out / sub / name for name in names
                                              for sub in ("imagesTr", "labelsTr"))], overwrite)
-    training = []
+    training, subjects = [], []
     for index in range(n):
-        phantom = make_phantom(seed, index, shape, spacing)
+        phantom = make_phantom(seed, index, shape, spacing, style=style)
         name = f"phantom_{index:03d}.nii.gz"
         write_volume(out / "imagesTr" / name, phantom.image, affine=phantom.affine)
         write_volume(out / "labelsTr" / name, phantom.label, affine=phantom.affine)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        subjects.append({"image": f"./imagesTr/{name}",
+                         "spacing_mm": [round(s, 4) for s in phantom.spacing],
+                         **{k: v for k, v in phantom.info.items() if k != "style"}})
     spec = {
         "name": "VoCoPhantoms",
         "description": f"Synthetic CT torso phantoms (napari-voco), seed {seed}",
@@ -290,6 +328,10 @@ def make_phantom_dataset(
         "test": [],
         "phantom": {"seed": seed, "shape": list(shape), "spacing_mm": list(phantom.spacing)},
     }
+    if style != "classic":  # classic keeps its dataset.json byte for byte
+        spec["description"] += f", style {style}"
+        spec["phantom"] = {"seed": seed, "shape": list(shape), "style": style,
+                           "subjects": subjects}
     dataset_json = out / "dataset.json"
     tmp = dataset_json.with_suffix(".json.tmp")
     try:

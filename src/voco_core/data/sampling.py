@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from voco_core.config import DataConfig, VoCoConfig
+from voco_core.config import DataConfig, PretrainConfig
 from voco_core.data.datalists import DatalistEntry, is_channel_list
 from voco_core.data.intensity import (
     FOREGROUND_KEY,
@@ -237,7 +237,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     ``compact`` (:class:`CompactVolumeCache`: uint8, 1 byte per voxel, memory-mapped).
     """
 
-    def __init__(self, entries: Sequence[DatalistEntry], config: VoCoConfig,
+    def __init__(self, entries: Sequence[DatalistEntry], config: PretrainConfig,
                  with_sources: bool = False):
         from monai.data import CacheDataset, Dataset, PersistentDataset
 
@@ -291,7 +291,7 @@ def _make_cache_folder(folder: str | Path) -> None:
         ) from err
 
 
-def min_raw_shape(config: VoCoConfig) -> tuple[int, int, int]:
+def min_raw_shape(config: PretrainConfig) -> tuple[int, int, int]:
     """Smallest raw volume accepted: the network input along each axis (a smaller one
     would only be seen up-sampled)."""
     return (config.geometry.input_size,) * 3
@@ -369,7 +369,7 @@ class VoCoCropSampler:
         augment: overrides ``config.augment.enabled`` when given (False: no augmentation).
     """
 
-    def __init__(self, config: VoCoConfig, seed: int = 0, augment: bool | None = None):
+    def __init__(self, config: PretrainConfig, seed: int = 0, augment: bool | None = None):
         self.region_size = tuple(config.data.target_size)
         self.base_size = config.base_crop_size
         self.crop_size = config.random_crop_size

@@ -22,7 +22,8 @@ Everything goes to ``OUT``: ``runs/fold<k>-seed<s>-<arm>/`` (ordinary finetuning
 folders), ``compare.json`` (settings, every curve, both readings), ``curves.png``
 (mean learning curves) and ``classes.png`` (per-class difference at the plateau). An
 interrupted comparison resumes: finished runs are read back, an unfinished one is
-resumed from its checkpoint.
+resumed from its checkpoint. ``jobs`` runs several finetunings at once, each in a
+spawned process with an equal share of the CPU threads.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class CompareSettings:
 
     folds: int | None = None
     seeds: int = 1
+    jobs: int = 1
+    """Runs at once, each in its own process with an equal share of the CPU threads."""
     steps: int | None = None
     val_every: int | None = None
     preset: str | None = None
@@ -108,27 +111,85 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
         "val_every": config.train.val_every, "overrides": settings.overrides,
         "held_out": [[str(c.image_file.name) for c in held] for _, held in folds],
         "runs": {}}
-    for k, (training, held) in enumerate(folds):
-        for seed in range(settings.seeds):
-            for arm in ARMS:
-                key = run_key(k, seed, arm)
-                run_dir = out / "runs" / key
-                curve = _finished_curve(run_dir, total)
-                if curve is None:
-                    say(f"{key}: finetuning on {len(training)} case(s), validating on "
-                        f"{len(held)} held out")
-                    _run_arm(run_dir, training, held, settings, seed,
-                             pretrained if arm == "voco" else None)
-                    curve = _finished_curve(run_dir, total)
-                    if curve is None:
-                        raise VoCoDataError("the run ended without its last validation",
-                                            run_dir)
-                record["runs"][key] = {"fold": k, "seed": seed, "arm": arm, "curve": curve}
-                write_json(out / "compare.json", record)  # resumable after every run
+    if settings.jobs < 1:
+        raise VoCoConfigError(f"--jobs {settings.jobs}: expected at least 1")
+    planned = [_Run(run_key(k, seed, arm), k, seed, arm, out / "runs" / run_key(k, seed, arm),
+                    training, held, pretrained if arm == "voco" else None)
+               for k, (training, held) in enumerate(folds)
+               for seed in range(settings.seeds) for arm in ARMS]
+
+    def keep(run: _Run) -> None:
+        curve = _finished_curve(run.run_dir, total)
+        if curve is None:
+            raise VoCoDataError("the run ended without its last validation", run.run_dir)
+        record["runs"][run.key] = {"fold": run.fold, "seed": run.seed, "arm": run.arm,
+                                   "curve": curve}
+        write_json(out / "compare.json", record)  # resumable after every run
+
+    todo = []
+    for run in planned:
+        if _finished_curve(run.run_dir, total) is None:
+            todo.append(run)
+        else:  # finished before an interruption: read back, not rerun
+            keep(run)
+    _run_all(todo, settings, keep, say)
+    record["runs"] = {run.key: record["runs"][run.key] for run in planned}  # in plan order
     record.update(summarise(record))
     write_json(out / "compare.json", record)
     plot_comparison(record, out / "curves.png", out / "classes.png")
     return record
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One finetuning of the comparison: ``arm`` of ``seed`` in fold ``fold``."""
+
+    key: str
+    fold: int
+    seed: int
+    arm: str
+    run_dir: Path
+    training: list
+    held: list
+    pretrained: Path | None
+
+
+def _run_all(todo: list[_Run], settings: CompareSettings, done: Callable[[_Run], None],
+             say: Callable[[str], None]) -> None:
+    """Run ``todo``, ``settings.jobs`` at a time (each in a spawned process then), and
+    call ``done`` with each as it finishes."""
+    def announce(run: _Run) -> None:
+        say(f"{run.key}: finetuning on {len(run.training)} case(s), validating on "
+            f"{len(run.held)} held out")
+
+    if settings.jobs == 1 or len(todo) < 2:
+        for run in todo:
+            announce(run)
+            _run_arm(run.run_dir, run.training, run.held, settings, run.seed, run.pretrained)
+            done(run)
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // settings.jobs)
+    with ProcessPoolExecutor(settings.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        running = {}
+        try:
+            for run in todo:
+                announce(run)
+                running[pool.submit(_run_arm, run.run_dir, run.training, run.held, settings,
+                                    run.seed, run.pretrained)] = run
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()  # a run's error ends the comparison, as in one process
+                    done(running.pop(future))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # started runs stop and save
+            raise
 
 
 def _overrides(settings: CompareSettings, seed: int) -> dict:

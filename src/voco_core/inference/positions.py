@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voco_core.checkpoint import find_checkpoint, load_pretrain_checkpoint, saved_config
-from voco_core.config import VoCoConfig, resolve_device
+from voco_core.config import PretrainConfig, resolve_device
 from voco_core.data.io import VolumeRecord
 from voco_core.data.sampling import preprocess_transforms
 from voco_core.data.segmentation import to_meta_tensor
@@ -55,7 +55,7 @@ from voco_core.inference.common import (
     load_weights,
 )
 from voco_core.losses import overlap_logits
-from voco_core.models import ProjectionHead, VoCoNet
+from voco_core.models import BackboneWithHead, ProjectionHead
 
 
 @dataclass
@@ -64,12 +64,12 @@ class PositionModel:
 
     ``teacher``: for a v2 run, the EMA teacher the loss compared the student with
     (a :class:`ProjectionHead` fed the student's pooled features for
-    ``model.teacher: head``, a whole :class:`VoCoNet` for ``full``); ``None`` for v1
+    ``model.teacher: head``, a whole :class:`BackboneWithHead` for ``full``); ``None`` for v1
     runs, whose inspector compares the student with itself.
     """
 
-    net: VoCoNet
-    config: VoCoConfig
+    net: BackboneWithHead
+    config: PretrainConfig
     device: torch.device
     source: str
     step: int
@@ -85,22 +85,22 @@ def load_position_model(checkpoint: str | Path, device: str = "auto") -> Positio
     state = load_pretrain_checkpoint(path)
     config = saved_config(state, "pretrain", path)
     channels = config.data.image_channels
-    net = VoCoNet(config.model, channels)
+    net = BackboneWithHead(config.model, channels)
     load_weights(net, state, "student", path)
     torch_device = resolve_device(device)
     teacher = None
     if config.loss.variant == "v2" and state.get("teacher") is not None:
         teacher = (ProjectionHead(net.backbone.out_dim, config.model.head_hidden_dim,
                                   config.model.head_out_dim)
-                   if config.model.teacher == "head" else VoCoNet(config.model, channels))
+                   if config.model.teacher == "head" else BackboneWithHead(config.model, channels))
         load_weights(teacher, state, "teacher", path)
         teacher = teacher.to(torch_device).eval()
     return PositionModel(net.to(torch_device).eval(), config, torch_device, str(checkpoint),
                          int(state.get("step", 0)), teacher)
 
 
-def _config_of(source: VoCoConfig | PositionModel | str | Path) -> VoCoConfig:
-    if isinstance(source, VoCoConfig):
+def _config_of(source: PretrainConfig | PositionModel | str | Path) -> PretrainConfig:
+    if isinstance(source, PretrainConfig):
         return source
     if isinstance(source, PositionModel):
         return source.config
@@ -144,11 +144,11 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def prepare_volume(volume: VolumeRecord | str | Path,
-                   config: VoCoConfig | PositionModel | str | Path) -> PreparedVolume:
+                   config: PretrainConfig | PositionModel | str | Path) -> PreparedVolume:
     """Pre-process ``volume`` exactly as pretraining does (without augmentation). Its
     channels must be the network's (``data.in_channels`` of the run)."""
     source = config.source if isinstance(config, PositionModel) else (
-        "this config" if isinstance(config, VoCoConfig) else str(config))
+        "this config" if isinstance(config, PretrainConfig) else str(config))
     record = as_record(volume)
     check_3d(record)
     config = _config_of(config)
@@ -171,7 +171,7 @@ def prepare_volume(volume: VolumeRecord | str | Path,
 
 
 def base_crop_boxes(volume: VolumeRecord | str | Path | PreparedVolume,
-                    config: VoCoConfig | PositionModel | str | Path) -> np.ndarray:
+                    config: PretrainConfig | PositionModel | str | Path) -> np.ndarray:
     """The ``K = n^2`` base crops as image boxes ``(K, 3, 2)`` (i-major order, the
     order of the overlap vectors). ``config``: a config, model or pretraining checkpoint."""
     config = _config_of(config)
@@ -273,7 +273,7 @@ def positions(
     with torch.no_grad():
         pooled = model.net.backbone(crops)  # per crop (instance norm)
         teacher_pooled, teacher_head = pooled, model.teacher
-        if isinstance(model.teacher, VoCoNet):
+        if isinstance(model.teacher, BackboneWithHead):
             teacher_pooled = model.teacher.backbone(crops)
             teacher_head = model.teacher.head
         # The heads' BatchNorm normalises with the statistics of its batch, so each

@@ -1,7 +1,7 @@
 """``optim.batch_size: auto``: micro-batch, accumulation and checkpointing for the device.
 
 The volumes per optimizer step stay the preset's (``batch_size x grad_accum`` of
-:func:`~voco_core.config.make_config` for the run's preset: tiny 1, base 2, huge 2):
+:func:`~voco_core.config.make_pretrain_config` for the run's preset: tiny 1, base 2, huge 2):
 the loss is averaged over them and the learning rate was set for them, so they are
 part of the recipe. What auto chooses is how a step is computed:
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from voco_core.config import VoCoConfig
+from voco_core.config import PretrainConfig
 from voco_core.distributed import DistContext
 from voco_core.errors import VoCoConfigError
 
@@ -73,7 +73,7 @@ class BatchChoice:
                 f"({self.reason})")
 
 
-def smallest_micro_batch(config: VoCoConfig, per_step: int) -> int:
+def smallest_micro_batch(config: PretrainConfig, per_step: int) -> int:
     """The v2 loss pairs each volume with its neighbour *in the micro-batch*: auto keeps
     2 volumes per micro-batch for it (when a step has 2), so splitting a step never
     turns the inter-volume term into a comparison of a volume with itself."""
@@ -115,13 +115,13 @@ def _reason(probe: MemoryProbe, size: int) -> str:
             f"{(probe.fixed + size * probe.per_volume) / GIB:.1f} GiB")
 
 
-def probe_cuda_memory(config: VoCoConfig, device: torch.device,
+def probe_cuda_memory(config: PretrainConfig, device: torch.device,
                       checkpointing: bool) -> MemoryProbe | None:
     """One forward + backward of one volume's ``K + m`` crops through a fresh model
     built like the run's (``checkpointing`` set), measured with CUDA's allocator
     statistics; ``None`` when even that runs out of memory. Everything it allocated
     is freed before it returns."""
-    from voco_core.models import VoCoModel
+    from voco_core.models import StudentTeacher
     from voco_core.train.common import amp_dtype, autocast
 
     o = config.optim
@@ -132,7 +132,7 @@ def probe_cuda_memory(config: VoCoConfig, device: torch.device,
     start = torch.cuda.memory_allocated(device)
     model = crops = None
     try:
-        model = VoCoModel(replace(config.model, gradient_checkpointing=checkpointing),
+        model = StudentTeacher(replace(config.model, gradient_checkpointing=checkpointing),
                           config.data.image_channels).to(device)
         weights = torch.cuda.memory_allocated(device) - start
         trainable = sum(p.numel() * p.element_size() for p in model.parameters()
@@ -159,9 +159,9 @@ def probe_cuda_memory(config: VoCoConfig, device: torch.device,
 
 
 def resolve_batch_size(
-    config: VoCoConfig, device: torch.device, dist_ctx: DistContext | None = None,
-    probe: Callable[[VoCoConfig, torch.device, bool], MemoryProbe | None] = probe_cuda_memory,
-) -> tuple[VoCoConfig, str]:
+    config: PretrainConfig, device: torch.device, dist_ctx: DistContext | None = None,
+    probe: Callable[[PretrainConfig, torch.device, bool], MemoryProbe | None] = probe_cuda_memory,
+) -> tuple[PretrainConfig, str]:
     """``config`` with ``optim.batch_size: auto`` replaced by the chosen numbers
     (``batch_size``, ``grad_accum``, ``model.gradient_checkpointing``) and the line
     that says what was chosen and why; other configs come back as they are, with "".

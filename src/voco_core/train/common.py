@@ -118,9 +118,8 @@ def compile_forward(modules: list[torch.nn.Module | None], run: RunConfig) -> No
 
 def adamw(params, device: torch.device, **options) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with its fused kernel where torch has one for ``device``
-    (CUDA, CPU), else the default implementation. Same maths and state dict; measured
-    on CPU for the tiny backbone's 4.2 M parameters (amsgrad, one thread): 0.0047 s per
-    update fused vs 0.0156 s (``pretrain_bench.py --sections adamw``)."""
+    (CUDA, CPU), else the default implementation. Same maths and state dict, about
+    3x faster updates on CPU (``pretrain_bench.py --sections adamw``)."""
     if device.type in ("cuda", "cpu"):
         try:
             return torch.optim.AdamW(params, fused=True, **options)
@@ -148,10 +147,10 @@ def training_settings(device: torch.device, run: RunConfig) -> Iterator[None]:
     that closes the generator after ``start`` must not keep them).
 
     cuDNN autotuning on CUDA; or, for bit-reproducible runs (``run.deterministic``),
-    deterministic cuDNN, and on CPU no oneDNN and one intra-op thread (measured: with 2
-    threads, multi-threaded reductions still differed run to run by ~1e-6 when the
-    machine was busy). On CPU with ``run.cpu_allocator == "retain"``, glibc keeps freed
-    memory for reuse (see :mod:`voco_core.memory`).
+    deterministic cuDNN, and on CPU no oneDNN and one intra-op thread (with several
+    threads, reductions sum in an order that varies with the machine's load). On CPU
+    with ``run.cpu_allocator == "retain"``, glibc keeps freed memory for reuse (see
+    :mod:`voco_core.memory`).
     """
     previous = {"mkldnn": torch.backends.mkldnn.enabled,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark,

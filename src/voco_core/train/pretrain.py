@@ -39,7 +39,7 @@ from voco_core.checkpoint import (
     require_resumable,
     saved_config,
 )
-from voco_core.config import VoCoConfig, config_from_dict, merge, resolve_device
+from voco_core.config import PretrainConfig, merge, pretrain_config_from_dict, resolve_device
 from voco_core.data.datalists import DatalistEntry, load_datalist, resolve_in_channels
 from voco_core.data.intensity import PreprocessingNotes
 from voco_core.data.io import check_volume_header
@@ -63,7 +63,7 @@ from voco_core.distributed import (
 )
 from voco_core.errors import VoCoConfigError, VoCoDataError, VoCoTrainingError
 from voco_core.losses import build_loss
-from voco_core.models import VoCoModel
+from voco_core.models import StudentTeacher
 from voco_core.outputs import write_json
 from voco_core.run_folder import RunFolder, read_log
 from voco_core.train.batch_size import resolve_batch_size
@@ -97,8 +97,8 @@ class _Pretraining:
     checkpoint, then advanced by :func:`_train_step` (``step``: optimizer steps done;
     ``samples_seen``: volumes drawn by all ranks together, the data stream's position)."""
 
-    config: VoCoConfig
-    model: VoCoModel
+    config: PretrainConfig
+    model: StudentTeacher
     forward: Callable  # the model, or its DDP wrapper
     loss_fn: Callable
     params: list
@@ -124,7 +124,7 @@ class PretrainResult:
 def voco_loss_on_batch(model: Callable, loss_fn: Callable, batch: VoCoBatch) -> dict:
     """One forward of all ``B * (K + m)`` crops, split back into bases and sub-volumes.
 
-    ``model`` is a :class:`VoCoModel` (or its DDP wrapper): crops -> (student, teacher)
+    ``model`` is a :class:`StudentTeacher` (or its DDP wrapper): crops -> (student, teacher)
     features ``(B * (K + m), D)``; returns the loss's dict (``total`` and its terms).
     """
     b, k, m = batch.base_crops.shape[0], batch.base_crops.shape[1], batch.random_crops.shape[1]
@@ -145,7 +145,7 @@ def loss_terms(losses: dict) -> list[str]:
     return [k for k, v in losses.items() if k not in ("total", "logits") and v.ndim == 0]
 
 
-def check_dataset(entries: Sequence[DatalistEntry], config: VoCoConfig) -> int:
+def check_dataset(entries: Sequence[DatalistEntry], config: PretrainConfig) -> int:
     """Header-level pre-flight of every volume (fast; voxel data is checked on load).
     Returns the images' channel count: the same for all, and ``data.in_channels``
     when that is set (:func:`~voco_core.data.datalists.resolve_in_channels`)."""
@@ -157,7 +157,7 @@ def check_dataset(entries: Sequence[DatalistEntry], config: VoCoConfig) -> int:
 
 
 def iter_pretrain(
-    config: VoCoConfig,
+    config: PretrainConfig,
     data: str | Path | Sequence[DatalistEntry],
     run_dir: str | Path | None = None,
     *,
@@ -200,7 +200,7 @@ def iter_pretrain(
         teardown_distributed(dist_ctx)
 
 
-def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolder,
+def _pretrain(config: PretrainConfig, entries: list[DatalistEntry], folder: RunFolder,
               dist_ctx: DistContext, device: torch.device, resume: str | Path | None,
               stop: StopFlag | None, batch_note: str = "") -> Iterator[PretrainEvent]:
     o, seed = config.optim, config.run.seed
@@ -211,7 +211,7 @@ def _pretrain(config: VoCoConfig, entries: list[DatalistEntry], folder: RunFolde
 
     # ---- build
     torch.manual_seed(seed)
-    model = VoCoModel(config.model, config.data.image_channels).to(device)
+    model = StudentTeacher(config.model, config.data.image_channels).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, device, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
     dtype = amp_dtype(o.amp, device)
@@ -367,7 +367,7 @@ def _train_step(run: _Pretraining, sampler: VoCoCropSampler,
     return names, averaged
 
 
-def _volume_stream(entries: list[DatalistEntry], config: VoCoConfig, dist_ctx: DistContext,
+def _volume_stream(entries: list[DatalistEntry], config: PretrainConfig, dist_ctx: DistContext,
                    device: torch.device, samples_seen: int,
                    notes: PreprocessingNotes) -> Iterator[list[torch.Tensor]]:
     """Batches of pre-processed volumes on ``device``, from where all ranks together
@@ -392,7 +392,7 @@ def _volume_stream(entries: list[DatalistEntry], config: VoCoConfig, dist_ctx: D
         yield [v.image.to(device, non_blocking=True) for v in batch]
 
 
-def _save_config(config: VoCoConfig, folder: RunFolder) -> None:
+def _save_config(config: PretrainConfig, folder: RunFolder) -> None:
     folder.create()
     try:
         config.save(folder.config_file)
@@ -423,7 +423,7 @@ def _log_record(event: PretrainEvent) -> dict[str, Any]:
     return {k: v for k, v in event.to_dict().items() if k not in ("kind", "run_dir", "message")}
 
 
-def _check_resumable(saved: VoCoConfig, config: VoCoConfig, source: str | Path) -> None:
+def _check_resumable(saved: PretrainConfig, config: PretrainConfig, source: str | Path) -> None:
     """The one compatibility check of a pretraining checkpoint with the resumed run."""
     # Checkpointing changes how a step is computed, not the weights (batch_size auto
     # may choose it differently on another GPU).
@@ -439,15 +439,15 @@ def _check_resumable(saved: VoCoConfig, config: VoCoConfig, source: str | Path) 
             "it was trained on")
 
 
-def resume_config(resume: str | Path, **overrides: Any) -> VoCoConfig:
+def resume_config(resume: str | Path, **overrides: Any) -> PretrainConfig:
     """The config stored in a run's checkpoint, with nested overrides
     (e.g. ``optim={"total_steps": 200}, run={"device": "cpu"}``)."""
     saved = saved_config(load_pretrain_checkpoint(resume), "pretrain", resume)
-    return config_from_dict(merge(saved.to_dict(), overrides))
+    return pretrain_config_from_dict(merge(saved.to_dict(), overrides))
 
 
 def pretrain(
-    config: VoCoConfig,
+    config: PretrainConfig,
     data: str | Path | Sequence[DatalistEntry],
     run_dir: str | Path | None = None,
     *,

@@ -13,13 +13,14 @@ Accepted
 - **DICOM series**: a folder holding the files of exactly one series
   (SeriesInstanceUID), not searched recursively. GDCM sorts the slices by their
   Image Position (Patient) along the slice normal, and the series must have at
-  least two slices, evenly spaced (within :data:`DICOM_POSITION_TOLERANCE_MM`),
+  least two slices, evenly spaced (within
+  :data:`~voco_core.data.readers.dicom.DICOM_POSITION_TOLERANCE_MM`),
   stacked along the normal (no gantry tilt) and sharing one orientation.
 
 Every image must be 3-D with one number per voxel; a 4-D image whose fourth axis
 has length 1 is read as 3-D. Several components per voxel (RGB, vector, or a
 4-D multi-channel image) are refused in
-:func:`~voco_core.data.itk_headers.require_scalar_3d`; multi-channel images in these
+:func:`~voco_core.data.readers.itk_headers.require_scalar_3d`; multi-channel images in these
 formats are given as one file per channel in a datalist (docs/data.md).
 
 Geometry
@@ -41,15 +42,17 @@ A DICOM series' third axis always points along the slice normal (the cross
 product of the row and column directions), so a left-handed volume saved as DICOM
 comes back with its ``k`` axis reversed, the same world picture stored the other
 way round. DICOM stores positions as decimal strings of at most 16 characters, so
-a series' affine matches its source to about :data:`DICOM_POSITION_TOLERANCE_MM`.
+a series' affine matches its source to about
+:data:`~voco_core.data.readers.dicom.DICOM_POSITION_TOLERANCE_MM`.
 
 Checks before reading
 ---------------------
 The header is read first (``ImageFileReader.ReadImageInformation``, no voxel
 data), and dimension, components and pixel type are checked. For NRRD and
 MetaImage the claimed voxel bytes must fit in the file that holds them (see
-:func:`~voco_core.data.itk_headers.check_claimed_size`): raw data must be all
-there, gzip/zlib data can expand at most :data:`~voco_core.data.files.MAX_DEFLATE_RATIO` times. Not
+:func:`~voco_core.data.readers.itk_headers.check_claimed_size`): raw data must be all
+there, gzip/zlib data can expand at most
+:data:`~voco_core.data.readers.nifti.MAX_DEFLATE_RATIO` times. Not
 checked beforehand: bzip2-encoded NRRD, data split over several files, and DICOM
 pixel data (bounded per slice by the 16-bit Rows/Columns; GDCM refuses a slice
 whose pixel data are short).
@@ -71,14 +74,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from voco_core.data.dicom import (
-    DICOM_POSITION_TOLERANCE_MM,
-    looks_like_dicom_folder,
-    one_series,
-    read_dicom_series,
-)
-from voco_core.data.files import ACCEPTED, is_nifti_path, nifti_suffix, require_file
-from voco_core.data.itk_headers import (
+from voco_core.data.readers.dicom import one_series, read_dicom_series
+from voco_core.data.readers.itk_headers import (
     ITEM_BYTES,
     check_claimed_size,
     header_reader,
@@ -88,84 +85,14 @@ from voco_core.data.itk_headers import (
     require_nrrd_data_file,
     require_scalar_3d,
 )
+from voco_core.data.readers.nifti import require_file
+from voco_core.data.readers.sources import ACCEPTED, file_format, is_series_folder
 from voco_core.errors import VoCoDataError
-
-__all__ = [  # what the rest of the package imports from here
-    "ACCEPTED", "DICOM_POSITION_TOLERANCE_MM", "check_other_header", "file_format",
-    "image_to_array_affine", "is_volume_file_path", "looks_like_dicom_folder",
-    "read_other_volume", "require_finite", "require_volume_source", "volume_sources",
-    "volume_stem", "write_itk_volume",
-]
-
-NRRD_SUFFIXES = (".nrrd", ".nhdr")
-METAIMAGE_SUFFIXES = (".mha", ".mhd")
-ITK_FILE_SUFFIXES = NRRD_SUFFIXES + METAIMAGE_SUFFIXES
-"""File name endings read with SimpleITK (any case)."""
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 """ITK's LPS+ world to nibabel's RAS+ (its own inverse)."""
 
 _IMAGE_IO = {"NRRD": "NrrdImageIO", "MetaImage": "MetaImageIO"}
-
-
-# --------------------------------------------------------------------------- detection
-
-
-def file_format(path: str | Path) -> str | None:
-    """``"NRRD"`` or ``"MetaImage"`` from the file name's ending (any case), else None."""
-    name = str(path).lower()
-    if name.endswith(NRRD_SUFFIXES):
-        return "NRRD"
-    if name.endswith(METAIMAGE_SUFFIXES):
-        return "MetaImage"
-    return None
-
-
-def is_volume_file_path(path: str | Path) -> bool:
-    """True when the name ends like a volume file this package reads (NIfTI, NRRD, MetaImage)."""
-    return is_nifti_path(path) or file_format(path) is not None
-
-
-def is_series_folder(path: Path) -> bool:
-    """A folder (not one named like a volume file) read as one DICOM series."""
-    return path.is_dir() and not is_volume_file_path(path)
-
-
-def volume_stem(path: Path) -> str:
-    """The name without its volume suffix: ``case_001`` for ``case_001.nii.gz`` or
-    ``case_001.nrrd``; a folder's (a DICOM series') own name."""
-    if is_nifti_path(path) and not path.is_dir():
-        return path.name[: -len(nifti_suffix(path))]
-    if file_format(path) is not None and not path.is_dir():
-        return path.name[: -len(Path(path.name).suffix)]
-    return path.name or path.resolve().name
-
-
-def require_volume_source(path: Path, kind: str, where: str = "") -> None:
-    """Like :func:`~voco_core.data.files.require_file`, but a folder is accepted as a
-    DICOM series (its content is checked when it is read)."""
-    if is_series_folder(path):
-        return
-    require_file(path, kind, where)
-
-
-def volume_sources(folder: Path, kind: str) -> list[Path]:
-    """The volumes directly in ``folder``, sorted by name: NIfTI, NRRD and MetaImage
-    files, and subfolders that hold DICOM files (one series each, checked on read).
-    A ``.nhdr`` / ``.mhd`` header's data file (``.raw``) is not a volume of its own."""
-    try:
-        children = sorted(folder.iterdir())
-    except OSError as err:
-        raise VoCoDataError(f"cannot list this folder ({err.strerror or err})", folder) from err
-    sources = []
-    for child in children:
-        if child.is_dir():
-            if not is_volume_file_path(child) and looks_like_dicom_folder(child):
-                sources.append(child)
-        elif is_volume_file_path(child):
-            require_file(child, kind)
-            sources.append(child)
-    return sources
 
 
 # --------------------------------------------------------------------------- reading

@@ -4,7 +4,8 @@ Everything here works from the file system and the header alone, so a bad file i
 refused with one :class:`~voco_core.errors.VoCoDataError` line before anything
 large is allocated: a missing file, a broken or looping symbolic link, a non-NIfTI
 name or content, a shape that is not 3-D, a non-numeric voxel type, and a header
-that claims more voxel data than the file can hold.
+that claims more voxel data than the file can hold. :func:`require_file` (the file
+exists and is one) is shared by the other readers and the datalists.
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ import numpy as np
 from voco_core.errors import VoCoDataError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-ACCEPTED = ("a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file, "
-            "or a folder holding one DICOM series")
-"""What a volume path may be, for error messages."""
 
 MAX_DEFLATE_RATIO = 1032
 """Most bytes one compressed byte can inflate to with deflate (gzip): zlib's limit

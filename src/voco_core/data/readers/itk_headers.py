@@ -1,5 +1,6 @@
-"""Header-level checks shared by the SimpleITK readers (:mod:`voco_core.data.formats`
-for NRRD and MetaImage, :mod:`voco_core.data.dicom` for DICOM series).
+"""Header-level checks shared by the SimpleITK readers
+(:mod:`voco_core.data.readers.itk` for NRRD and MetaImage,
+:mod:`voco_core.data.readers.dicom` for DICOM series).
 
 Everything here reads headers only (``ImageFileReader.ReadImageInformation`` and the
 header's text fields), so a bad file is refused with one
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from voco_core.data.files import MAX_DEFLATE_RATIO
+from voco_core.data.readers.nifti import MAX_DEFLATE_RATIO
 from voco_core.errors import VoCoDataError
 
 ITEM_BYTES = {

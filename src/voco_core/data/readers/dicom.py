@@ -8,59 +8,31 @@ spaced stack along the slice normal (within :data:`DICOM_POSITION_TOLERANCE_MM`:
 missing slice, no gantry tilt, no two slices at one position) with one orientation
 throughout. GDCM sorts the slices along the normal, so the volume's third axis
 points along it; the geometry conversion to RAS+ is
-:func:`voco_core.data.formats.image_to_array_affine`'s.
+:func:`voco_core.data.readers.itk.image_to_array_affine`'s. Whether a folder
+looks like DICOM at all is :func:`voco_core.data.readers.sources.looks_like_dicom_folder`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from voco_core.data.files import ACCEPTED
-from voco_core.data.itk_headers import header_reader, itk_reason, quiet_itk, require_scalar_3d
+from voco_core.data.readers.itk_headers import (
+    header_reader,
+    itk_reason,
+    quiet_itk,
+    require_scalar_3d,
+)
+from voco_core.data.readers.sources import ACCEPTED, is_dicom_file
 from voco_core.errors import VoCoDataError
 
 DICOM_POSITION_TOLERANCE_MM = 1e-2
 """How far a DICOM slice may lie from the evenly spaced stack the affine describes
 (absolute, or 1% of the slice spacing when that is more). DICOM decimal strings
 (16 characters) keep positions to ~1e-4 mm or better in practice."""
-
-_SNIFF_FILES = 64  # files looked at to decide whether a folder holds DICOM
-
-
-def is_dicom_file(path: Path) -> bool:
-    """A ``.dcm`` name or the DICOM Part 10 marker (``DICM`` after the 128-byte preamble)."""
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as file:
-            file.seek(128)
-            return file.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def looks_like_dicom_folder(folder: Path) -> bool:
-    """Whether ``folder`` directly holds DICOM files (a cheap look at up to 64 files,
-    for the napari reader hook and folder listings; :func:`read_dicom_series` decides)."""
-    try:
-        with os.scandir(folder) as entries:
-            checked = 0
-            for entry in entries:
-                if entry.name.startswith(".") or not entry.is_file():
-                    continue
-                if is_dicom_file(Path(entry.path)):
-                    return True
-                checked += 1
-                if checked >= _SNIFF_FILES:
-                    return False
-    except OSError:
-        return False
-    return False
 
 
 @dataclass(frozen=True)
