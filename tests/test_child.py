@@ -14,7 +14,7 @@ from voco_core.checkpoint import load_checkpoint
 from voco_core.errors import VoCoDataError
 from voco_core.plan import plan_pretrain
 from voco_core.run_folder import RunFolder
-from voco_core.train.child import TrainerDied, iter_plan_in_child
+from voco_core.train.child import CHILD_NICENESS, TrainerDied, iter_plan_in_child
 
 from conftest import tiny_config
 
@@ -42,6 +42,9 @@ def test_a_killed_child_names_its_last_checkpoint_and_the_run_resumes(tmp_path,
         for event in iter_plan_in_child(plan, train_dataset, threads=1):
             if event.kind == "step" and event.step == 2:
                 (child,) = multiprocessing.active_children()
+                # it trains at a lower priority than its parent (the GUI)
+                assert os.getpriority(os.PRIO_PROCESS, child.pid) == min(
+                    19, os.getpriority(os.PRIO_PROCESS, 0) + CHILD_NICENESS)
                 os.kill(child.pid, signal.SIGKILL)
     message = str(caught.value)
     assert "killed by SIGKILL" in message and str(folder.last) in message

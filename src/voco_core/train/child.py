@@ -3,7 +3,8 @@ in a child process that may die alone (:func:`iter_plan_in_child`, what the napa
 widgets do).
 
 The child is started with ``spawn`` (a fresh interpreter: no Qt, no napari, no CUDA
-context inherited) and runs :func:`iter_plan` with every core; its events come back
+context inherited) and runs :func:`iter_plan` with every core, at a lower scheduling
+priority than the GUI (:data:`CHILD_NICENESS`); its events come back
 through a queue as the same :class:`~voco_core.train.events.TrainEvent` records, so a
 caller iterates either function the same way. Stopping is the trainers' own
 contract: the caller's stop flag is passed on to the child, which ends at its next
@@ -40,6 +41,12 @@ POLL_SECONDS = 0.2
 STOP_WAIT_SECONDS = 120.0
 """How long a stopped child may take to finish its step and save before it is sent
 SIGTERM (which makes it stop the same way), then SIGKILL after as long again."""
+
+CHILD_NICENESS = 5
+"""Scheduling priority the child gives up (``os.nice``): it still uses every core the
+GUI leaves idle, but when the GUI thread needs a core (drawing a plot, painting) the
+kernel gives it about three times the child's share, so the window stays responsive
+while the child trains with every core."""
 
 _END = "end"
 
@@ -266,6 +273,7 @@ def _child_main(plan: Any, data: Any, events, stop, threads: int | None) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda number, frame: stop.set())
     _stop_when_orphaned(stop)
+    _give_way()
     if threads is not None:
         import torch
 
@@ -276,6 +284,16 @@ def _child_main(plan: Any, data: Any, events, stop, threads: int | None) -> None
         events.put(_END)
     except BaseException as err:
         events.put(_transferable(err))
+
+
+def _give_way() -> None:
+    """Lower this process's priority by :data:`CHILD_NICENESS` (where the OS allows)."""
+    import os
+
+    try:
+        os.nice(CHILD_NICENESS)
+    except (AttributeError, OSError):  # no os.nice (Windows), or not permitted
+        pass
 
 
 ORPHAN_CHECK_SECONDS = 1.0
