@@ -101,6 +101,9 @@ def test_voco_compare_end_to_end_and_resume(train_dataset, pretrain_run, tmp_pat
                                       "fold1-seed0-scratch", "fold1-seed0-voco"]
     assert record["final_quality"]["difference"]["n"] == 2
     assert all(len(r["curve"]) == 1 for r in record["runs"].values())
+    declared = json.loads((train_dataset / "dataset.json").read_text())["labels"]
+    assert set(record["runs"]["fold0-seed0-voco"]["curve"][0]["classes"]) <= {
+        name for value, name in declared.items() if value != "0"}  # the dataset's names
     mean = record["final_quality"]["difference"]["mean"]
     assert math.isfinite(mean) and f"{mean:+.3f}" in headline
     assert (out / "curves.png").stat().st_size > 0 and (out / "classes.png").stat().st_size > 0

@@ -31,11 +31,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from voco_core.data.datalists import DatalistEntry, load_datalist
+from voco_core.config import merge
+from voco_core.data.datalists import DatalistEntry, dataset_class_names, load_datalist
 from voco_core.errors import VoCoConfigError, VoCoDataError
 from voco_core.evaluation.stats import paired_difference, spread
 from voco_core.outputs import atomic_write, write_json
@@ -99,6 +100,11 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
         raise VoCoDataError("pretrained checkpoint or run folder not found", pretrained)
     cases = load_datalist(data, section="training", require_labels=True)
     folds = k_folds(cases, settings.folds or min(5, len(cases)))
+    declared = dataset_class_names(data)  # each run gets its cases, not the dataset.json
+    if declared:
+        settings = replace(settings, overrides=merge(
+            {"data": {"num_classes": len(declared), "class_names": list(declared)}},
+            settings.overrides))
     if settings.seeds < 1:
         raise VoCoConfigError(f"--seeds {settings.seeds}: expected at least 1")
     device = str((settings.overrides.get("run") or {}).get("device", "auto"))
