@@ -101,6 +101,11 @@ from voco_core.inference import SegmentationResult, SliceScore
 from voco_core.plan import next_round_folder, plan_continue, plan_finetune
 from voco_core.run_folder import RunFolder
 
+# Imported with the widget, in the GUI thread: the training modules (MONAI among them)
+# take seconds to import, and imported by the worker thread at a run's start they held
+# the GIL long enough to stall napari's event loop (a 536 ms gap in the first run).
+from voco_core.train.child import iter_plan_in_child
+
 if TYPE_CHECKING:
     import napari
 
@@ -140,8 +145,6 @@ def finetune_job(job: FinetuneJob, context: JobContext) -> Iterator[Any]:
     """The worker's body: plan a resumed or continued run, write layer pairs, then the
     events of the finetuning, which runs in a child process
     (:func:`~voco_core.train.child.iter_plan_in_child`: napari survives it)."""
-    from voco_core.train.child import iter_plan_in_child
-
     if job.plan is not None:
         plan = job.plan
     elif job.continue_from is not None:

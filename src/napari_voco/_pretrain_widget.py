@@ -52,6 +52,11 @@ from voco_core.data.datalists import DatalistEntry
 from voco_core.errors import VoCoDataError
 from voco_core.plan import plan_pretrain
 
+# Imported with the widget, in the GUI thread: the training modules (MONAI among them)
+# take seconds to import, and imported by the worker thread at a run's start they held
+# the GIL long enough to stall napari's event loop (a 536 ms gap in the first run).
+from voco_core.train.child import iter_plan_in_child, iter_plan_torchrun
+
 if TYPE_CHECKING:
     import napari
 
@@ -72,8 +77,6 @@ def pretrain_job(job: PretrainJob, context: JobContext) -> Iterator[Any]:
     """The worker's body: plan a resumed run, write layer volumes, then the events of
     the pretraining, which runs in a child process
     (:func:`~voco_core.train.child.iter_plan_in_child`: napari survives it)."""
-    from voco_core.train.child import iter_plan_in_child, iter_plan_torchrun
-
     plan = job.plan or plan_pretrain(resume=job.resume, overrides=job.overrides, out=job.out)
     data: Any = job.data
     if job.layers:
