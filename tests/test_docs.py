@@ -44,6 +44,7 @@ _TINY_FINETUNE = [
     "--set", "data.spacing=null",            # the tiny phantoms' own 6.25 mm voxels
     "--set", "train.samples_per_volume=1",
     "--set", "train.sw_overlap=0",
+    "--set", "train.sw_batch_size=1",
 ]
 TINY: dict[str, list[str]] = {
     "make-phantoms": ["--shape", "64", "64", "48"],
