@@ -54,7 +54,7 @@ from voco_core.plan import plan_pretrain
 
 # Imported with the widget, in the GUI thread: the training modules (MONAI among them)
 # take seconds to import, and imported by the worker thread at a run's start they held
-# the GIL long enough to stall napari's event loop (a 536 ms gap in the first run).
+# the GIL long enough to stall napari's event loop (docs/benchmarks.md, GUI vs CLI).
 from voco_core.train.child import iter_plan_in_child, iter_plan_torchrun
 
 if TYPE_CHECKING:
