@@ -142,6 +142,15 @@ def phantom_affine(shape, spacing) -> np.ndarray:
     return affine
 
 
+def _check_style(style: str, spacing: tuple[float, float, float] | None) -> None:
+    """A known ``style``, and ``spacing`` only for ``classic``."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    if style != "classic" and spacing is not None:
+        raise ValueError(f"spacing cannot be set for style {style!r}: each subject's "
+                         "voxel size follows from its field of view and scan range")
+
+
 def make_phantom(
     seed: int = 0,
     index: int = 0,
@@ -160,15 +169,11 @@ def make_phantom(
             field of view and scan range.
         style: ``"classic"`` or ``"varied"`` (see the module text).
     """
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    _check_style(style, spacing)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"shape must be 3 sizes of at least 16 voxels, got {shape}")
     if style == "varied":
-        if spacing is not None:
-            raise ValueError("spacing cannot be set for style 'varied': each subject's "
-                             "voxel size follows from its field of view and scan range")
         from voco_core.data.phantom_variety import make_varied_phantom
 
         return make_varied_phantom(seed, index, shape)
@@ -297,11 +302,7 @@ def make_phantom_dataset(
 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
-    if style != "classic" and spacing is not None:
-        raise ValueError(f"spacing cannot be set for style {style!r}: each subject's "
-                         "voxel size follows from its field of view and scan range")
+    _check_style(style, spacing)  # before anything is written
     out = Path(out)
     names = [f"phantom_{index:03d}.nii.gz" for index in range(n)]
     refuse_existing([out / "dataset.json", *(out / sub / name for name in names

@@ -124,8 +124,7 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
                for k, (training, held) in enumerate(folds)
                for seed in range(settings.seeds) for arm in ARMS]
 
-    def keep(run: _Run) -> None:
-        curve = _finished_curve(run.run_dir, total)
+    def keep(run: _Run, curve: list[dict] | None) -> None:
         if curve is None:
             raise VoCoDataError("the run ended without its last validation", run.run_dir)
         record["runs"][run.key] = {"fold": run.fold, "seed": run.seed, "arm": run.arm,
@@ -134,11 +133,12 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
 
     todo = []
     for run in planned:
-        if _finished_curve(run.run_dir, total) is None:
+        curve = _finished_curve(run.run_dir, total)
+        if curve is None:
             todo.append(run)
         else:  # finished before an interruption: read back, not rerun
-            keep(run)
-    _run_all(todo, settings, keep, say)
+            keep(run, curve)
+    _run_all(todo, settings, lambda run: keep(run, _finished_curve(run.run_dir, total)), say)
     record["runs"] = {run.key: record["runs"][run.key] for run in planned}  # in plan order
     record.update(summarise(record))
     write_json(out / "compare.json", record)
@@ -199,8 +199,6 @@ def _run_all(todo: list[_Run], settings: CompareSettings, done: Callable[[_Run],
 
 
 def _overrides(settings: CompareSettings, seed: int) -> dict:
-    from voco_core.config import merge
-
     train: dict[str, Any] = {}
     if settings.steps is not None:
         train["total_steps"] = settings.steps
