@@ -80,22 +80,30 @@ def phantom_dataset(tmp_path_factory) -> Path:
                          lambda out: make_phantom_dataset(out, n=3, seed=0, shape=SMALL_SHAPE))
 
 
+TEST_SWIN = {"depths": [1, 2, 1, 1], "num_heads": [1, 2, 2, 4]}
+"""The tests' Swin: the tiny preset's widths (feature size 12) with one block per stage
+where the preset has two (stage 2 keeps two, so shifted windows and their attention
+mask still train) and fewer heads. A tiny step is 2-3x faster on one CPU thread, and
+every code path stays. Pretraining and finetuning both use it, so backbones transfer."""
+TEST_SWIN_SETS = ["--set", "model.depths=[1,2,1,1]", "--set", "model.num_heads=[1,2,2,4]"]
+""":data:`TEST_SWIN` as ``voco`` command-line overrides."""
+
 EXACT = {"run": {"deterministic": True}}
 """Bit-reproducible runs (oneDNN off, one thread: about 30% slower on CPU), for the
 tests that compare two runs value for value; the others train in the faster mode."""
 
 
 def tiny_config(overrides: dict | None = None, exact: bool = False):
-    """The smallest VoCo config that runs: feature size 12, 40^3 crops at native size,
-    a 2 x 2 grid over an 80 x 80 x 40 sample, m = 2, a 64-wide head. ``exact``:
-    deterministic mode (see :data:`EXACT`)."""
+    """The smallest VoCo config that runs: feature size 12 (:data:`TEST_SWIN`), 40^3
+    crops at native size, a 2 x 2 grid over an 80 x 80 x 40 sample, m = 2, a 64-wide
+    head. ``exact``: deterministic mode (see :data:`EXACT`)."""
     from voco_core.config import make_pretrain_config, merge
 
     base = {
         "data": {"target_size": [80, 80, 40]},
         "geometry": {"grid_size": 2, "num_random_crops": 2, "input_size": 40,
                      "resize_crops": False},
-        "model": {"feature_size": 12, "head_hidden_dim": 64, "head_out_dim": 64},
+        "model": {"feature_size": 12, "head_hidden_dim": 64, "head_out_dim": 64, **TEST_SWIN},
         "optim": {"total_steps": 4, "warmup_steps": 1, "batch_size": 1, "lr": 3e-4},
         "run": {"device": "cpu", "checkpoint_every": 100, "log_every": 1, "tensorboard": False,
                 "deterministic": False},
@@ -113,12 +121,13 @@ def train_dataset(tmp_path_factory) -> Path:
 
 
 def tiny_finetune_config(overrides: dict | None = None, exact: bool = False):
-    """The smallest finetuning config: SwinUNETR feature size 12, 64^3 crops, 2 steps.
+    """The smallest finetuning config: SwinUNETR feature size 12 (:data:`TEST_SWIN`), 64^3 crops,
+    2 steps.
     ``exact``: deterministic mode (see :data:`EXACT`)."""
     from voco_core.config import make_finetune_config, merge
 
     # the file's spacing: the tests' small phantoms (6.25 mm voxels) are not resampled
-    base = {"data": {"spacing": None},
+    base = {"data": {"spacing": None}, "model": dict(TEST_SWIN),
             "train": {"total_steps": 2, "val_every": 2, "warmup_steps": 1,
                       "samples_per_volume": 1},
             "run": {"device": "cpu", "checkpoint_every": 100, "deterministic": False,

@@ -21,12 +21,13 @@ from voco_core.evaluation.compare import (
     summarise,
 )
 
-from conftest import one_line_error
+from conftest import TEST_SWIN_SETS, one_line_error
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--val-every", "1",
         "--set", "train.samples_per_volume=1", "--set", "train.warmup_steps=1",
         "--set", "train.sw_batch_size=1", "--set", "run.tensorboard=false",
-        "--set", "data.spacing=null"]  # the small test phantoms at their own grid
+        "--set", "data.spacing=null",  # the small test phantoms at their own grid
+        *TEST_SWIN_SETS]
 
 
 def test_k_folds_hold_every_case_out_once(train_dataset):

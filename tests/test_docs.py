@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TEST_SWIN_SETS
+
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "docs" / "tutorial.md"
 
@@ -40,6 +42,7 @@ TUTORIAL = ROOT / "docs" / "tutorial.md"
 _NO_TENSORBOARD = ["--set", "run.tensorboard=false"]  # its import alone is 1.5 s
 _TINY_FINETUNE = [
     "--steps", "1",
+    *TEST_SWIN_SETS,
     *_NO_TENSORBOARD,
     "--set", "data.spacing=null",            # the tiny phantoms' own 6.25 mm voxels
     "--set", "train.samples_per_volume=1",
@@ -56,6 +59,7 @@ TINY: dict[str, list[str]] = {
         "--set", "geometry.num_random_crops=2",
         "--set", "model.head_hidden_dim=64",
         "--set", "model.head_out_dim=64",
+        *TEST_SWIN_SETS,
         *_NO_TENSORBOARD,
     ],
     "finetune": _TINY_FINETUNE,

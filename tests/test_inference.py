@@ -30,7 +30,7 @@ from voco_core.inference import (
     segment,
 )
 
-from conftest import save_nifti, tiny_finetune_config
+from conftest import TEST_SWIN_SETS, save_nifti, tiny_finetune_config
 
 
 def _reoriented(record: VolumeRecord) -> VolumeRecord:
@@ -162,7 +162,8 @@ def test_cli_finetune_predict_positions_end_to_end(train_dataset, pretrain_run, 
     run = tmp_path / "ft"
     assert main(["finetune", "--data", str(train_dataset), "--out", str(run), "--preset", "tiny",
                  "--steps", "1", "--device", "cpu", "--pretrained", str(pretrain_run),
-                 "--set", "train.val_every=1", "--set", "train.samples_per_volume=1"]) == 0
+                 "--set", "train.val_every=1", "--set", "train.samples_per_volume=1",
+                 *TEST_SWIN_SETS]) == 0
     captured = capsys.readouterr()
     printed = captured.out
     assert "napari-voco pretraining checkpoint (student)): loaded" in printed

@@ -17,12 +17,16 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
+
+from conftest import TEST_SWIN
+
 pytestmark = pytest.mark.gui
 
 WAIT_MS = 180_000
 GAP_LIMIT_S = 0.25  # as tests/test_widgets_training.py
 TINY_FINETUNE = {
     "train": {"samples_per_volume": 1, "warmup_steps": 1, "sw_batch_size": 1},
+    "model": TEST_SWIN,
     "run": {"tensorboard": False},
 }
 PAINTED = (20, 40)  # axial slices: axis 0, the axis napari slices in the default 2-D view

@@ -16,6 +16,8 @@ pytest.importorskip("napari")
 
 from napari_voco._jobs import JobState
 
+from conftest import TEST_SWIN
+
 pytestmark = pytest.mark.gui
 
 WAIT_MS = 180_000
@@ -26,13 +28,14 @@ TINY_PRETRAIN = {
     "data": {"target_size": [80, 80, 40]},
     "geometry": {"grid_size": 2, "num_random_crops": 2, "input_size": 40,
                  "resize_crops": False},
-    "model": {"feature_size": 12, "head_hidden_dim": 64, "head_out_dim": 64},
+    "model": {"feature_size": 12, "head_hidden_dim": 64, "head_out_dim": 64, **TEST_SWIN},
     "optim": {"warmup_steps": 1},
     "run": {"tensorboard": False, "log_every": 1},
 }
 TINY_FINETUNE = {
     "data": {"spacing": None},  # as tests/conftest.py: the small phantoms at their own grid
     "train": {"samples_per_volume": 1, "warmup_steps": 1, "sw_batch_size": 1},
+    "model": TEST_SWIN,
     "run": {"tensorboard": False},
 }
 

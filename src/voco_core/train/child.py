@@ -2,8 +2,9 @@
 in a child process that may die alone (:func:`iter_plan_in_child`, what the napari
 widgets do).
 
-The child is started with ``spawn`` (a fresh interpreter: no Qt, no napari, no CUDA
-context inherited) and runs :func:`iter_plan` with every core, at a lower scheduling
+The child starts from a fresh interpreter (no Qt, no napari, no CUDA context
+inherited; on Linux forked from a server that has imported the trainers once, see
+:func:`_child_context`) and runs :func:`iter_plan` with every core, at a lower scheduling
 priority than the GUI (:data:`CHILD_NICENESS`); its events come back
 through a queue as the same :class:`~voco_core.train.events.TrainEvent` records, so a
 caller iterates either function the same way. Stopping is the trainers' own
@@ -77,11 +78,11 @@ def iter_plan(plan: Any, data: Any, stop: StopFlag | None = None) -> Iterator[Tr
 
 def iter_plan_in_child(plan: Any, data: Any, stop: StopFlag | None = None, *,
                        threads: int | None = None) -> Iterator[TrainEvent]:
-    """Run a plan in a spawned child process; yields its events as they come (see the
-    module doc). ``threads``: torch intra-op threads of the child (default: torch's
-    own choice, every physical core). Closing the generator early stops the child
-    (gracefully, then by signal after :data:`STOP_WAIT_SECONDS`)."""
-    context = multiprocessing.get_context("spawn")
+    """Run a plan in a child process (:func:`_child_context`); yields its events as they
+    come (see the module doc). ``threads``: torch intra-op threads of the child
+    (default: torch's own choice, every physical core). Closing the generator early
+    stops the child (gracefully, then by signal after :data:`STOP_WAIT_SECONDS`)."""
+    context = _child_context()
     events = context.Queue()
     child_stop = context.Event()
     process = context.Process(target=_child_main, name=f"voco-{plan.kind}",
@@ -207,13 +208,14 @@ class _EveryPoll:
 
 @contextmanager
 def _main_script_hidden() -> Iterator[None]:
-    """Start a spawned child without running the parent's main script again.
+    """Start a child without running the parent's main script again.
 
     ``spawn`` imports the parent's ``__main__`` file in the child (to find objects
-    defined there). The child needs nothing from it: it runs voco_core code on voco_core
-    objects. A user's napari script without an ``if __name__ == "__main__":`` guard
-    would, imported again, open a second napari in the child; so the main module's
-    ``__file__`` and ``__spec__`` are out of sight while the child is started."""
+    defined there), and so does the fork server when it starts. The child needs nothing
+    from it: it runs voco_core code on voco_core objects. A user's napari script
+    without an ``if __name__ == "__main__":`` guard would, imported again, open a
+    second napari in the child; so the main module's ``__file__`` and ``__spec__`` are
+    out of sight while the child is started."""
     main = sys.modules.get("__main__")
     saved = {key: getattr(main, key) for key in ("__file__", "__spec__")
              if main is not None and hasattr(main, key)}
@@ -284,6 +286,26 @@ def _child_main(plan: Any, data: Any, events, stop, threads: int | None) -> None
         events.put(_END)
     except BaseException as err:
         events.put(_transferable(err))
+
+
+CHILD_PRELOAD = ["voco_core.train.pretrain", "voco_core.train.finetune", "torch._dynamo"]
+"""What the Linux fork server imports once (torch, MONAI, the trainers; the optimizers
+import ``torch._dynamo``): each child then starts in well under a second instead of
+spending about 4 s of CPU importing them again."""
+
+
+def _child_context():
+    """``forkserver`` on Linux, ``spawn`` elsewhere. Both start children from a fresh
+    interpreter, never from the GUI's process (no Qt, no napari, no CUDA context). The
+    fork server is that interpreter, started at the first training with
+    :data:`CHILD_PRELOAD` imported and nothing run; every child is a fork of it. It ends
+    when the process that started it ends. Elsewhere (macOS forbids forking a process
+    that has loaded some system frameworks; Windows cannot fork) each child is spawned."""
+    if sys.platform != "linux":
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(CHILD_PRELOAD)
+    return context
 
 
 def _give_way() -> None:
