@@ -1,5 +1,6 @@
-"""voco compare: the paired K-fold evaluation on the user's labelled cases, end to end
-with tiny settings (a few steps), its readings, its refusals and its resume."""
+"""voco compare: the paired K-fold evaluation on the user's labelled cases, and Dice
+against labelled cases, end to end with tiny settings (a few steps), its readings, its
+refusals and its resume."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 
 from voco_core.cli import main
 from voco_core.data.datalists import load_datalist
-from voco_core.errors import VoCoDataError
+from voco_core.errors import VoCoConfigError, VoCoDataError
 from voco_core.evaluation.compare import (
     CompareSettings,
     compare,
     k_folds,
+    labelled_splits,
     plateau,
     steps_to_reach,
     summarise,
@@ -128,3 +130,40 @@ def test_compare_refuses_too_few_cases_in_one_line(pretrain_run, train_dataset, 
     one_line_error(capsys, "pretrained checkpoint or run folder not found")
     with pytest.raises(VoCoDataError):
         compare(train_dataset, tmp_path / "missing", tmp_path / "cmp", CompareSettings())
+
+
+def test_labelled_splits_hold_the_same_cases_out_and_nest(train_dataset):
+    cases = load_datalist(train_dataset, section="training", require_labels=True)
+    (one, held1), (two, held2) = labelled_splits(cases, (1, 2), held_out=1)
+    assert held1 == held2 == [cases[-1]]
+    assert one == cases[:1] and two == cases[:2]  # the larger set holds the smaller
+    with pytest.raises(VoCoDataError, match="needs 4 labelled cases, found 3"):
+        labelled_splits(cases, (1, 2), held_out=2)
+    with pytest.raises(VoCoConfigError, match="--held-out 0"):
+        labelled_splits(cases, (1,), held_out=0)
+
+
+def test_compare_by_labelled_cases_end_to_end(train_dataset, pretrain_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", str(train_dataset), "--pretrained", str(pretrain_run),
+                 "--out", str(out), "--labelled", "1,2", "--held-out", "1", *TINY]) == 0
+    headline = capsys.readouterr().out.strip().splitlines()[-1]
+    record = json.loads((out / "compare.json").read_text())
+    assert record["design"] == "labelled" and record["labelled"] == [1, 2]
+    assert sorted(record["runs"]) == sorted(f"labelled{n}-seed0-{arm}" for n in (1, 2)
+                                            for arm in ("scratch", "voco"))
+    held = {name for split in record["held_out"] for name in split}
+    assert held == {"phantom_002.nii.gz"}  # the same case, for every run
+    for n in ("1", "2"):
+        difference = record["by_labelled"][n]["final_quality"]["difference"]
+        assert difference["n"] == 1 and f"{n} labelled {difference['mean']:+.3f} Dice" in (
+            headline)
+    assert headline.startswith("VoCo - scratch at the plateau: ") and "1 held out" in headline
+    assert (out / "labelled.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+    assert main(["compare", "--data", str(train_dataset), "--pretrained", str(pretrain_run),
+                 "--out", str(tmp_path / "both"), "--labelled", "1", "--folds", "2",
+                 *TINY]) == 1
+    one_line_error(capsys, "--folds and --labelled are two designs")
+    assert main(["compare", "--data", str(train_dataset), "--pretrained", str(pretrain_run),
+                 "--out", str(tmp_path / "many"), "--labelled", "1,4", *TINY]) == 1
+    one_line_error(capsys, "--labelled 4 with --held-out 2 needs 6 labelled cases, found 3")

@@ -34,6 +34,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """``1,2,4,8``: increasing whole numbers >= 1."""
+    values = tuple(_positive_int(part) for part in text.split(","))
+    if list(values) != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"expected increasing numbers, got {text!r}")
+    return values
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -426,14 +434,16 @@ def _cmd_positions(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from voco_core.evaluation import CompareSettings, compare, headline
 
-    settings = CompareSettings(folds=args.folds, seeds=args.seeds, jobs=args.jobs,
+    settings = CompareSettings(folds=args.folds, labelled=args.labelled or (),
+                               held_out=args.held_out, seeds=args.seeds, jobs=args.jobs,
                                steps=args.steps,
                                val_every=args.val_every, preset=args.preset,
                                overrides=_flag_overrides(args, "train"))
     start = time.perf_counter()
     record = compare(args.data, args.pretrained, args.out, settings)
+    figure = "labelled.png" if settings.labelled else "classes.png"
     print(f"{args.out / 'compare.json'}, {args.out / 'curves.png'}, "
-          f"{args.out / 'classes.png'} ({(time.perf_counter() - start) / 60:.1f} min)")
+          f"{args.out / figure} ({(time.perf_counter() - start) / 60:.1f} min)")
     print(headline(record))
     return 0
 
@@ -601,6 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "run the same command again to resume it")
     comp.add_argument("--folds", type=_positive_int,
                       help="folds over the cases (default: min(5, cases))")
+    comp.add_argument("--labelled", type=_positive_ints, metavar="N,N,...",
+                      help="the other design: Dice against labelled cases, e.g. 1,2,4,8; "
+                           "every run validates on the same --held-out cases and trains on "
+                           "the first N of the others")
+    comp.add_argument("--held-out", type=_positive_int, default=2,
+                      help="cases held out for every run of --labelled (default 2; the "
+                           "last ones in the datalist)")
     comp.add_argument("--seeds", type=_positive_int, default=1,
                       help="paired seeds per fold (default 1)")
     comp.add_argument("--jobs", type=_positive_int, default=1,

@@ -18,12 +18,19 @@ per class). Two readings of the same runs:
 - **efficiency**: the finetuning steps each arm needs to reach 90% of scratch's
   plateau Dice of the same pair.
 
-Everything goes to ``OUT``: ``runs/fold<k>-seed<s>-<arm>/`` (ordinary finetuning run
-folders), ``compare.json`` (settings, every curve, both readings), ``curves.png``
-(mean learning curves) and ``classes.png`` (per-class difference at the plateau). An
-interrupted comparison resumes: finished runs are read back, an unfinished one is
-resumed from its checkpoint. ``jobs`` runs several finetunings at once, each in a
-spawned process with an equal share of the CPU threads.
+The other design, ``labelled``: Dice against the number of labelled cases. The last
+``held_out`` cases are held out for every run; a run with ``n`` labelled cases trains
+on the first ``n`` of the others (so a larger set holds the smaller ones, as when a lab
+labels more), both arms and every seed alike. Both readings are then made per ``n``.
+
+Everything goes to ``OUT``: ``runs/fold<k>-seed<s>-<arm>/`` (or
+``runs/labelled<n>-seed<s>-<arm>/``: ordinary finetuning run folders), ``compare.json``
+(settings, every curve, both readings), ``curves.png`` (mean learning curves),
+``classes.png`` (per-class difference at the plateau) or, in the labelled design,
+``labelled.png`` (plateau Dice against labelled cases). An interrupted comparison
+resumes: finished runs are read back, an unfinished one is resumed from its checkpoint.
+``jobs`` runs several finetunings at once, each in a spawned process with an equal
+share of the CPU threads.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from typing import Any
 from voco_core.config import merge
 from voco_core.data.datalists import DatalistEntry, dataset_class_names, load_datalist
 from voco_core.errors import VoCoConfigError, VoCoDataError
+from voco_core.evaluation.figures import plot_comparison, plot_labelled
 from voco_core.evaluation.stats import paired_difference, spread
-from voco_core.outputs import atomic_write, write_json
+from voco_core.outputs import write_json
 from voco_core.run_folder import RunFolder, read_log
 
 ARMS = ("scratch", "voco")
@@ -59,6 +67,11 @@ class CompareSettings:
     the preset's ``train.total_steps`` and a tenth of it."""
 
     folds: int | None = None
+    labelled: tuple[int, ...] = ()
+    """The labelled design (see the module doc): labelled cases per run, e.g. (1, 2, 4,
+    8); empty: K folds."""
+    held_out: int = 2
+    """Cases held out for every run of the labelled design."""
     seeds: int = 1
     jobs: int = 1
     """Runs at once, each in its own process with an equal share of the CPU threads."""
@@ -82,8 +95,25 @@ def k_folds(cases: Sequence[DatalistEntry], folds: int) -> list[tuple[list, list
     return [([c for c in cases if c not in out], out) for out in held]
 
 
-def run_key(fold: int, seed: int, arm: str) -> str:
-    return f"fold{fold}-seed{seed}-{arm}"
+def labelled_splits(cases: Sequence[DatalistEntry], counts: Sequence[int],
+                    held_out: int) -> list[tuple[list, list]]:
+    """``(training, held_out)`` per count of ``counts``: the last ``held_out`` cases are
+    held out for all; ``n`` labelled train on the first ``n`` of the others."""
+    if held_out < 1:
+        raise VoCoConfigError(f"--held-out {held_out}: expected at least 1")
+    if not counts or min(counts) < 1:
+        raise VoCoConfigError(f"--labelled {list(counts)}: expected counts of at least 1")
+    if len(cases) < held_out + max(counts):
+        raise VoCoDataError(f"--labelled {max(counts)} with --held-out {held_out} needs "
+                            f"{held_out + max(counts)} labelled cases, found {len(cases)}")
+    pool, held = list(cases[:-held_out]), list(cases[-held_out:])
+    return [(pool[:n], held) for n in counts]
+
+
+def run_key(fold: int, seed: int, arm: str, labelled: int | None = None) -> str:
+    """A run's name: ``fold<k>-seed<s>-<arm>``, or ``labelled<n>-seed<s>-<arm>``."""
+    split = f"fold{fold}" if labelled is None else f"labelled{labelled}"
+    return f"{split}-seed{seed}-{arm}"
 
 
 def compare(data: str | Path, pretrained: str | Path, out: str | Path,
@@ -99,7 +129,11 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
     if not pretrained.exists():
         raise VoCoDataError("pretrained checkpoint or run folder not found", pretrained)
     cases = load_datalist(data, section="training", require_labels=True)
-    folds = k_folds(cases, settings.folds or min(5, len(cases)))
+    counts = tuple(settings.labelled)
+    if counts and settings.folds:
+        raise VoCoConfigError("--folds and --labelled are two designs: give one of them")
+    folds = (labelled_splits(cases, counts, settings.held_out) if counts
+             else k_folds(cases, settings.folds or min(5, len(cases))))
     declared = dataset_class_names(data)  # each run gets its cases, not the dataset.json
     if declared:
         settings = replace(settings, overrides=merge(
@@ -113,21 +147,27 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
     total = config.train.total_steps
     record: dict[str, Any] = {
         "data": str(data), "pretrained": str(pretrained), "preset": config.preset,
-        "folds": len(folds), "seeds": settings.seeds, "total_steps": total,
+        "design": "labelled" if counts else "folds", "folds": len(folds),
+        **({"labelled": list(counts)} if counts else {}),
+        "seeds": settings.seeds, "total_steps": total,
         "val_every": config.train.val_every, "overrides": settings.overrides,
         "held_out": [[str(c.image_file.name) for c in held] for _, held in folds],
         "runs": {}}
     if settings.jobs < 1:
         raise VoCoConfigError(f"--jobs {settings.jobs}: expected at least 1")
-    planned = [_Run(run_key(k, seed, arm), k, seed, arm, out / "runs" / run_key(k, seed, arm),
-                    training, held, pretrained if arm == "voco" else None)
-               for k, (training, held) in enumerate(folds)
-               for seed in range(settings.seeds) for arm in ARMS]
+    planned = []
+    for k, (training, held) in enumerate(folds):
+        for seed in range(settings.seeds):
+            for arm in ARMS:
+                key = run_key(k, seed, arm, counts[k] if counts else None)
+                planned.append(_Run(key, k, seed, arm, out / "runs" / key, training, held,
+                                    pretrained if arm == "voco" else None))
 
     def keep(run: _Run, curve: list[dict] | None) -> None:
         if curve is None:
             raise VoCoDataError("the run ended without its last validation", run.run_dir)
         record["runs"][run.key] = {"fold": run.fold, "seed": run.seed, "arm": run.arm,
+                                   **({"labelled": counts[run.fold]} if counts else {}),
                                    "curve": curve}
         write_json(out / "compare.json", record)  # resumable after every run
 
@@ -140,9 +180,17 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
             keep(run, curve)
     _run_all(todo, settings, lambda run: keep(run, _finished_curve(run.run_dir, total)), say)
     record["runs"] = {run.key: record["runs"][run.key] for run in planned}  # in plan order
-    record.update(summarise(record))
-    write_json(out / "compare.json", record)
-    plot_comparison(record, out / "curves.png", out / "classes.png")
+    if counts:  # both readings per number of labelled cases
+        record["by_labelled"] = {
+            str(n): summarise({"runs": {key: r for key, r in record["runs"].items()
+                                        if r["fold"] == k}})
+            for k, n in enumerate(counts)}
+        write_json(out / "compare.json", record)
+        plot_labelled(record, out / "curves.png", out / "labelled.png")
+    else:
+        record.update(summarise(record))
+        write_json(out / "compare.json", record)
+        plot_comparison(record, out / "curves.png", out / "classes.png")
     return record
 
 
@@ -261,10 +309,9 @@ def _value(point: dict, key: str | None) -> float:
 
 def summarise(record: dict) -> dict[str, Any]:
     """Both readings (see the module doc) from ``record["runs"]``."""
-    runs = record["runs"]
-    units = sorted({(r["fold"], r["seed"]) for r in runs.values()})
-    pairs = [(runs[run_key(k, s, "scratch")]["curve"], runs[run_key(k, s, "voco")]["curve"])
-             for k, s in units]
+    curves = {(r["fold"], r["seed"], r["arm"]): r["curve"] for r in record["runs"].values()}
+    units = sorted({(k, s) for k, s, _ in curves})
+    pairs = [(curves[k, s, "scratch"], curves[k, s, "voco"]) for k, s in units]
     classes = sorted({c for scratch, voco in pairs for p in scratch + voco for c in p["classes"]})
     final = paired_difference([plateau(v) for _, v in pairs], [plateau(s) for s, _ in pairs])
     per_class = {}
@@ -321,57 +368,24 @@ def _flatness(curves: list[list[dict]], classes: list[str]) -> dict[str, Any]:
 
 def headline(record: dict) -> str:
     """The one line ``voco compare`` ends with."""
-    d = record["final_quality"]["difference"]
+    seeds = f"{record['seeds']} seed{'s' if record['seeds'] > 1 else ''}"
+    if record.get("design") == "labelled":
+        readings = record["by_labelled"].values()
+        parts = [f"{n} labelled {_difference(r)}" for n, r in record["by_labelled"].items()]
+        return (f"VoCo - scratch at the plateau: {'; '.join(parts)} ({seeds}, "
+                f"{len(record['held_out'][0])} held out)" + _train_longer(readings))
+    return (f"VoCo - scratch at the plateau: {_difference(record)} over {record['folds']} "
+            f"folds ({seeds})" + _train_longer([record]))
+
+
+def _difference(reading: dict) -> str:
+    d = reading["final_quality"]["difference"]
     lo, hi = d.get("ci95_t", [None, None])
     interval = (f"[{lo:+.3f}, {hi:+.3f}]" if lo is not None and hi is not None
                 else "[no interval: one pair]")
-    flat = all(record["flattened"][arm]["flat"] for arm in ARMS)
-    return (f"VoCo - scratch at the plateau: {d['mean']:+.3f} Dice {interval} over "
-            f"{record['folds']} folds ({record['seeds']} seed{'s' if record['seeds'] > 1 else ''})"
-            + ("" if flat else "; the curves have not flattened: train longer (--steps)"))
+    return f"{d['mean']:+.3f} Dice {interval}"
 
 
-# --------------------------------------------------------------------------- figures
-
-
-def plot_comparison(record: dict, curves_png: Path, classes_png: Path) -> None:
-    """``curves.png``: mean held-out Dice against step for both arms (band: min..max
-    over pairs); ``classes.png``: per-class VoCo - scratch at the plateau, 95% t CI."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    runs = record["runs"]
-    fig = Figure(figsize=(6, 3.5), constrained_layout=True)
-    ax = fig.add_subplot()
-    for colour, arm in zip(("0.3", "C1"), ARMS, strict=True):
-        curves = [r["curve"] for r in runs.values() if r["arm"] == arm]
-        steps = sorted({p["step"] for c in curves for p in c})
-        table = np.array([[next((p["mean"] for p in c if p["step"] == s), np.nan)
-                           for s in steps] for c in curves], dtype=float)
-        ax.plot(steps, np.nanmean(table, axis=0), color=colour, label=arm)
-        ax.fill_between(steps, np.nanmin(table, axis=0), np.nanmax(table, axis=0),
-                        color=colour, alpha=0.15)
-    ax.set_xlabel("finetuning step")
-    ax.set_ylabel("held-out mean Dice")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    atomic_write(curves_png, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")
-
-    per_class = record["final_quality"]["per_class"]
-    names = list(per_class)
-    means, low, high = [], [], []
-    for name in names:
-        difference = per_class[name]["difference"]
-        mean = difference.get("mean") or 0.0
-        lo, hi = difference.get("ci95_t") or (None, None)  # none with one pair
-        means.append(mean)
-        low.append(mean - lo if lo is not None else 0.0)
-        high.append(hi - mean if hi is not None else 0.0)
-    errors = [low, high]
-    fig = Figure(figsize=(6, 3.5), constrained_layout=True)
-    ax = fig.add_subplot()
-    ax.bar(range(len(names)), means, yerr=errors, color="C1", capsize=3)
-    ax.axhline(0, color="0.3", lw=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("VoCo - scratch Dice at the plateau")
-    atomic_write(classes_png, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")
+def _train_longer(readings) -> str:
+    flat = all(r["flattened"][arm]["flat"] for r in readings for arm in ARMS)
+    return "" if flat else "; the curves have not flattened: train longer (--steps)"
