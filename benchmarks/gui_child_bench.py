@@ -61,10 +61,13 @@ def run_cli(data: Path, run_dir: Path, steps: int) -> list[float]:
     return step_seconds(run_dir)
 
 
-def run_widget(viewer, data: Path, run_dir: Path, steps: int) -> tuple[list[float], float, float]:
+def run_widget(viewer, data: Path, run_dir: Path,
+               steps: int) -> tuple[list[float], float, float, dict]:
     """(seconds per step, longest event-loop gap in s while the child trains, seconds the
-    Start click held the GUI thread: planning and spawning the child) of one run from
-    the widget."""
+    Start click held the GUI thread: planning and spawning the child, where the longest
+    gap fell) of one run from the widget. Where: its start in s after the click returned,
+    and the last event of the run the GUI thread had received before it ended (the work
+    that event set off in the GUI thread is the likely cause)."""
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
@@ -81,6 +84,9 @@ def run_widget(viewer, data: Path, run_dir: Path, steps: int) -> tuple[list[floa
     widget.data_path.set_path(data)
     widget.output.set_path(run_dir)
     ticks: list[float] = []
+    received: list[tuple[float, str, int]] = []
+    widget.panel.progressed.connect(
+        lambda event: received.append((time.perf_counter(), event.kind, event.step)))
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
@@ -100,8 +106,15 @@ def run_widget(viewer, data: Path, run_dir: Path, steps: int) -> tuple[list[floa
         raise SystemExit(f"the widget's run failed: {error}")
     # The first tick after the click ends the gap the click itself made (the GUI thread
     # was planning the run); the gaps after it are the child's training.
-    gaps = [b - a for a, b in itertools.pairwise(ticks) if a >= started]
-    return step_seconds(run_dir), max(gaps) if gaps else float("nan"), started - clicked
+    gaps = [(b - a, a, b) for a, b in itertools.pairwise(ticks) if a >= started]
+    if not gaps:
+        return step_seconds(run_dir), float("nan"), started - clicked, {}
+    longest, begin, end = max(gaps)
+    before = [(kind, step) for t, kind, step in received if t <= end]
+    where = {"starts_s_after_click": round(begin - started, 3),
+             "after_event": f"{before[-1][0]} (step {before[-1][1]})" if before else "none",
+             "events_before": len(before)}
+    return step_seconds(run_dir), longest, started - clicked, where
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     viewer.window.add_dock_widget(loaded, name="VoCo pretrain (loaded)")
     gc.collect()
     rss_before = me.memory_info().rss
-    cli, gui, gaps, clicks, rss_after_runs = [], [], [], [], []
+    cli, gui, gaps, clicks, wheres, rss_after_runs = [], [], [], [], [], []
     for round_index in range(args.rounds):  # alternating: drifts of the machine hit both
         cli += run_cli(data, work / f"cli{round_index}", args.steps)
-        seconds, gap, click = run_widget(viewer, data, work / f"gui{round_index}", args.steps)
+        seconds, gap, click, where = run_widget(viewer, data, work / f"gui{round_index}",
+                                                args.steps)
         gui += seconds
         gaps.append(gap)
+        wheres.append(where)
         clicks.append(click)
         gc.collect()
         rss_after_runs.append(me.memory_info().rss / 2**20)
@@ -150,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "widget_over_cli": statistics.median(gui) / statistics.median(cli),
         "longest_event_loop_gap_s": max(gaps),
         "event_loop_gap_each_run_s": gaps,
+        "longest_gap_where_each_run": wheres,
         "start_click_s": clicks,
         "napari_rss_before_mb": rss_before / 2**20, "napari_rss_after_mb": rss_after / 2**20,
         "napari_rss_growth_mb": (rss_after - rss_before) / 2**20,

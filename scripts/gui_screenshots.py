@@ -10,8 +10,11 @@ geometry (:func:`napari_voco._launch.window_report`) and stops when it does not 
 at least 90 % of the screen's available area, so the pictures show the window users
 get. It saves the whole window: pretraining in progress with the loss plot; the
 positions inspector (grid, placed sub-volume, heat maps, sampled boxes coloured by
-error) with the finished run; a segmentation overlay from a short finetuning run.
-Takes about 5 minutes on 2 CPU cores.
+error) with the finished run; a segmentation overlay of the sample phantom, by the
+finetuned run ``--finetuned`` (one that did not train on the sample: the docs use the
+VoCo arm of a ``voco compare`` fold on another phantom population) or else by a short
+finetuning run on the script's phantoms (which include the sample). Takes about 5
+minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--finetuned", type=Path, metavar="RUN",
+                        help="segment with this finetuned run (folder or checkpoint) "
+                             "instead of a 40-step finetuning on the sample's population")
     args = parser.parse_args()
 
     import napari
@@ -114,21 +120,26 @@ def main() -> None:
     settle(app)
     viewer.screenshot(args.out / "gui_positions.png", canvas_only=False)
 
-    # 3. a segmentation overlay from a short finetuning run
-    config = make_finetune_config("tiny", {"train": {"total_steps": 40, "val_every": 40},
-                                           "run": {"device": "cpu", "tensorboard": False}})
-    result = finetune(config, data, work / "finetune")
+    # 3. a segmentation overlay
+    if args.finetuned is not None:
+        checkpoint, note = args.finetuned, f"segmented with {args.finetuned}"
+    else:
+        config = make_finetune_config("tiny", {"train": {"total_steps": 40, "val_every": 40},
+                                               "run": {"device": "cpu", "tensorboard": False}})
+        result = finetune(config, data, work / "finetune")
+        checkpoint = result.best_checkpoint or result.last_checkpoint
+        note = f"finetune best Dice {result.best_dice:.3f}"
     segment = widgets["VoCo segment"]
     for layer in [layer for layer in viewer.layers if layer.name.startswith("VoCo ")
                   and layer.name not in ("VoCo phantom CT",)]:
         layer.visible = False
     _launch.raise_dock_widget(segment)
-    segment.checkpoint.set_path(result.best_checkpoint or result.last_checkpoint)
+    segment.checkpoint.set_path(checkpoint)
     segment.run()
     wait(app, lambda: not segment.running, 600)
     settle(app)
     viewer.screenshot(args.out / "gui_segment.png", canvas_only=False)
-    print(f"screenshots in {args.out}; finetune best Dice {result.best_dice:.3f}")
+    print(f"screenshots in {args.out}; {note}")
     viewer.close()
 
 
