@@ -137,6 +137,7 @@ def main() -> None:
     segment.checkpoint.set_path(checkpoint)
     segment.run()
     wait(app, lambda: not segment.running, 600)
+    viewer.reset_view()  # the whole slice (the inspector may have zoomed onto a box)
     settle(app)
     viewer.screenshot(args.out / "gui_segment.png", canvas_only=False)
     print(f"screenshots in {args.out}; {note}")
