@@ -11,10 +11,10 @@ at least 90 % of the screen's available area, so the pictures show the window us
 get. It saves the whole window: pretraining in progress with the loss plot; the
 positions inspector (grid, placed sub-volume, heat maps, sampled boxes coloured by
 error) with the finished run; a segmentation overlay of the sample phantom, by the
-finetuned run ``--finetuned`` (one that did not train on the sample: the docs use the
-VoCo arm of a ``voco compare`` fold on another phantom population) or else by a short
-finetuning run on the script's phantoms (which include the sample). Takes about 5
-minutes on 2 CPU cores.
+finetuned run ``--finetuned`` (one that did not train on the sample: the docs use a
+150-step ``tiny`` finetuning on another phantom population, docs/gui.md) or else by a
+short finetuning run on the script's phantoms (which include the sample). Takes about
+5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

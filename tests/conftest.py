@@ -85,7 +85,8 @@ TEST_SWIN = {"depths": [1, 2, 1, 1], "num_heads": [1, 2, 2, 4]}
 where the preset has two (stage 2 keeps two, so shifted windows and their attention
 mask still train) and fewer heads. A tiny step is 2-3x faster on one CPU thread, and
 every code path stays. Pretraining and finetuning both use it, so backbones transfer."""
-TEST_SWIN_SETS = ["--set", "model.depths=[1,2,1,1]", "--set", "model.num_heads=[1,2,2,4]"]
+TEST_SWIN_SETS = [arg for key, value in TEST_SWIN.items()
+                  for arg in ("--set", f"model.{key}={value}")]
 """:data:`TEST_SWIN` as ``voco`` command-line overrides."""
 
 EXACT = {"run": {"deterministic": True}}
@@ -121,9 +122,8 @@ def train_dataset(tmp_path_factory) -> Path:
 
 
 def tiny_finetune_config(overrides: dict | None = None, exact: bool = False):
-    """The smallest finetuning config: SwinUNETR feature size 12 (:data:`TEST_SWIN`), 64^3 crops,
-    2 steps.
-    ``exact``: deterministic mode (see :data:`EXACT`)."""
+    """The smallest finetuning config: SwinUNETR feature size 12 (:data:`TEST_SWIN`),
+    64^3 crops, 2 steps. ``exact``: deterministic mode (see :data:`EXACT`)."""
     from voco_core.config import make_finetune_config, merge
 
     # the file's spacing: the tests' small phantoms (6.25 mm voxels) are not resampled

@@ -167,3 +167,7 @@ def test_compare_by_labelled_cases_end_to_end(train_dataset, pretrain_run, tmp_p
     assert main(["compare", "--data", str(train_dataset), "--pretrained", str(pretrain_run),
                  "--out", str(tmp_path / "many"), "--labelled", "1,4", *TINY]) == 1
     one_line_error(capsys, "--labelled 4 with --held-out 2 needs 6 labelled cases, found 3")
+    assert main(["compare", "--data", str(train_dataset), "--pretrained", str(pretrain_run),
+                 "--out", str(tmp_path / "folds"), "--held-out", "1", *TINY]) == 1
+    one_line_error(capsys, "--held-out 1 goes with --labelled")
+    assert not (tmp_path / "folds").exists()

@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the other design: Dice against labelled cases, e.g. 1,2,4,8; "
                            "every run validates on the same --held-out cases and trains on "
                            "the first N of the others")
-    comp.add_argument("--held-out", type=_positive_int, default=2,
+    comp.add_argument("--held-out", type=_positive_int,
                       help="cases held out for every run of --labelled (default 2; the "
                            "last ones in the datalist)")
     comp.add_argument("--seeds", type=_positive_int, default=1,

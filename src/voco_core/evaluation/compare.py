@@ -56,6 +56,8 @@ PLATEAU_POINTS = 3
 FLAT_TOLERANCE = 0.01
 """A mean curve whose last :data:`PLATEAU_POINTS` validations differ from the
 :data:`PLATEAU_POINTS` before by less than this (Dice) has flattened."""
+DEFAULT_HELD_OUT = 2
+"""Cases the labelled design holds out when ``held_out`` is not given."""
 EFFICIENCY_FRACTION = 0.9
 """The efficiency reading: steps to reach this fraction of scratch's plateau Dice."""
 
@@ -70,8 +72,9 @@ class CompareSettings:
     labelled: tuple[int, ...] = ()
     """The labelled design (see the module doc): labelled cases per run, e.g. (1, 2, 4,
     8); empty: K folds."""
-    held_out: int = 2
-    """Cases held out for every run of the labelled design."""
+    held_out: int | None = None
+    """Cases held out for every run of the labelled design (None:
+    :data:`DEFAULT_HELD_OUT`)."""
     seeds: int = 1
     jobs: int = 1
     """Runs at once, each in its own process with an equal share of the CPU threads."""
@@ -132,7 +135,10 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
     counts = tuple(settings.labelled)
     if counts and settings.folds:
         raise VoCoConfigError("--folds and --labelled are two designs: give one of them")
-    folds = (labelled_splits(cases, counts, settings.held_out) if counts
+    if settings.held_out is not None and not counts:
+        raise VoCoConfigError(f"--held-out {settings.held_out} goes with --labelled (the "
+                              "K-fold design holds out each fold in turn)")
+    folds = (labelled_splits(cases, counts, settings.held_out or DEFAULT_HELD_OUT) if counts
              else k_folds(cases, settings.folds or min(5, len(cases))))
     declared = dataset_class_names(data)  # each run gets its cases, not the dataset.json
     if declared:

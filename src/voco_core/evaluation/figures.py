@@ -10,6 +10,21 @@ from voco_core.outputs import atomic_write
 COLOURS = {"scratch": "0.3", "voco": "C1"}
 
 
+def _curve_table(curves: list[list[dict]]):
+    """``(steps, table)``: the validated steps of ``curves`` and their mean Dice, one row
+    per curve (NaN where a curve has no point at a step)."""
+    import numpy as np
+
+    steps = sorted({p["step"] for c in curves for p in c})
+    table = np.array([[next((p["mean"] for p in c if p["step"] == s), np.nan)
+                       for s in steps] for c in curves], dtype=float)
+    return steps, table
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")
+
+
 def plot_comparison(record: dict, curves_png: Path, classes_png: Path) -> None:
     """``curves.png``: mean held-out Dice against step for both arms (band: min..max
     over pairs); ``classes.png``: per-class VoCo - scratch at the plateau, 95% t CI."""
@@ -23,10 +38,7 @@ def plot_comparison(record: dict, curves_png: Path, classes_png: Path) -> None:
     ax = fig.add_subplot()
     for arm in ARMS:
         colour = COLOURS[arm]
-        curves = [r["curve"] for r in runs.values() if r["arm"] == arm]
-        steps = sorted({p["step"] for c in curves for p in c})
-        table = np.array([[next((p["mean"] for p in c if p["step"] == s), np.nan)
-                           for s in steps] for c in curves], dtype=float)
+        steps, table = _curve_table([r["curve"] for r in runs.values() if r["arm"] == arm])
         ax.plot(steps, np.nanmean(table, axis=0), color=colour, label=arm)
         ax.fill_between(steps, np.nanmin(table, axis=0), np.nanmax(table, axis=0),
                         color=colour, alpha=0.15)
@@ -34,7 +46,7 @@ def plot_comparison(record: dict, curves_png: Path, classes_png: Path) -> None:
     ax.set_ylabel("held-out mean Dice")
     ax.set_ylim(0, 1)
     ax.legend()
-    atomic_write(curves_png, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")
+    _save(fig, curves_png)
 
     per_class = record["final_quality"]["per_class"]
     names = list(per_class)
@@ -53,7 +65,7 @@ def plot_comparison(record: dict, curves_png: Path, classes_png: Path) -> None:
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("VoCo - scratch Dice at the plateau")
-    atomic_write(classes_png, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")
+    _save(fig, classes_png)
 
 
 def plot_labelled(record: dict, curves_png: Path, labelled_png: Path) -> None:
@@ -70,18 +82,15 @@ def plot_labelled(record: dict, curves_png: Path, labelled_png: Path) -> None:
     ax = fig.add_subplot()
     for k, n in enumerate(counts):
         for arm in ARMS:
-            curves = [r["curve"] for r in record["runs"].values()
-                      if r["arm"] == arm and r["fold"] == k]
-            steps = sorted({p["step"] for c in curves for p in c})
-            table = np.array([[next((p["mean"] for p in c if p["step"] == s), np.nan)
-                               for s in steps] for c in curves], dtype=float)
+            steps, table = _curve_table([r["curve"] for r in record["runs"].values()
+                                         if r["arm"] == arm and r["fold"] == k])
             ax.plot(steps, np.nanmean(table, axis=0), color=COLOURS[arm],
                     alpha=0.35 + 0.65 * (k + 1) / len(counts), label=f"{arm}, {n} labelled")
     ax.set_xlabel("finetuning step")
     ax.set_ylabel("held-out mean Dice")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    atomic_write(curves_png, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")
+    _save(fig, curves_png)
 
     fig = Figure(figsize=(5, 3.5), constrained_layout=True)
     ax = fig.add_subplot()
@@ -99,4 +108,4 @@ def plot_labelled(record: dict, curves_png: Path, labelled_png: Path) -> None:
     ax.set_ylabel("held-out mean Dice at the plateau")
     ax.set_ylim(0, 1)
     ax.legend()
-    atomic_write(labelled_png, lambda tmp: fig.savefig(tmp, format="png", dpi=90), "figure")
+    _save(fig, labelled_png)
