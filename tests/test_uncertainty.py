@@ -10,10 +10,15 @@ import pytest
 
 from voco_core.errors import VoCoConfigError
 from voco_core.inference import (
+    REVIEW_STRATEGIES,
+    REVIEW_STRATEGY,
     SliceScore,
     predictive_entropy,
+    random_slices,
     rank_slices,
     slice_class_entropy,
+    spread_slices,
+    suggest_slices,
 )
 
 
@@ -113,3 +118,42 @@ def test_rank_slices_from_a_segmentation_probability_map():
     assert len(ranked) == 7 and 2 not in {r.index for r in ranked}
     assert all(0 <= r.score <= math.log(3) + 1e-6 for r in ranked)
     assert len({r.index for r in ranked}) == 7
+
+
+def test_spread_slices_is_systematic_spacing_nested():
+    foreground = np.zeros(40, bool)
+    foreground[10:31] = True  # slices 10..30
+    assert spread_slices(foreground, [10, 30], 3) == [20, 15, 25]  # largest gap first
+    # the foreground's ends count at half distance: not the edge slices first
+    assert spread_slices(foreground, [20], 2) == [13, 27]
+    assert spread_slices(range(10, 31), None, 3) == [20, 13, 27]
+    assert sorted(spread_slices(foreground, [20])) == [s for s in range(10, 31) if s != 20]
+    assert spread_slices(foreground, list(range(10, 31)), 2) == []
+
+
+def test_random_slices_are_unannotated_foreground_reproducible_per_seed():
+    foreground = np.zeros(30, bool)
+    foreground[5:15] = True
+    picks = random_slices(foreground, [5, 6, 7], 4, rng=3)
+    assert len(set(picks)) == 4 and set(picks) <= set(range(8, 15))
+    assert picks == random_slices(foreground, [5, 6, 7], 4, rng=3)
+    assert picks != random_slices(foreground, [5, 6, 7], 4, rng=4)
+    assert sorted(random_slices(foreground, [5, 6, 7], rng=0)) == list(range(8, 15))
+
+
+def test_suggest_slices_by_each_strategy():
+    entropy, prediction = _volume()
+    assert REVIEW_STRATEGY in REVIEW_STRATEGIES
+    assert suggest_slices(entropy, prediction, [1], 0, 3, strategy="uncertainty") == \
+        rank_slices(entropy, prediction, [1], 0, 3)
+    foreground = np.any(prediction != 0, axis=(1, 2))
+    table = slice_class_entropy(entropy, prediction, 0, 3)
+    for strategy in ("random", "even"):
+        rows = suggest_slices(entropy, prediction, [1], 0, 3, limit=3, strategy=strategy)
+        assert len(rows) == min(3, int(foreground.sum()) - int(foreground[1]))
+        for row in rows:
+            assert foreground[row.index] and row.index != 1
+            assert row.label > 0  # the slice's most uncertain foreground class
+            assert row.score == pytest.approx(np.nanmax(table[row.index, 1:]))
+    with pytest.raises(VoCoConfigError, match="strategy 'entropy'"):
+        suggest_slices(entropy, prediction, strategy="entropy")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from quality.stats import paired_difference, spread, t_interval
+from voco_core.evaluation.stats import paired_difference, spread, t_interval
 
 EFFORT_WHOLE = "whole"
 INITS = ("scratch", "voco")

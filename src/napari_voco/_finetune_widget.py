@@ -31,7 +31,7 @@ finetuning* starts a new run (``RUN_r2``, ...) from the last run's best checkpoi
 with the current labels (:func:`voco_core.plan.plan_continue`); each round's best
 Dice on held-out slices is listed, or why there is none. Each segmentation also
 shows its uncertainty (``"<image> uncertainty"``, the softmax entropy) and the
-slices to review next (:func:`voco_core.inference.rank_slices`).
+slices to annotate next (:func:`voco_core.inference.suggest_slices`).
 *Export MONAI Bundle…* (:mod:`napari_voco._export`) writes the last run (else the run
 in *Resume from*) as a MONAI Bundle.
 """
@@ -195,8 +195,8 @@ def review_segmentation_job(record: Any, checkpoint: str, device: str, axis: int
         InferenceCancelled,
         load_segmenter,
         predictive_entropy,
-        rank_slices,
         segment,
+        suggest_slices,
     )
 
     segmenter = load_segmenter(checkpoint, device)
@@ -211,7 +211,7 @@ def review_segmentation_job(record: Any, checkpoint: str, device: str, axis: int
     entropy = predictive_entropy(result.probabilities)
     result = replace(result, probabilities=None)  # the probabilities' memory goes now
     yield result
-    ranking = rank_slices(entropy, result.labels, None, axis, len(result.class_names))
+    ranking = suggest_slices(entropy, result.labels, None, axis, len(result.class_names))
     yield ReviewMaps(entropy, ranking, axis)
 
 

@@ -18,7 +18,7 @@ one slice, which then needs review again) through napari's undoable
 ``data_setitem``, for the user to review: paint corrections or accept slices.
 :class:`RoundsTable` lists each round's run folder, steps and best Dice on the
 held-out slices, or why there is none; :class:`ReviewTable` the slices to review
-next (:func:`voco_core.inference.rank_slices`).
+next (:func:`voco_core.inference.suggest_slices`).
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ class RoundsTable(QTableWidget):
 
 
 class ReviewTable(QTableWidget):
-    """The slices to review next (:func:`voco_core.inference.rank_slices`): slice,
+    """The slices to review next (:func:`voco_core.inference.suggest_slices`): slice,
     predicted class, mean entropy; annotated slices are left out. ``on_pick(index)``
     runs when a row is clicked."""
 

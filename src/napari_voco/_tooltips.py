@@ -50,8 +50,11 @@ TOOLTIPS: dict[str, str] = {
     "accept_slice": "mark the slice shown (along the sparse axis) of the training labels layer "
                     "as reviewed: it trains as it is, its unpainted voxels background; click "
                     "again to take the mark back",
-    "review_next": "slices to review next, most uncertain first, taking turns over the "
-                   "predicted classes (annotated slices left out); click one to go there",
+    "review_next": "slices to annotate next: predicted-foreground slices in a random order "
+                   "(it beat the most uncertain and evenly spaced slices in "
+                   "benchmarks/review_bench.py); each row names the slice's most uncertain "
+                   "predicted class and its entropy; annotated slices left out; click one "
+                   "to go there",
     "continue": "start a new run (RUN_r2, RUN_r3, ...) from the last run's best checkpoint "
                 "(else last.pt) with the current labels and the steps above; its meta.json "
                 "records the parent",

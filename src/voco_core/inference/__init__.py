@@ -7,7 +7,7 @@
   (:func:`positions`, :func:`load_position_model`; coordinates documented there);
 - :mod:`voco_core.inference.uncertainty`: where to look next, the per-voxel
   entropy of a segmentation's softmax and the slices to review first
-  (:func:`predictive_entropy`, :func:`rank_slices`).
+  (:func:`predictive_entropy`, :func:`rank_slices`, :func:`suggest_slices`).
 """
 
 from voco_core.inference.positions import (
@@ -30,13 +30,20 @@ from voco_core.inference.segmentation import (
     segment,
 )
 from voco_core.inference.uncertainty import (
+    REVIEW_STRATEGIES,
+    REVIEW_STRATEGY,
     SliceScore,
     predictive_entropy,
+    random_slices,
     rank_slices,
     slice_class_entropy,
+    spread_slices,
+    suggest_slices,
 )
 
 __all__ = [
+    "REVIEW_STRATEGIES",
+    "REVIEW_STRATEGY",
     "InferenceCancelled",
     "PositionModel",
     "PositionResult",
@@ -53,7 +60,10 @@ __all__ = [
     "positions",
     "predictive_entropy",
     "prepare_volume",
+    "random_slices",
     "rank_slices",
     "segment",
     "slice_class_entropy",
+    "spread_slices",
+    "suggest_slices",
 ]

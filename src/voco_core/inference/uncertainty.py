@@ -15,6 +15,12 @@ round: in each round every class, in the order of its best remaining score, take
 its highest-scoring slice not taken yet; a slice is listed once, for the class that
 took it. Annotated slices (the ones the user painted or accepted) are skipped. Ties
 go to the lower slice index, so the order is deterministic.
+
+:func:`suggest_slices` is what the finetune widget lists: the slices to annotate next
+by one of :data:`REVIEW_STRATEGIES`, ``uncertainty`` (:func:`rank_slices`), ``random``
+(foreground-aware random, :func:`random_slices`) or ``even`` (evenly spaced, nested,
+:func:`spread_slices`). :data:`REVIEW_STRATEGY` is the one that measured best in
+``benchmarks/review_bench.py`` (docs/benchmarks.md, "Where to look next").
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ import numpy as np
 
 from voco_core.data.sparse import slice_mask
 from voco_core.errors import VoCoConfigError
+
+REVIEW_STRATEGIES = ("uncertainty", "random", "even")
+REVIEW_STRATEGY = "random"
+"""The finetune widget's *Review next* rule: foreground-aware random measured best
+(held-out Dice after two rounds of two slices, CT and MRI-like phantoms, paired seeds;
+docs/benchmarks.md, "Where to look next")."""
 
 
 class SliceScore(NamedTuple):
@@ -131,4 +143,97 @@ def rank_slices(entropy: np.ndarray, prediction: np.ndarray, annotated=None, axi
     return ranked
 
 
-__all__ = ["SliceScore", "predictive_entropy", "rank_slices", "slice_class_entropy"]
+def _free(foreground, annotated) -> list[int]:
+    """Foreground slice indices (a bool mask or indices) that are not annotated."""
+    fg = np.asarray(foreground)
+    indices = np.flatnonzero(fg) if fg.dtype == bool else fg.astype(np.int64).ravel()
+    taken = set() if annotated is None else {int(i) for i in _indices(annotated)}
+    return sorted({int(i) for i in indices} - taken)
+
+
+def _indices(slices) -> np.ndarray:
+    values = np.asarray(slices)
+    return np.flatnonzero(values) if values.dtype == bool else values.astype(np.int64).ravel()
+
+
+def random_slices(foreground, annotated=None, limit: int | None = None,
+                  rng: np.random.Generator | int = 0) -> list[int]:
+    """Foreground-aware random: up to ``limit`` unannotated slices drawn uniformly
+    without replacement from the ``foreground`` ones (a bool mask per slice or
+    indices), in the order drawn. ``rng``: a generator or a seed (same seed, same list)."""
+    free = _free(foreground, annotated)
+    if not free:
+        return []
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    size = len(free) if limit is None else min(int(limit), len(free))
+    return [int(i) for i in rng.choice(free, size=size, replace=False)]
+
+
+def spread_slices(foreground, annotated=None, limit: int | None = None) -> list[int]:
+    """Evenly spaced, nested: up to ``limit`` unannotated ``foreground`` slices, each
+    the one farthest from every annotated (or already chosen) slice, in the order
+    chosen. The foreground's two ends count as annotated at half the distance, as in
+    systematic sampling, whose end gaps are half the inner ones (otherwise the first
+    picks would be the edge slices). Ties go to the lower index."""
+    free = _free(foreground, annotated)
+    if not free:
+        return []
+    extent = _indices(foreground)
+    low, high = int(extent.min()) - 0.5, int(extent.max()) + 0.5
+    taken = [] if annotated is None else [int(i) for i in _indices(annotated)]
+    wanted = len(free) if limit is None else min(int(limit), len(free))
+    chosen: list[int] = []
+
+    def gap(s: int) -> float:
+        return min([abs(s - t) for t in taken] + [2 * (s - low), 2 * (high - s)])
+
+    while len(chosen) < wanted:
+        best = max((s for s in free if s not in chosen), key=lambda s: (gap(s), -s))
+        taken.append(best)
+        chosen.append(best)
+    return chosen
+
+
+def suggest_slices(entropy: np.ndarray, prediction: np.ndarray, annotated=None,
+                   axis: int = 0, num_classes: int | None = None, limit: int | None = None,
+                   strategy: str = REVIEW_STRATEGY, foreground=None,
+                   rng: np.random.Generator | int = 0) -> list[SliceScore]:
+    """The slices to annotate next by ``strategy`` (:data:`REVIEW_STRATEGIES`), as
+    :class:`SliceScore` rows in the order to review.
+
+    ``uncertainty`` is :func:`rank_slices`. ``random`` and ``even`` choose among the
+    ``foreground`` slices (default: those where ``prediction`` has a class other than
+    0; every slice while it has none) with :func:`random_slices` and
+    :func:`spread_slices`; each row then names the slice's most uncertain predicted
+    foreground class and its mean entropy (nats), for the reviewer's information.
+    Other arguments as :func:`rank_slices`."""
+    if strategy not in REVIEW_STRATEGIES:
+        raise VoCoConfigError(f"strategy {strategy!r}: expected one of {REVIEW_STRATEGIES}")
+    prediction = np.asarray(prediction)
+    if num_classes is None:
+        num_classes = int(prediction.max()) + 1 if prediction.size else 1
+    if strategy == "uncertainty":
+        return rank_slices(entropy, prediction, annotated, axis, num_classes, limit)
+    table = slice_class_entropy(entropy, prediction, axis, num_classes)
+    if foreground is None:
+        others = tuple(a for a in range(prediction.ndim) if a != axis % prediction.ndim)
+        foreground = np.any(prediction != 0, axis=others)
+        if not foreground.any():  # nothing predicted yet: every slice is a candidate
+            foreground = np.ones_like(foreground)
+    order = (random_slices(foreground, annotated, limit, rng) if strategy == "random"
+             else spread_slices(foreground, annotated, limit))
+    rows = []
+    for index in order:
+        scores = table[index, 1:] if num_classes > 1 else table[index]
+        if np.all(np.isnan(scores)):
+            rows.append(SliceScore(index, float(np.nan_to_num(table[index, 0])), 0))
+            continue
+        best = int(np.nanargmax(scores))
+        label = best + 1 if num_classes > 1 else best
+        rows.append(SliceScore(index, float(scores[best]), label))
+    return rows
+
+
+__all__ = ["REVIEW_STRATEGIES", "REVIEW_STRATEGY", "SliceScore", "predictive_entropy",
+           "random_slices", "rank_slices", "slice_class_entropy", "spread_slices",
+           "suggest_slices"]
