@@ -26,7 +26,7 @@ dark, spleen darker than liver), a smooth bias field, noise, uint16, percentile
 normalisation.
 
 Usage:
-    python benchmarks/review_bench.py --quick                      # smoke test, < 2 min
+    python benchmarks/review_bench.py --quick                      # smoke test, 2-3 min
     python benchmarks/review_bench.py --contrast ct --work W --out R.json   # CT, see the docs
     python benchmarks/review_bench.py --summarize FILE [FILE ...]  # tables, figure, one line
 """
@@ -47,7 +47,7 @@ from sparse_bench import IGNORE_LABEL, axial_axis, chosen_slices
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ("uncertainty", "random", "even")
-SETTINGS = {  # CPU, one thread: about 35 minutes per seed and contrast (see the docs)
+SETTINGS = {  # CPU, one thread: 46-53 minutes per seed and contrast (see the docs)
     "phantom_shape": (96, 96, 64), "n_heldout": 2, "n_pool": 4, "seeds": 2,
     "first_slices": 2, "add_slices": 2, "rounds": 2, "first_steps": 200,
     "round_steps": 80, "val_every": 40, "finetune_samples": 1,
