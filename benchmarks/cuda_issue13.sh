@@ -13,24 +13,8 @@
 # VOCO_WHEELS to that folder (rows: docs/benchmarks.md, "Not measured yet: needs a GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-start=$(date +%s)
-section() { echo "== $1 (t = $(( $(date +%s) - start )) s)"; }
-
-if [ -n "${VOCO_WHEELS:-}" ]; then
-  section "installing carried wheels"
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "$VOCO_WHEELS"/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD/src:${PYTHONPATH:-}"
-else
-  export PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
-fi
-$PY -c "import torch, monai, voco_core; assert torch.cuda.is_available(), 'no CUDA'; \
-print('torch', torch.__version__, 'monai', monai.__version__, torch.cuda.get_device_name(0))" \
-  || exit 1
-mkdir -p "$OUT"
+DEVICE=cuda
+. benchmarks/cuda_env.sh
 
 section "CUDA tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15

@@ -13,17 +13,13 @@
 # Results: each comparison's compare.json copied to $OUT (default benchmarks/results)
 # as compare_*_cuda.json, its one line printed; figures beside them in $WORK.
 # QUICK=1: the same commands with 2 steps and 4 varied phantoms (a check on any
-# machine, CPU included: DEVICE=cpu).
+# machine, CPU included: DEVICE=cpu). VOCO_WHEELS: as in cuda_issue13.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
 WORK=${WORK:-/tmp/voco-issue29}
 DEVICE=${DEVICE:-cuda}
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
+. benchmarks/cuda_env.sh
 VOCO="$PY -m voco_core.cli"
-start=$(date +%s)
-section() { echo "== $1 (t = $(( $(date +%s) - start )) s)"; }
 
 if [ "${QUICK:-0}" = 1 ]; then
   N_VARIED=4; PRE_STEPS=2; STEPS=2; EVERY=1; SEEDS=1; LABELLED=1,2; SHAPE="64 64 48"
@@ -33,11 +29,7 @@ else
   SHAPE="96 96 64"; VSHAPE="160 160 96"; TAG=cuda
 fi
 JOBS=${JOBS:-4}
-if [ "$DEVICE" != cpu ]; then
-  $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; \
-print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
-fi
-mkdir -p "$WORK" "$OUT"
+mkdir -p "$WORK"
 
 section "phantoms"
 [ -f "$WORK/pre/dataset.json" ] || $VOCO make-phantoms --out "$WORK/pre" -n 16 --seed 1001 \
