@@ -8,9 +8,9 @@ phantom's true labels on those slices) and a new run continues from the last one
 ``last.pt`` for ``--round-steps`` steps (:func:`voco_core.plan.plan_continue`'s rule: whole
 network, fresh schedule). Strategies:
 
-- ``uncertainty``: the widget's *Review next* list
-  (:func:`voco_core.inference.rank_slices`: class-stratified predictive entropy of
-  the last model's segmentation of the labelled volume), top ``--add-slices``;
+- ``uncertainty``: :func:`voco_core.inference.rank_slices` (class-stratified
+  predictive entropy of the last model's segmentation of the labelled volume; what
+  the widget's *Review next* listed before this benchmark), top ``--add-slices``;
 - ``random``: foreground-aware random: uniform among the unannotated slices that
   hold foreground (any labelled structure, as a user sees the body);
 - ``even``: evenly spaced, nested: each new slice is the foreground slice farthest
