@@ -41,7 +41,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from quality.runs import ResultStore, choose_subjects, import_package, log, report_header
+from quality.runs import (
+    ResultStore,
+    choose_subjects,
+    finetune_run,
+    import_package,
+    log,
+    report_header,
+)
 from quality.settings import POPULATION_SEEDS
 from sparse_bench import IGNORE_LABEL, axial_axis, chosen_slices
 
@@ -148,7 +155,7 @@ def pick_uncertainty(run_dir: Path, source, annotated, k: int, num_classes: int)
                                              num_classes, limit=k)]
 
 
-def pick_random(foreground: list[int], annotated, k: int, seed: int, round_: int) -> list[int]:
+def pick_random(foreground, annotated, k: int, seed: int, round_: int) -> list[int]:
     """Foreground-aware random (:func:`voco_core.inference.random_slices`), drawn
     with the generator of (seed, round)."""
     import numpy as np
@@ -159,7 +166,7 @@ def pick_random(foreground: list[int], annotated, k: int, seed: int, round_: int
     return sorted(random_slices(foreground, annotated, k, rng))
 
 
-def pick_even(foreground: list[int], annotated, k: int) -> list[int]:
+def pick_even(foreground, annotated, k: int) -> list[int]:
     """Evenly spaced, nested (:func:`voco_core.inference.spread_slices`)."""
     from voco_core.inference import spread_slices
 
@@ -194,28 +201,6 @@ def finetune_config(args, steps: int, seed: int):
     })
 
 
-def train_round(args, steps, seed, training, heldout, run_dir: Path, initial) -> dict:
-    """One round's run; its held-out curve, median s/step and wall time."""
-    import statistics
-
-    from voco_core.train.finetune import iter_finetune
-
-    start = time.perf_counter()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    curve, seconds = {}, []
-    for event in iter_finetune(finetune_config(args, steps, seed), [training], run_dir,
-                               validation=heldout, initial=initial):
-        if event.kind == "step":
-            seconds.append(event.seconds_per_step)
-        elif event.kind == "validation":
-            curve.setdefault(event.step, {
-                "step": event.step, "mean_dice": round(float(event.mean_dice), 4),
-                "class_dice": {k: round(float(v), 4) for k, v in event.class_dice.items()}})
-    return {"curve": [curve[s] for s in sorted(curve)],
-            "median_s_per_step": round(statistics.median(seconds[1:] or seconds), 3),
-            "seconds": round(time.perf_counter() - start, 1)}
-
-
 def run_seed(args, seed: int, pool: Path, heldout: list, store: ResultStore, work: Path):
     """Round 0 once, then every strategy's rounds, continuing run to run."""
     import nibabel as nib
@@ -227,16 +212,16 @@ def run_seed(args, seed: int, pool: Path, heldout: list, store: ResultStore, wor
     index = choose_subjects(args.n_pool, 1, seed)[0]
     source = entry(pool, index)
     label = nib.load(source.label)
-    foreground = np.flatnonzero(annotated_slices(np.asarray(label.dataobj),
-                                                 axial_axis(label.affine))).tolist()
+    foreground = annotated_slices(np.asarray(label.dataobj), axial_axis(label.affine))
     offset = float(np.random.default_rng([seed, index]).random())
-    first = chosen_slices(foreground, args.first_slices, offset)
+    first = chosen_slices(np.flatnonzero(foreground).tolist(), args.first_slices, offset)
     runs = work / "runs" / f"seed{seed}"
     round0 = runs / "round0"
     key0 = f"seed{seed}/round0"
     if not (store.done(key0) and (round0 / "checkpoints" / "last.pt").is_file()):
         training = sparse_entry(source, first, runs / "labels" / "round0.nii.gz")
-        row = train_round(args, args.first_steps, seed, training, heldout, round0, None)
+        row = finetune_run(finetune_config(args, args.first_steps, seed), [training],
+                           heldout, None, round0, keep_run=True)
         store.add(key0, {**row, "subject": index, "annotated": first})
         log(f"  {key0}: {len(first)} slices, Dice {row['curve'][-1]['mean_dice']}")
     for strategy in STRATEGIES:
@@ -257,8 +242,9 @@ def run_seed(args, seed: int, pool: Path, heldout: list, store: ResultStore, wor
             annotated = sorted(annotated + new)
             training = sparse_entry(source, annotated,
                                     runs / "labels" / f"{strategy}{round_}.nii.gz")
-            row = train_round(args, args.round_steps, seed, training, heldout, run_dir,
-                              parent / "checkpoints" / "last.pt")
+            row = finetune_run(finetune_config(args, args.round_steps, seed), [training],
+                               heldout, None, run_dir, parent / "checkpoints" / "last.pt",
+                               keep_run=True)
             store.add(key, {**row, "subject": index, "new": new, "annotated": annotated})
             log(f"  {key}: +{new} -> {len(annotated)} slices, Dice "
                 f"{row['curve'][-1]['mean_dice']}")

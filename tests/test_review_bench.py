@@ -22,8 +22,15 @@ def test_sparse_report_imports():
     assert callable(report.summarise)
 
 
+def _mask(first: int, last: int, size: int = 64) -> np.ndarray:
+    """Slices ``first..last`` hold foreground (a bool mask per slice)."""
+    mask = np.zeros(size, bool)
+    mask[first:last + 1] = True
+    return mask
+
+
 def test_even_fills_the_largest_gap_first():
-    foreground = list(range(10, 31))  # slices 10..30 hold foreground
+    foreground = _mask(10, 30)
     assert pick_even(foreground, [10, 30], 1) == [20]
     assert pick_even(foreground, [10, 30], 3) == [15, 20, 25]
     # the ends count at half distance: systematic sampling's positions, not the edges
@@ -32,11 +39,11 @@ def test_even_fills_the_largest_gap_first():
 
 
 def test_random_stays_in_the_foreground_and_skips_annotated():
-    foreground = list(range(5, 15))
+    foreground = _mask(5, 14)
     annotated = [5, 6, 7]
     picks = pick_random(foreground, annotated, 4, seed=3, round_=1)
     assert len(picks) == 4 and len(set(picks)) == 4
-    assert set(picks) <= set(foreground) - set(annotated)
+    assert set(picks) <= set(range(5, 15)) - set(annotated)
     assert picks == pick_random(foreground, annotated, 4, seed=3, round_=1)  # paired seeds
     assert picks != pick_random(foreground, annotated, 4, seed=4, round_=1)
     assert pick_random(foreground, list(range(5, 14)), 3, seed=0, round_=2) == [14]

@@ -126,7 +126,7 @@ def test_spread_slices_is_systematic_spacing_nested():
     assert spread_slices(foreground, [10, 30], 3) == [20, 15, 25]  # largest gap first
     # the foreground's ends count at half distance: not the edge slices first
     assert spread_slices(foreground, [20], 2) == [13, 27]
-    assert spread_slices(range(10, 31), None, 3) == [20, 13, 27]
+    assert spread_slices(foreground, None, 3) == [20, 13, 27]
     assert sorted(spread_slices(foreground, [20])) == [s for s in range(10, 31) if s != 20]
     assert spread_slices(foreground, list(range(10, 31)), 2) == []
 
@@ -157,3 +157,5 @@ def test_suggest_slices_by_each_strategy():
             assert row.score == pytest.approx(np.nanmax(table[row.index, 1:]))
     with pytest.raises(VoCoConfigError, match="strategy 'entropy'"):
         suggest_slices(entropy, prediction, strategy="entropy")
+    with pytest.raises(VoCoConfigError, match="foreground: expected a bool mask"):
+        spread_slices([10, 11, 12], None, 1)

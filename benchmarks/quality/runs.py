@@ -237,9 +237,12 @@ def choose_subjects(pool_size: int, shots: int, seed: int) -> list[int]:
         pool_size, size=shots, replace=False).tolist())
 
 
-def finetune_run(config, entries, validation, pretrained, run_dir: Path) -> dict:
+def finetune_run(config, entries, validation, pretrained, run_dir: Path, initial=None,
+                 keep_run: bool = False) -> dict:
     """One finetuning run; its learning curve is the held-out validation Dice at every
-    ``train.val_every`` steps (and the last), on the pre-processed grid."""
+    ``train.val_every`` steps (and the last), on the pre-processed grid. ``initial``: a
+    finetuned checkpoint to continue from (a correct-and-retrain round); ``keep_run``
+    keeps the run folder (its checkpoints) instead of deleting it at the end."""
     from voco_core.train.finetune import iter_finetune
 
     start = time.perf_counter()
@@ -248,7 +251,7 @@ def finetune_run(config, entries, validation, pretrained, run_dir: Path) -> dict
     load_message, final_loss = "", None
     shutil.rmtree(run_dir, ignore_errors=True)
     for event in iter_finetune(config, entries, run_dir, pretrained=pretrained,
-                               validation=validation):
+                               validation=validation, initial=initial):
         if event.kind == "start":
             load_message = event.message or ""
         elif event.kind == "step":
@@ -261,7 +264,8 @@ def finetune_run(config, entries, validation, pretrained, run_dir: Path) -> dict
     by_step = {}
     for point in curve:
         by_step.setdefault(point["step"], point)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not keep_run:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "curve": [by_step[s] for s in sorted(by_step)],
         "final_loss": _round(final_loss),

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from voco_core.data.sparse import slice_mask
+from voco_core.data.sparse import annotated_slices, slice_mask
 from voco_core.errors import VoCoConfigError
 
 REVIEW_STRATEGIES = ("uncertainty", "random", "even")
@@ -143,25 +143,23 @@ def rank_slices(entropy: np.ndarray, prediction: np.ndarray, annotated=None, axi
     return ranked
 
 
-def _free(foreground, annotated) -> list[int]:
-    """Foreground slice indices (a bool mask or indices) that are not annotated."""
-    fg = np.asarray(foreground)
-    indices = np.flatnonzero(fg) if fg.dtype == bool else fg.astype(np.int64).ravel()
-    taken = set() if annotated is None else {int(i) for i in _indices(annotated)}
-    return sorted({int(i) for i in indices} - taken)
-
-
-def _indices(slices) -> np.ndarray:
-    values = np.asarray(slices)
-    return np.flatnonzero(values) if values.dtype == bool else values.astype(np.int64).ravel()
+def _free(foreground, annotated) -> tuple[np.ndarray, list[int]]:
+    """The ``foreground`` mask (bool, one entry per slice) and its slice indices that
+    are not ``annotated`` (a bool mask or indices, :func:`slice_mask`)."""
+    foreground = np.asarray(foreground)
+    if foreground.dtype != bool or foreground.ndim != 1:
+        raise VoCoConfigError(f"foreground: expected a bool mask with one entry per slice, "
+                              f"got {foreground.dtype} of shape {foreground.shape}")
+    unannotated = foreground & ~slice_mask(annotated, foreground.size)
+    return foreground, np.flatnonzero(unannotated).tolist()
 
 
 def random_slices(foreground, annotated=None, limit: int | None = None,
                   rng: np.random.Generator | int = 0) -> list[int]:
     """Foreground-aware random: up to ``limit`` unannotated slices drawn uniformly
-    without replacement from the ``foreground`` ones (a bool mask per slice or
-    indices), in the order drawn. ``rng``: a generator or a seed (same seed, same list)."""
-    free = _free(foreground, annotated)
+    without replacement from the ``foreground`` ones (a bool mask per slice), in the
+    order drawn. ``rng``: a generator or a seed (same seed, same list)."""
+    _, free = _free(foreground, annotated)
     if not free:
         return []
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
@@ -170,17 +168,17 @@ def random_slices(foreground, annotated=None, limit: int | None = None,
 
 
 def spread_slices(foreground, annotated=None, limit: int | None = None) -> list[int]:
-    """Evenly spaced, nested: up to ``limit`` unannotated ``foreground`` slices, each
-    the one farthest from every annotated (or already chosen) slice, in the order
-    chosen. The foreground's two ends count as annotated at half the distance, as in
-    systematic sampling, whose end gaps are half the inner ones (otherwise the first
-    picks would be the edge slices). Ties go to the lower index."""
-    free = _free(foreground, annotated)
+    """Evenly spaced, nested: up to ``limit`` unannotated ``foreground`` slices (a bool
+    mask per slice), each the one farthest from every annotated (or already chosen)
+    slice, in the order chosen. The foreground's two ends count as annotated at half
+    the distance, as in systematic sampling, whose end gaps are half the inner ones
+    (otherwise the first picks would be the edge slices). Ties go to the lower index."""
+    foreground, free = _free(foreground, annotated)
     if not free:
         return []
-    extent = _indices(foreground)
-    low, high = int(extent.min()) - 0.5, int(extent.max()) + 0.5
-    taken = [] if annotated is None else [int(i) for i in _indices(annotated)]
+    extent = np.flatnonzero(foreground)
+    low, high = extent[0] - 0.5, extent[-1] + 0.5
+    taken = np.flatnonzero(slice_mask(annotated, foreground.size)).tolist()
     wanted = len(free) if limit is None else min(int(limit), len(free))
     chosen: list[int] = []
 
@@ -202,8 +200,8 @@ def suggest_slices(entropy: np.ndarray, prediction: np.ndarray, annotated=None,
     :class:`SliceScore` rows in the order to review.
 
     ``uncertainty`` is :func:`rank_slices`. ``random`` and ``even`` choose among the
-    ``foreground`` slices (default: those where ``prediction`` has a class other than
-    0; every slice while it has none) with :func:`random_slices` and
+    ``foreground`` slices (a bool mask per slice; default: those where ``prediction``
+    has a class other than 0, every slice while it has none) with :func:`random_slices` and
     :func:`spread_slices`; each row then names the slice's most uncertain predicted
     foreground class and its mean entropy (nats), for the reviewer's information.
     Other arguments as :func:`rank_slices`."""
@@ -216,21 +214,16 @@ def suggest_slices(entropy: np.ndarray, prediction: np.ndarray, annotated=None,
         return rank_slices(entropy, prediction, annotated, axis, num_classes, limit)
     table = slice_class_entropy(entropy, prediction, axis, num_classes)
     if foreground is None:
-        others = tuple(a for a in range(prediction.ndim) if a != axis % prediction.ndim)
-        foreground = np.any(prediction != 0, axis=others)
+        foreground = annotated_slices(prediction, axis)  # any predicted structure
         if not foreground.any():  # nothing predicted yet: every slice is a candidate
             foreground = np.ones_like(foreground)
     order = (random_slices(foreground, annotated, limit, rng) if strategy == "random"
              else spread_slices(foreground, annotated, limit))
     rows = []
     for index in order:
-        scores = table[index, 1:] if num_classes > 1 else table[index]
-        if np.all(np.isnan(scores)):
-            rows.append(SliceScore(index, float(np.nan_to_num(table[index, 0])), 0))
-            continue
-        best = int(np.nanargmax(scores))
-        label = best + 1 if num_classes > 1 else best
-        rows.append(SliceScore(index, float(scores[best]), label))
+        structures = table[index, 1:]  # background (0) only where nothing else is
+        label = 1 + int(np.nanargmax(structures)) if np.isfinite(structures).any() else 0
+        rows.append(SliceScore(index, float(np.nan_to_num(table[index, label])), label))
     return rows
 
 
