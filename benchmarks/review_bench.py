@@ -459,7 +459,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.summarize:
-        reports = [json.loads(p.read_text()) for p in args.summarize]
+        reports = []
+        for path in args.summarize:
+            try:
+                reports.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"review_bench: error: --summarize {path}: cannot read a "
+                                 f"results file ({err})") from err
         for report in reports:
             print(markdown(report))
             print(coverage_markdown(report))
@@ -469,8 +475,13 @@ def main(argv=None) -> None:
         if args.figure:
             print(f"figure: {plot(reports, args.figure)}")
         return
+    if args.out and args.out.exists() and not args.resume:
+        raise SystemExit(f"review_bench: error: --out {args.out} exists; continue it with "
+                         "--resume, or choose another --out")
     started = time.perf_counter()
     import_package("voco_core.inference", "voco_core.data.sparse", threads=args.threads)
+    from voco_core.errors import VoCoError
+
     work = args.work or Path(tempfile.mkdtemp(prefix="voco-review-"))
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or work / f"review_bench_{args.contrast}.json"
@@ -479,12 +490,15 @@ def main(argv=None) -> None:
                            skip=("summarize", "figure", "resume"))
     report["fingerprint"] = {k: report["settings"][k] for k in [*SETTINGS, "contrast"]}
     store = ReviewStore(out, report, resume=args.resume, prog="review_bench")
-    pool = make_population("pool", args.n_pool, args, work)
-    heldout_folder = make_population("heldout", args.n_heldout, args, work)
-    heldout = [entry(heldout_folder, i) for i in range(args.n_heldout)]
-    log(f"review_bench ({args.contrast}): work {work}, results {out}")
-    for seed in range(args.seeds):
-        run_seed(args, seed, pool, heldout, store, work)
+    try:
+        pool = make_population("pool", args.n_pool, args, work)
+        heldout_folder = make_population("heldout", args.n_heldout, args, work)
+        heldout = [entry(heldout_folder, i) for i in range(args.n_heldout)]
+        log(f"review_bench ({args.contrast}): work {work}, results {out}")
+        for seed in range(args.seeds):
+            run_seed(args, seed, pool, heldout, store, work)
+    except VoCoError as err:
+        raise SystemExit(f"review_bench: error: {err}") from err
     report["total_s"] = round(time.perf_counter() - started, 1)
     store.finish(summarise(report))
     print(markdown(report))

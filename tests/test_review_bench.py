@@ -132,3 +132,13 @@ def test_pooled_line_pairs_seeds_across_contrasts():
     line = review_bench.pooled_line([report("ct", [0.1, 0.2]), report("mri", [0.1, 0.2])])
     assert line.startswith("pooled over 4 pairs") and "random - uncertainty +0.150" in line
     assert "(4/4)" in line
+
+
+def test_bad_inputs_end_in_one_line_and_a_results_file_is_never_replaced(tmp_path, capsys):
+    out = tmp_path / "R.json"
+    out.write_text("{}")
+    with pytest.raises(SystemExit, match=r"--out .*R.json exists; continue it with --resume"):
+        review_bench.main(["--quick", "--out", str(out), "--work", str(tmp_path / "w")])
+    assert out.read_text() == "{}" and not (tmp_path / "w").exists()
+    with pytest.raises(SystemExit, match=r"--summarize .*missing.json: cannot read"):
+        review_bench.main(["--summarize", str(tmp_path / "missing.json")])
