@@ -11,8 +11,14 @@ One invocation pretrains once and reuses that run for every comparison:
 4. Frozen-encoder probe (section ``probe``): encoder frozen
    (``train.encoder_lr_scale: 0``), only the SwinUNETR decoder trains, on top of the
    VoCo encoder vs a randomly initialised one.
-5. Full finetuning (section ``full``): SwinUNETR from scratch vs from the VoCo
-   backbone, with a learning curve (held-out Dice every ``--full-curve-every`` steps).
+5. Full finetuning at the plateau (section ``plateau``): ``voco compare`` of the
+   VoCo backbone against scratch on a labelled population of the varied phantom style,
+   K folds x paired seeds, the finetuning preset's recipe, until the held-out curves
+   flatten; both readings (final quality, efficiency) per class
+   (:mod:`quality.plateau`).
+6. The recorded 80-step protocol (section ``full``, not in the default sections):
+   SwinUNETR from scratch vs from the VoCo backbone with the old recipe, a learning
+   curve every ``--full-curve-every`` steps. It reproduces the recorded results.
 
 Probe and full runs are *paired*: seed ``s`` picks the labelled phantoms and seeds
 the run, and both inits get the same ``s`` (so the same decoder initialisation too).
@@ -43,6 +49,7 @@ from pathlib import Path
 
 from quality import report as reporting
 from quality.jobs import Jobs, default_jobs, finetune_job
+from quality.plateau import plateau_recipe, plateau_section
 from quality.positions import position_section
 from quality.runs import (
     ResultStore,
@@ -70,7 +77,8 @@ from quality.settings import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("probe", "full", "positions")  # in the order they run
+SECTIONS = ("probe", "full", "positions", "plateau")  # in the order they run
+DEFAULT_SECTIONS = ("probe", "positions", "plateau")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,9 +118,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="worker processes for the pretraining and finetuning runs "
                              "(default: 2 on a CPU with >= 2 cores, 1 on a GPU); the control "
                              "runs go beside the pretraining")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma list of {','.join(SECTIONS)} (pretraining always runs "
-                             "or is reused)")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma list of {','.join(SECTIONS)} (default "
+                             f"{','.join(DEFAULT_SECTIONS)}, with --resume-results the "
+                             "file's; full: the recorded 80-step protocol; pretraining "
+                             "always runs or is reused)")
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.merge and not args.out:
@@ -127,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} {getattr(args, name)}: expected >= 1")
     if args.jobs > 1 and args.threads is None:  # the cores shared out, for the record too
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.sections is None:  # a resumed file goes on with the sections it was run with
+        args.sections = ",".join(_recorded_sections(args.resume_results) or DEFAULT_SECTIONS)
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
@@ -138,9 +150,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.shots and (min(args.shots) < 1 or max(args.shots) > args.n_pool):
         parser.error(f"--shots {args.shots}: each must be in 1..--n-pool ({args.n_pool})")
     for name in ("seeds", "full_steps", "full_curve_every", "probe_steps", "probe_curve_every",
-                 "pretrain_steps", "eval_every", "n_pretrain", "n_pool", "sub_volumes"):
+                 "pretrain_steps", "eval_every", "n_pretrain", "n_pool", "sub_volumes",
+                 "plateau_seeds", "plateau_steps", "plateau_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    if "plateau" in args.sections and not 2 <= args.plateau_folds <= args.plateau_cases:
+        parser.error(f"--plateau-folds {args.plateau_folds}: expected 2 to --plateau-cases "
+                     f"({args.plateau_cases})")
     if args.n_heldout < 2:
         parser.error("--n-heldout: expected >= 2 (the cross-volume protocol pairs volumes)")
     for option in ("pretrain_set", "finetune_set"):
@@ -154,6 +170,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--out and --resume-results name different files; give one")
         args.out = args.resume_results
     return args
+
+
+def _recorded_sections(path: Path | None) -> list[str] | None:
+    """The sections a results file was run with (None: no readable file)."""
+    try:
+        return list(json.loads(path.read_text())["settings"]["sections"])
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
+        return None  # no file: --resume-results reports it with the other checks
 
 
 def summarize_file(args) -> None:
@@ -195,6 +219,10 @@ def fingerprint(args, config) -> dict:
     pretrain = {k: v for k, v in config.to_dict().items() if k != "run"}
     # Only when used, so that older results files keep matching (--resume-results).
     used = {} if args.pretrained_step is None else {"pretrained_step": args.pretrained_step}
+    if "plateau" in args.sections:
+        used["plateau"] = {**plateau_recipe(args), "cases": args.plateau_cases,
+                           "shape": list(args.plateau_shape),
+                           "seed": POPULATION_SEEDS["plateau"]}
     return json.loads(json.dumps({
         **used, "pretrain": pretrain, "pretrain_seed": args.seed, "finetune": finetune,
         "populations": {"seeds": POPULATION_SEEDS, "shape": list(args.phantom_shape),
@@ -338,6 +366,13 @@ def main(argv=None) -> None:
                     f"{final['cross_volume']['top1']} (random "
                     f"{report['positions']['random_init_mean']['cross_volume']['top1']})")
                 store.save()
+
+        if "plateau" in args.sections:  # its own worker processes (voco compare's)
+            t = time.perf_counter()
+            report["plateau"] = plateau_section(args, folders["plateau"], checkpoint,
+                                                work / f"plateau_{out.stem}")
+            timings["plateau"] = round(time.perf_counter() - t, 1)
+            store.save()
     except VoCoError as err:
         raise SystemExit(f"quality_bench: error: {err}") from err
 

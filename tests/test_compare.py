@@ -96,6 +96,9 @@ def test_voco_compare_end_to_end_and_resume(train_dataset, pretrain_run, tmp_pat
     for name, stamp in first_two.items():
         assert (out / "runs" / name / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
         assert f"{name}: finetuning" not in printed
+    assert "2 of 4 runs finished before: read back" in printed
+    assert "2 runs, 2 at a time" in printed and "fold1-seed0-voco: queued, finetuning" in printed
+    assert "fold1-seed0-voco: finished, plateau Dice " in printed  # as each run ends
     headline = printed.strip().splitlines()[-1]
     assert headline.startswith("VoCo - scratch at the plateau: ") and "over 2 folds (1 seed)" in (
         headline)

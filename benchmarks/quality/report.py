@@ -149,8 +149,41 @@ def markdown(report: dict) -> str:
                   "protocol):", "", "| model | same-volume | cross-volume |",
                   "| --- | --- | --- |"]
         lines += [f"| {name} | {a:.3f} | {b:.3f} |" for name, a, b in rows] + [""]
-    lines += targets(report.get("summary", {}))
+    if report.get("plateau", {}).get("final_quality"):
+        lines += plateau_tables(report["plateau"])
+    lines += targets(report.get("summary", {}), report.get("plateau"))
     return "\n".join(lines)
+
+
+def plateau_tables(record: dict) -> list[str]:
+    """Section ``plateau`` (a ``voco compare`` record): both readings, per class."""
+    final, efficiency = record["final_quality"], record["efficiency"]
+    pairs = final["difference"].get("n", 0)
+    lines = [f"**Full finetuning at the plateau** (`voco compare`: {record['folds']} folds x "
+             f"{record['seeds']} seeds = {pairs} pairs, {record['total_steps']} steps, "
+             f"held-out Dice every {record['val_every']}; plateau = mean of the last "
+             "3 validations)", "", record.get("headline", ""), "",
+             "| arm | plateau Dice: mean ± std | curve flattened | classes still moving |",
+             "| --- | --- | --- | --- |"]
+    for arm in ("scratch", "voco"):
+        flat = record["flattened"][arm]
+        lines.append(f"| {arm} | {final[arm]['mean']:.3f} ± {final[arm]['std']:.3f} | "
+                     f"{'yes' if flat['flat'] else 'no'} (mean change "
+                     f"{flat['mean_change']}) | {', '.join(flat['classes_not_flat']) or '-'} |")
+    saved = efficiency["steps_saved_by_voco"]
+    lines += ["", f"VoCo - scratch, final quality: {_ci(final['difference'])}. Efficiency "
+              f"(steps to {efficiency['fraction_of_scratch_plateau']:.0%} of scratch's "
+              f"plateau): scratch {efficiency['steps']['scratch']}, VoCo "
+              f"{efficiency['steps']['voco']} (never: {efficiency['voco_never_reached']}); "
+              f"steps saved by VoCo {_ci(saved) if saved.get('n') else 'n/a'}.", "",
+              "| class | scratch | VoCo | VoCo - scratch [95% t CI] (bootstrap CI), wins |",
+              "| --- | --- | --- | --- |"]
+    for cls, row in final["per_class"].items():
+        bold = "**" if cls in FOCUS_CLASSES else ""
+        lines.append(f"| {bold}{cls}{bold} | {row['scratch'].get('mean', float('nan')):.3f} | "
+                     f"{row['voco'].get('mean', float('nan')):.3f} | "
+                     f"{_ci(row['difference'])} |")
+    return [*lines, ""]
 
 
 def status_line(report: dict) -> str:
@@ -194,9 +227,16 @@ def setting_tables(s: dict) -> list[str]:
     return [*lines, ""]
 
 
-def targets(summary: dict) -> list[str]:
+def targets(summary: dict, plateau: dict | None = None) -> list[str]:
     """One line per target: met or not, with the numbers it was judged on."""
     lines = []
+    if plateau and plateau.get("final_quality"):
+        d = plateau["final_quality"]["difference"]
+        flat = all(plateau["flattened"][arm]["flat"] for arm in ("scratch", "voco"))
+        lines.append(f"- Target {'MET' if d.get('ci_above_zero') and flat else 'NOT met'}: "
+                     "full finetuning at the plateau: VoCo > scratch with the 95% intervals "
+                     f"above 0, both arms flattened — measured {_ci(d)}, "
+                     f"{'flattened' if flat else 'not flattened (train longer)'}.")
     for s in summary.values():
         if s["mode"] == "probe":
             d = s["per_step"][str(s["steps"][-1])]["difference"]
@@ -322,4 +362,9 @@ def write_figures(report: dict, folder: Path, stem: str) -> list[Path]:
     made = [plot_curves(report, folder / f"{stem}_curves.png"),
             plot_classes(report, folder / f"{stem}_classes.png"),
             plot_positions(report, folder / f"{stem}_positions.png")]
+    if report.get("plateau", {}).get("final_quality"):  # voco compare's own two figures
+        from voco_core.evaluation.figures import plot_comparison
+
+        made += [folder / f"{stem}_plateau_curves.png", folder / f"{stem}_plateau_classes.png"]
+        plot_comparison(report["plateau"], made[-2], made[-1])
     return [p for p in made if p is not None]

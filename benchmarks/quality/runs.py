@@ -89,19 +89,27 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def make_populations(args, work: Path) -> dict[str, Path]:
-    """The three phantom populations (pretrain, heldout, pool) in ``work``; a folder
-    already holding the same population (same n, seed, shape) is reused."""
+    """The phantom populations in ``work``: pretrain, heldout and pool (classic style),
+    and with section ``plateau`` its labelled varied-style population; a folder
+    already holding the same population (same n, seed, shape, style) is reused."""
     from voco_core.data.phantoms import make_phantom_dataset
 
+    populations = [("pretrain", args.n_pretrain, args.phantom_shape, "classic"),
+                   ("heldout", args.n_heldout, args.phantom_shape, "classic"),
+                   ("pool", args.n_pool, args.phantom_shape, "classic")]
+    if "plateau" in args.sections:
+        populations.append(("plateau", args.plateau_cases, args.plateau_shape, "varied"))
     folders = {}
-    for name, n in (("pretrain", args.n_pretrain), ("heldout", args.n_heldout),
-                    ("pool", args.n_pool)):
+    for name, n, shape, style in populations:
         folder = work / name
-        recipe = {"n": n, "seed": POPULATION_SEEDS[name], "shape": list(args.phantom_shape)}
+        recipe = {"n": n, "seed": POPULATION_SEEDS[name], "shape": list(shape)}
+        if style != "classic":  # the classic populations' markers predate styles
+            recipe["style"] = style
         marker = folder / "population.json"
         if not (marker.is_file() and json.loads(marker.read_text()) == recipe):
             shutil.rmtree(folder, ignore_errors=True)
-            make_phantom_dataset(folder, n=n, seed=recipe["seed"], shape=args.phantom_shape)
+            make_phantom_dataset(folder, n=n, seed=recipe["seed"], shape=tuple(shape),
+                                 style=style)
             marker.write_text(json.dumps(recipe))
         folders[name] = folder
     return folders

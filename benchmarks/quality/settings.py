@@ -19,6 +19,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "sub_volumes": 16, "random_inits": 2, "seeds": 8, "shots": "2",
         "full_steps": 80, "full_curve_every": 20, "probe_steps": 40, "probe_curve_every": 20,
         "finetune_spacing": None, "finetune_samples": 1,
+        # plateau: 2 folds x 2 seeds of the tiny preset's recipe, 150 steps (about 15
+        # min per run at one thread beside another: 5.1 s/step, 12 s per validation)
+        "plateau_cases": 4, "plateau_shape": (160, 160, 96), "plateau_folds": 2,
+        "plateau_seeds": 2, "plateau_steps": 150, "plateau_every": 15,
     },
     "base": {  # one H200: about 9 minutes, estimated (see the docs for the arithmetic)
         "phantom_shape": (128, 128, 96), "n_pretrain": 16, "n_heldout": 4, "n_pool": 6,
@@ -26,6 +30,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "sub_volumes": 16, "random_inits": 1, "seeds": 8, "shots": "2",
         "full_steps": 80, "full_curve_every": 20, "probe_steps": 40, "probe_curve_every": 20,
         "finetune_spacing": None, "finetune_samples": None,
+        "plateau_cases": 4, "plateau_shape": (160, 160, 96), "plateau_folds": 2,
+        "plateau_seeds": 4, "plateau_steps": 400, "plateau_every": 40,
     },
 }
 QUICK: dict[str, Any] = {  # a smoke test of every path: 2 paired seeds, 2-point curves,
@@ -34,8 +40,12 @@ QUICK: dict[str, Any] = {  # a smoke test of every path: 2 paired seeds, 2-point
     "n_pretrain": 3, "n_heldout": 2, "n_pool": 3, "pretrain_steps": 3, "eval_every": 3,
     "sub_volumes": 2, "random_inits": 1, "seeds": 2, "shots": "2",
     "full_steps": 2, "full_curve_every": 1, "probe_steps": 2, "probe_curve_every": 1,
+    "plateau_cases": 2, "plateau_shape": (64, 64, 48), "plateau_seeds": 1,
+    "plateau_steps": 2, "plateau_every": 1,
 }
-POPULATION_SEEDS = {"pretrain": 1001, "heldout": 2002, "pool": 3003}
+POPULATION_SEEDS = {"pretrain": 1001, "heldout": 2002, "pool": 3003, "plateau": 11}
+"""``plateau``: the varied subjects of ``voco make-phantoms -n 4 --seed 11 --style
+varied`` (the population of the recorded varied-style readings)."""
 MODES = ("probe", "full")
 """``probe``: encoder frozen (``train.encoder_lr_scale: 0``), only the decoder trains;
 ``full``: everything trains. Each compares VoCo with a random-init encoder."""
@@ -185,6 +195,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--probe-steps", type=int, default=d, help="frozen-encoder probe steps")
     sizes.add_argument("--probe-curve-every", type=int, default=d)
 
+    sizes.add_argument("--plateau-cases", type=int, default=d,
+                       help="section plateau: labelled varied phantoms (K folds over them)")
+    sizes.add_argument("--plateau-shape", type=int, nargs=3, default=d,
+                       help="section plateau: voxels of the varied phantoms")
+    sizes.add_argument("--plateau-folds", type=int, default=d)
+    sizes.add_argument("--plateau-seeds", type=int, default=d, help="paired seeds per fold")
+    sizes.add_argument("--plateau-steps", type=int, default=d,
+                       help="section plateau: finetuning steps (the preset's recipe)")
+    sizes.add_argument("--plateau-every", type=int, default=d,
+                       help="section plateau: held-out Dice every N steps")
     sizes.add_argument("--finetune-samples", type=int, default=d,
                        help="finetuning crops per step (train.samples_per_volume; "
                             "default: the preset's)")
@@ -236,3 +256,4 @@ def fill_defaults(args: argparse.Namespace) -> None:
         if not hasattr(args, key):
             setattr(args, key, value)
     args.phantom_shape = tuple(args.phantom_shape)
+    args.plateau_shape = tuple(args.plateau_shape)

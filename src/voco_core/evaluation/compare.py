@@ -177,6 +177,11 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
                                    "curve": curve}
         write_json(out / "compare.json", record)  # resumable after every run
 
+    def finished(run: _Run) -> None:
+        keep(run, _finished_curve(run.run_dir, total))
+        say(f"{run.key}: finished, plateau Dice "
+            f"{plateau(record['runs'][run.key]['curve']):.3f}")
+
     todo = []
     for run in planned:
         curve = _finished_curve(run.run_dir, total)
@@ -184,7 +189,9 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
             todo.append(run)
         else:  # finished before an interruption: read back, not rerun
             keep(run, curve)
-    _run_all(todo, settings, lambda run: keep(run, _finished_curve(run.run_dir, total)), say)
+    if len(todo) < len(planned):
+        say(f"{len(planned) - len(todo)} of {len(planned)} runs finished before: read back")
+    _run_all(todo, settings, finished, say)
     record["runs"] = {run.key: record["runs"][run.key] for run in planned}  # in plan order
     if counts:  # both readings per number of labelled cases
         record["by_labelled"] = {
@@ -218,9 +225,9 @@ def _run_all(todo: list[_Run], settings: CompareSettings, done: Callable[[_Run],
              say: Callable[[str], None]) -> None:
     """Run ``todo``, ``settings.jobs`` at a time (each in a spawned process then), and
     call ``done`` with each as it finishes."""
-    def announce(run: _Run) -> None:
-        say(f"{run.key}: finetuning on {len(run.training)} case(s), validating on "
-            f"{len(run.held)} held out")
+    def announce(run: _Run, queued: bool = False) -> None:
+        say(f"{run.key}: {'queued, ' if queued else ''}finetuning on {len(run.training)} "
+            f"case(s), validating on {len(run.held)} held out")
 
     if settings.jobs == 1 or len(todo) < 2:
         for run in todo:
@@ -238,8 +245,9 @@ def _run_all(todo: list[_Run], settings: CompareSettings, done: Callable[[_Run],
                              initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         running = {}
         try:
+            say(f"{len(todo)} runs, {settings.jobs} at a time ({threads} thread(s) each)")
             for run in todo:
-                announce(run)
+                announce(run, queued=True)
                 running[pool.submit(_run_arm, run.run_dir, run.training, run.held, settings,
                                     run.seed, run.pretrained)] = run
             while running:
