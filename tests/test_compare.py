@@ -174,3 +174,42 @@ def test_compare_by_labelled_cases_end_to_end(train_dataset, pretrain_run, tmp_p
                  "--out", str(tmp_path / "folds"), "--held-out", "1", *TINY]) == 1
     one_line_error(capsys, "--held-out 1 goes with --labelled")
     assert not (tmp_path / "folds").exists()
+
+
+def test_ctrl_c_stops_parallel_runs_after_their_step_and_starts_no_other(
+        train_dataset, pretrain_run, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, workers included: the
+    parent decides; the running finetunings stop with a checkpoint, queued ones never
+    start, and the command says how to go on (exit 130)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cmp"
+    command = [sys.executable, "-m", "voco_core", "compare", "--data", str(train_dataset),
+               "--pretrained", str(pretrain_run), "--out", str(out), "--folds", "3",
+               "--jobs", "2", *TINY, "--steps", "200", "--val-every", "100"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not any('"step"' in log.read_text() for log in out.glob("runs/*/log.jsonl")):
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()
+            time.sleep(0.2)
+        os.killpg(child.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        stdout, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, stderr
+    assert "SIGINT: stopping after the current step" in stderr and "Traceback" not in stderr
+    assert "stopped: 0 of 6 runs finished; the same command resumes" in stdout
+    started = sorted(p.name for p in (out / "runs").iterdir())
+    assert started == ["fold0-seed0-scratch", "fold0-seed0-voco"]  # the 4 queued: never
+    for name in started:
+        steps = [json.loads(line)["step"] for line in
+                 (out / "runs" / name / "log.jsonl").read_text().splitlines()]
+        assert (out / "runs" / name / "checkpoints" / "last.pt").is_file()
+        assert 1 <= max(steps) < 200

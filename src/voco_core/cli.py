@@ -440,7 +440,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                                val_every=args.val_every, preset=args.preset,
                                overrides=_flag_overrides(args, "train"))
     start = time.perf_counter()
-    record = compare(args.data, args.pretrained, args.out, settings)
+    with _StopOnSignals() as signals:  # Ctrl-C, SIGTERM: every run stops after its step
+        record = compare(args.data, args.pretrained, args.out, settings, stop=signals.flag)
+    if record.get("status") == "stopped":
+        return signals.exit_code
     figure = "labelled.png" if settings.labelled else "classes.png"
     print(f"{args.out / 'compare.json'}, {args.out / 'curves.png'}, "
           f"{args.out / figure} ({(time.perf_counter() - start) / 60:.1f} min)")

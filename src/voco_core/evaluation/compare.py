@@ -30,7 +30,9 @@ Everything goes to ``OUT``: ``runs/fold<k>-seed<s>-<arm>/`` (or
 ``labelled.png`` (plateau Dice against labelled cases). An interrupted comparison
 resumes: finished runs are read back, an unfinished one is resumed from its checkpoint.
 ``jobs`` runs several finetunings at once, each in a spawned process with an equal
-share of the CPU threads.
+share of the CPU threads. ``stop`` (the CLI sets it on Ctrl-C or SIGTERM) stops every
+running finetuning after its current step with a checkpoint, starts no other, and
+returns the record with ``status: stopped``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from voco_core.evaluation.figures import plot_comparison, plot_labelled
 from voco_core.evaluation.stats import paired_difference, spread
 from voco_core.outputs import write_json
 from voco_core.run_folder import RunFolder, read_log
+from voco_core.train.common import StopFlag
 
 ARMS = ("scratch", "voco")
 PLATEAU_POINTS = 3
@@ -121,8 +124,10 @@ def run_key(fold: int, seed: int, arm: str, labelled: int | None = None) -> str:
 
 def compare(data: str | Path, pretrained: str | Path, out: str | Path,
             settings: CompareSettings | None = None,
-            say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the paired comparison; returns what ``compare.json`` holds."""
+            say: Callable[[str], None] = print,
+            stop: StopFlag | None = None) -> dict[str, Any]:
+    """Run (or resume) the paired comparison; returns what ``compare.json`` holds
+    (``status``: ``finished``, or ``stopped`` when ``stop`` was set before the end)."""
     from voco_core.config import make_finetune_config
     from voco_core.plan import default_preset
 
@@ -191,7 +196,12 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
             keep(run, curve)
     if len(todo) < len(planned):
         say(f"{len(planned) - len(todo)} of {len(planned)} runs finished before: read back")
-    _run_all(todo, settings, finished, say)
+    if not _run_all(todo, settings, finished, say, stop):
+        record["status"] = "stopped"  # the finished runs are in compare.json already
+        say(f"stopped: {len(record['runs'])} of {len(planned)} runs finished; the same "
+            "command resumes (a stopped run continues from its checkpoint)")
+        return record
+    record["status"] = "finished"
     record["runs"] = {run.key: record["runs"][run.key] for run in planned}  # in plan order
     if counts:  # both readings per number of labelled cases
         record["by_labelled"] = {
@@ -222,27 +232,33 @@ class _Run:
 
 
 def _run_all(todo: list[_Run], settings: CompareSettings, done: Callable[[_Run], None],
-             say: Callable[[str], None]) -> None:
+             say: Callable[[str], None], stop: StopFlag | None) -> bool:
     """Run ``todo``, ``settings.jobs`` at a time (each in a spawned process then), and
-    call ``done`` with each as it finishes."""
+    call ``done`` with each as it finishes. False when ``stop`` ended it early."""
     def announce(run: _Run, queued: bool = False) -> None:
         say(f"{run.key}: {'queued, ' if queued else ''}finetuning on {len(run.training)} "
             f"case(s), validating on {len(run.held)} held out")
 
     if settings.jobs == 1 or len(todo) < 2:
         for run in todo:
+            if stop is not None and stop.is_set():
+                return False
             announce(run)
-            _run_arm(run.run_dir, run.training, run.held, settings, run.seed, run.pretrained)
+            if not _run_arm(run.run_dir, run.training, run.held, settings, run.seed,
+                            run.pretrained, stop):
+                return False
             done(run)
-        return
+        return True
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     import torch
 
     threads = max(1, torch.get_num_threads() // settings.jobs)
-    with ProcessPoolExecutor(settings.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+    context = multiprocessing.get_context("spawn")
+    workers_stop = context.Event()  # the workers' stop flag; this process relays ``stop``
+    with ProcessPoolExecutor(settings.jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(threads, workers_stop)) as pool:
         running = {}
         try:
             say(f"{len(todo)} runs, {settings.jobs} at a time ({threads} thread(s) each)")
@@ -251,12 +267,20 @@ def _run_all(todo: list[_Run], settings: CompareSettings, done: Callable[[_Run],
                 running[pool.submit(_run_arm, run.run_dir, run.training, run.held, settings,
                                     run.seed, run.pretrained)] = run
             while running:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                if stop is not None and stop.is_set():
+                    workers_stop.set()
                 for future in finished:
-                    future.result()  # a run's error ends the comparison, as in one process
-                    done(running.pop(future))
+                    if future.result():  # a run's error ends the comparison, as inline
+                        done(running.pop(future))
+                    else:  # stopped, or never started after the stop
+                        running.pop(future)
+            return not workers_stop.is_set()
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # started runs stop and save
+            # Runs already handed to a worker cannot be cancelled: the flag makes the
+            # running ones stop after their step (with a checkpoint), the others not start.
+            workers_stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
@@ -271,10 +295,33 @@ def _overrides(settings: CompareSettings, seed: int) -> dict:
     return merge(settings.overrides, {"train": train, "run": {"seed": seed}})
 
 
+_WORKER_STOP: StopFlag | None = None
+"""In a worker process of :func:`_run_all`: the flag the parent sets to stop."""
+
+
+def _start_worker(threads: int, stop: StopFlag) -> None:
+    """A worker's set-up: its share of the threads, the parent's stop flag, and no
+    Ctrl-C of its own (a terminal sends it to the whole group: the parent decides)."""
+    import signal
+
+    import torch
+
+    global _WORKER_STOP
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    _WORKER_STOP = stop
+
+
 def _run_arm(run_dir: Path, training: list, held: list, settings: CompareSettings,
-             seed: int, pretrained: Path | None) -> None:
+             seed: int, pretrained: Path | None, stop: StopFlag | None = None) -> bool:
+    """One finetuning, new or resumed; True when it reached its last step, False when
+    ``stop`` (in a worker: the parent's flag) ended it or kept it from starting."""
     from voco_core.plan import plan_finetune
     from voco_core.train.finetune import iter_finetune
+
+    stop = stop if stop is not None else _WORKER_STOP
+    if stop is not None and stop.is_set():
+        return False
 
     folder = RunFolder(run_dir)
     if folder.last.is_file():  # interrupted: go on from its checkpoint
@@ -283,9 +330,11 @@ def _run_arm(run_dir: Path, training: list, held: list, settings: CompareSetting
     else:  # nothing usable yet (a run that failed before its first checkpoint)
         plan = plan_finetune(preset=settings.preset, overrides=_overrides(settings, seed),
                              out=run_dir, pretrained=pretrained, overwrite=True)
-    for _ in iter_finetune(plan.config, training, plan.run_dir, pretrained=plan.pretrained,
-                           validation=held, resume=plan.resume):
-        pass
+    ended = "none"
+    for event in iter_finetune(plan.config, training, plan.run_dir, pretrained=plan.pretrained,
+                               validation=held, resume=plan.resume, stop=stop):
+        ended = event.kind
+    return ended == "done"
 
 
 def _finished_curve(run_dir: Path, total: int) -> list[dict] | None:
