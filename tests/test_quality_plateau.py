@@ -21,7 +21,7 @@ def test_plateau_settings_take_the_preset_recipe_and_the_finetuning_levers():
     assert args.sections == list(quality_bench.DEFAULT_SECTIONS)
     assert "full" not in args.sections  # the recorded 80-step protocol: on request only
     settings = plateau_settings(args)
-    assert (settings.folds, settings.seeds, settings.steps, settings.val_every) == (2, 3, 150, 15)
+    assert (settings.folds, settings.seeds, settings.steps, settings.val_every) == (2, 3, 300, 30)
     assert settings.preset == "tiny" and settings.jobs == args.jobs
     # the preset's recipe (no old-recipe base), plus the levers given
     assert settings.overrides == {"run": {"device": "cpu"},

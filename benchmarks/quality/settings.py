@@ -19,10 +19,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "sub_volumes": 16, "random_inits": 2, "seeds": 8, "shots": "2",
         "full_steps": 80, "full_curve_every": 20, "probe_steps": 40, "probe_curve_every": 20,
         "finetune_spacing": None, "finetune_samples": 1,
-        # plateau: 2 folds x 2 seeds of the tiny preset's recipe, 150 steps (about 15
-        # min per run at one thread beside another: 5.1 s/step, 12 s per validation)
+        # plateau: 2 folds x 1 seed of the tiny preset's recipe for 300 steps (about 28
+        # min per run at one thread beside another: 5.1 s/step, 12 s per validation);
+        # 150 steps ended 0.11-0.13 Dice below 300 with flat-looking last validations
         "plateau_cases": 4, "plateau_shape": (160, 160, 96), "plateau_folds": 2,
-        "plateau_seeds": 2, "plateau_steps": 150, "plateau_every": 15,
+        "plateau_seeds": 1, "plateau_steps": 300, "plateau_every": 30,
     },
     "base": {  # one H200: about 9 minutes, estimated (see the docs for the arithmetic)
         "phantom_shape": (128, 128, 96), "n_pretrain": 16, "n_heldout": 4, "n_pool": 6,
