@@ -213,3 +213,46 @@ def test_ctrl_c_stops_parallel_runs_after_their_step_and_starts_no_other(
                  (out / "runs" / name / "log.jsonl").read_text().splitlines()]
         assert (out / "runs" / name / "checkpoints" / "last.pt").is_file()
         assert 1 <= max(steps) < 200
+
+
+def test_seeds_split_over_two_folders_are_read_back_together(train_dataset, pretrain_run,
+                                                              tmp_path, capsys):
+    """``--first-seed``: seed 1 runs elsewhere (another machine), its run folders are
+    copied in, and the whole range reads both parts back without rerunning either."""
+    import shutil
+
+    design = ["--data", str(train_dataset), "--pretrained", str(pretrain_run), "--labelled",
+              "1", "--held-out", "1", *TINY]
+    assert main(["compare", *design, "--out", str(tmp_path / "part1"), "--first-seed",
+                 "1"]) == 0
+    part1 = json.loads((tmp_path / "part1" / "compare.json").read_text())
+    assert sorted(part1["runs"]) == ["labelled1-seed1-scratch", "labelled1-seed1-voco"]
+    assert part1["first_seed"] == 1 and len(part1["pretrained_sha256"]) == 16
+    assert main(["compare", *design, "--out", str(tmp_path / "all")]) == 0  # seed 0
+    for run in (tmp_path / "part1" / "runs").iterdir():
+        shutil.copytree(run, tmp_path / "all" / "runs" / run.name)
+    capsys.readouterr()
+    assert main(["compare", *design, "--out", str(tmp_path / "all"), "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 4 runs finished before: read back" in printed and "finetuning on" not in printed
+    whole = json.loads((tmp_path / "all" / "compare.json").read_text())
+    assert whole["by_labelled"]["1"]["final_quality"]["difference"]["n"] == 2
+    assert whole["runs"]["labelled1-seed1-voco"] == part1["runs"]["labelled1-seed1-voco"]
+    assert "first_seed" not in whole  # 0: the records of older comparisons stay as they were
+    with pytest.raises(SystemExit):  # argparse's usage line, as for every bad number
+        main(["compare", *design, "--out", str(tmp_path / "neg"), "--first-seed", "-1"])
+    assert "--first-seed: expected a number >= 0, got -1" in capsys.readouterr().err
+
+
+def test_a_comparison_refuses_a_backbone_that_changed_under_it(train_dataset, pretrain_run,
+                                                               tmp_path, capsys):
+    """A run folder's last.pt moves on while its pretraining continues: VoCo arms of
+    two backbones are no pairs, so resuming with another checkpoint is refused."""
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text(json.dumps({"pretrained_sha256": "0123456789abcdef"}))
+    assert main(["compare", "--data", str(train_dataset), "--pretrained", str(pretrain_run),
+                 "--out", str(out), "--labelled", "1", "--held-out", "1", *TINY]) == 1
+    one_line_error(capsys, "began with another backbone (sha256 0123456789abcdef, now ",
+                   "new --out")
+    assert not (out / "runs").exists()

@@ -34,6 +34,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _positive_ints(text: str) -> tuple[int, ...]:
     """``1,2,4,8``: increasing whole numbers >= 1."""
     values = tuple(_positive_int(part) for part in text.split(","))
@@ -435,7 +445,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from voco_core.evaluation import CompareSettings, compare, headline
 
     settings = CompareSettings(folds=args.folds, labelled=args.labelled or (),
-                               held_out=args.held_out, seeds=args.seeds, jobs=args.jobs,
+                               held_out=args.held_out, seeds=args.seeds,
+                               first_seed=args.first_seed, jobs=args.jobs,
                                steps=args.steps,
                                val_every=args.val_every, preset=args.preset,
                                overrides=_flag_overrides(args, "train"))
@@ -623,6 +634,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "last ones in the datalist)")
     comp.add_argument("--seeds", type=_positive_int, default=1,
                       help="paired seeds per fold (default 1)")
+    comp.add_argument("--first-seed", type=_non_negative_int, default=0,
+                      help="run seeds FIRST .. FIRST+SEEDS-1 (default 0): split a comparison "
+                           "over machines, or add seeds later; copy the parts' runs/ into one "
+                           "--out and run it with the whole range to read them back together")
     comp.add_argument("--jobs", type=_positive_int, default=1,
                       help="runs at once, each in its own process with a share of the CPU "
                            "threads (default 1)")

@@ -79,6 +79,10 @@ class CompareSettings:
     """Cases held out for every run of the labelled design (None:
     :data:`DEFAULT_HELD_OUT`)."""
     seeds: int = 1
+    first_seed: int = 0
+    """Seeds ``first_seed .. first_seed + seeds - 1``: a comparison split over machines
+    (each its own ``--out``) or extended with seeds later; the run folders of the parts,
+    copied into one ``--out`` with the whole range, are read back there."""
     jobs: int = 1
     """Runs at once, each in its own process with an equal share of the CPU threads."""
     steps: int | None = None
@@ -152,15 +156,21 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
             settings.overrides))
     if settings.seeds < 1:
         raise VoCoConfigError(f"--seeds {settings.seeds}: expected at least 1")
+    if settings.first_seed < 0:
+        raise VoCoConfigError(f"--first-seed {settings.first_seed}: expected 0 or more")
+    digest = _same_backbone(pretrained, out / "compare.json")
     device = str((settings.overrides.get("run") or {}).get("device", "auto"))
     config = make_finetune_config(settings.preset or default_preset(device)[0],
                                   _overrides(settings, 0))  # bad settings: before any run
     total = config.train.total_steps
     record: dict[str, Any] = {
-        "data": str(data), "pretrained": str(pretrained), "preset": config.preset,
+        "data": str(data), "pretrained": str(pretrained), "pretrained_sha256": digest,
+        "preset": config.preset,
         "design": "labelled" if counts else "folds", "folds": len(folds),
         **({"labelled": list(counts)} if counts else {}),
-        "seeds": settings.seeds, "total_steps": total,
+        "seeds": settings.seeds,
+        **({"first_seed": settings.first_seed} if settings.first_seed else {}),
+        "total_steps": total,
         "val_every": config.train.val_every, "overrides": settings.overrides,
         "held_out": [[str(c.image_file.name) for c in held] for _, held in folds],
         "runs": {}}
@@ -168,7 +178,7 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
         raise VoCoConfigError(f"--jobs {settings.jobs}: expected at least 1")
     planned = []
     for k, (training, held) in enumerate(folds):
-        for seed in range(settings.seeds):
+        for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
             for arm in ARMS:
                 key = run_key(k, seed, arm, counts[k] if counts else None)
                 planned.append(_Run(key, k, seed, arm, out / "runs" / key, training, held,
@@ -215,6 +225,33 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
         write_json(out / "compare.json", record)
         plot_comparison(record, out / "curves.png", out / "classes.png")
     return record
+
+
+def _same_backbone(pretrained: Path, recorded: Path) -> str:
+    """The judged checkpoint's sha256 (16 hex digits), refused when a comparison that
+    started in this folder judged another one: a run folder's ``last.pt`` moves on
+    while its pretraining continues, and VoCo arms from two backbones are no pairs."""
+    import hashlib
+    import json
+
+    from voco_core.checkpoint import find_checkpoint
+
+    checkpoint = find_checkpoint(pretrained)
+    digest = hashlib.sha256()
+    with checkpoint.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    mine = digest.hexdigest()[:16]
+    try:  # written atomically; an unreadable one holds nothing to check against
+        before = json.loads(recorded.read_text()).get("pretrained_sha256")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if before and before != mine:
+        raise VoCoDataError(
+            f"this comparison began with another backbone (sha256 {before}, now {mine}: "
+            "has the pretraining gone on since?); give the checkpoint it began with, or a "
+            "new --out", checkpoint)
+    return mine
 
 
 @dataclass(frozen=True)
