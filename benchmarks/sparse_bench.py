@@ -16,14 +16,24 @@ the rule the GUI applies to painted slices.
 
 Reuses the quality benchmark's parts: its phantom populations and seeds, its
 pretraining config (``--backbone CKPT`` takes a finished VoCo checkpoint instead),
-its finetuning runs, incremental results file and paired statistics. Every run is
-validated once, at its last step, on the dense held-out phantoms.
+its finetuning runs, incremental results file and paired statistics.
+
+Two protocols (``--protocol``):
+
+- ``plateau`` (default): the finetuning preset's own recipe (``tiny``: 4 mm grid,
+  class-balanced CE, batch Dice, lr 2e-3) for ``--steps``, validated on the dense
+  held-out phantoms every ``--val-every`` steps; a run's Dice is its plateau Dice (the
+  mean of its last 3 validations, ``voco compare``'s reading), and whether each
+  setting's curves have flattened (overall and per class) is reported beside it.
+- ``recorded``: the protocol of the recorded results (the old recipe, 50 steps, one
+  validation at the last step), which ``--resume-results`` of an older file keeps.
 
 Usage:
     python benchmarks/sparse_bench.py --quick                  # smoke test, < 3 minutes
-    python benchmarks/sparse_bench.py --work W                 # CPU default, see the docs
+    python benchmarks/sparse_bench.py --work W --jobs 2        # CPU default, see the docs
+    python benchmarks/sparse_bench.py --work W --protocol recorded   # the recorded 50 steps
     python benchmarks/sparse_bench.py --work W --backbone /path/to/pretrain/last.pt
-    python benchmarks/sparse_bench.py --resume-results benchmarks/results/sparse_bench_cpu.json
+    python benchmarks/sparse_bench.py --resume-results R.json   # a stopped run, same settings
     python benchmarks/sparse_bench.py --summarize benchmarks/results/sparse_bench_cpu.json
 """
 
@@ -38,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from quality.jobs import Jobs, default_jobs
 from quality.runs import (
     ResultStore,
     choose_subjects,
@@ -57,22 +68,39 @@ from quality.settings import (
     finetune_config,
     pretrain_config,
 )
-from sparse.report import EFFORT_WHOLE, markdown, plot_dice_vs_slices, summarise, summary_line
+from sparse.report import (
+    EFFORT_WHOLE,
+    markdown,
+    plot_dice_vs_slices,
+    run_dice,
+    summarise,
+    summary_line,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 IGNORE_LABEL = 255  # nnU-Net's convention: above every class
 INITS = ("scratch", "voco")
 
-SETTINGS = {  # CPU, one thread: about 55 minutes of finetuning (arithmetic in the docs);
-    # one 64^3 crop per step, as the quality benchmark (two crops doubled the time)
-    "phantom_shape": (96, 96, 64), "n_pretrain": 16, "n_heldout": 4, "n_pool": 6,
-    "pretrain_steps": 250, "eval_every": 50, "seeds": 3, "shots": 2, "slices": "1,3,10",
-    "steps": 50, "finetune_samples": 1,
+PROTOCOLS = ("plateau", "recorded")
+SETTINGS = {
+    "recorded": {  # CPU, one thread: about 55 minutes of finetuning (arithmetic in the
+        # docs); one 64^3 crop per step, as the quality benchmark (two crops doubled it)
+        "phantom_shape": (96, 96, 64), "n_pretrain": 16, "n_heldout": 4, "n_pool": 6,
+        "pretrain_steps": 250, "eval_every": 50, "seeds": 3, "shots": 2,
+        "slices": "1,3,10", "steps": 50, "val_every": 50, "finetune_samples": 1,
+    },
+    "plateau": {  # the preset's recipe until the curves flatten: 300 steps (2 labelled
+        # classic phantoms: flat from step 250, finetune_recipe_tiny_cpu.json); about 27
+        # min per run at one thread beside another, so 12 runs ~2.7 h with --jobs 2
+        "phantom_shape": (96, 96, 64), "n_pretrain": 16, "n_heldout": 4, "n_pool": 6,
+        "pretrain_steps": 250, "eval_every": 50, "seeds": 2, "shots": 2,
+        "slices": "3,10", "steps": 300, "val_every": 30, "finetune_samples": None,
+    },
 }
 QUICK = {  # every path once: 2 paired seeds, 1 slice and whole, small phantoms, 2 steps
     "phantom_shape": (64, 64, 48), "n_pretrain": 3, "n_heldout": 1, "n_pool": 3,
     "pretrain_steps": 3, "eval_every": 3, "seeds": 2, "shots": 2, "slices": "1",
-    "steps": 2, "finetune_samples": 1,
+    "steps": 2, "val_every": 1, "finetune_samples": 1,
 }
 
 
@@ -109,7 +137,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--summarize", type=Path, metavar="FILE",
                         help="only print the tables of FILE and write its figure")
     parser.add_argument("--seed", type=int, default=0, help="pretraining run seed")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per process (default: the cores / --jobs)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="finetuning runs at once, each in its own process (default: "
+                             "2 on a CPU with >= 2 cores, 1 on a GPU)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                        help="plateau (default): the preset's recipe read at the plateau; "
+                             "recorded: the recorded results' 50-step protocol (with "
+                             "--resume-results: the file's)")
     d = argparse.SUPPRESS  # filled from SETTINGS (and QUICK)
     sizes = parser.add_argument_group("sizes (defaults: SETTINGS, --quick: QUICK)")
     sizes.add_argument("--phantom-shape", type=int, nargs=3, default=d)
@@ -126,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="comma list of annotated axial slices per phantom (whole volumes "
                             "always run too)")
     sizes.add_argument("--steps", type=int, default=d, help="finetuning steps of every run")
+    sizes.add_argument("--val-every", type=int, default=d,
+                       help="steps between held-out validations (plateau protocol)")
     sizes.add_argument("--finetune-samples", type=int, default=d,
                        help="crops per step (train.samples_per_volume; default the preset's)")
     sizes.add_argument("--finetune-set", action="append", metavar="SECTION.KEY=VALUE",
@@ -133,7 +171,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.summarize:
         return args
-    for key, value in {**SETTINGS, **(QUICK if args.quick else {})}.items():
+    if args.protocol is None:  # a resumed file goes on with its own protocol
+        recorded = {}
+        if args.resume_results and args.resume_results.is_file():
+            try:
+                recorded = json.loads(args.resume_results.read_text()).get("settings", {})
+            except ValueError:
+                parser.error(f"--resume-results {args.resume_results}: not a results file")
+        args.protocol = recorded.get("protocol", "recorded") if recorded else "plateau"
+    for key, value in {**SETTINGS[args.protocol], **(QUICK if args.quick else {})}.items():
         if not hasattr(args, key):  # not given on the command line
             setattr(args, key, value)
     args.phantom_shape = tuple(args.phantom_shape)
@@ -144,8 +190,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.slices or args.slices[0] < 1 or args.slices[-1] >= args.phantom_shape[2]:
         parser.error(f"--slices {args.slices}: each must be in 1..{args.phantom_shape[2] - 1} "
                      f"(fewer than the {args.phantom_shape[2]} axial slices of a phantom)")
-    for name in ("seeds", "steps", "pretrain_steps", "eval_every", "n_pretrain", "n_pool",
-                 "n_heldout", "shots"):
+    if args.protocol == "recorded":
+        args.val_every = args.steps  # one validation, at the last step
+    if args.jobs is None:
+        args.jobs = default_jobs(args.device)
+    if args.threads is None and args.jobs > 1:  # one share of the cores per process
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    for name in ("seeds", "steps", "val_every", "pretrain_steps", "eval_every", "n_pretrain",
+                 "n_pool", "n_heldout", "shots", "jobs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
     if args.shots > args.n_pool:
@@ -162,6 +214,28 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--out and --resume-results name different files; give one")
         args.out = args.resume_results
     return args
+
+
+def run_config(args, q, seed: int):
+    """The finetuning config of one run of ``args.protocol`` (``q``: :func:`quality_args`)."""
+    if args.protocol == "recorded":
+        return finetune_config(q, "full", seed)
+    from voco_core.config import make_finetune_config, merge
+    from voco_core.data.phantoms import LABEL_NAMES
+
+    train = {"total_steps": args.steps, "val_every": args.val_every}
+    if args.finetune_samples:
+        train["samples_per_volume"] = args.finetune_samples
+    base = {  # the preset's recipe; what the phantoms are, stated
+        "data": {"num_classes": len(LABEL_NAMES), "intensity": "ct",
+                 "class_names": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)],
+                 "ignore_label": IGNORE_LABEL},
+        "train": train,
+        "run": {"device": args.device, "seed": seed, "tensorboard": False,
+                "checkpoint_every": args.steps, "log_every": 10},
+    }
+    return make_finetune_config("tiny", merge(base, dotted(args.finetune_set,
+                                                            "--finetune-set")))
 
 
 def quality_args(args) -> argparse.Namespace:
@@ -294,9 +368,12 @@ def sha256_16(path: Path) -> str:
 def fingerprint(args, q) -> dict:
     """What must match for ``--resume-results`` to reuse finished runs (checked before
     anything in the work folder is changed)."""
-    finetune = {k: v for k, v in finetune_config(q, "full", 0).to_dict().items() if k != "run"}
+    finetune = {k: v for k, v in run_config(args, q, 0).to_dict().items() if k != "run"}
+    # The recorded protocol's fingerprint is the one its file was written with.
+    protocol = {} if args.protocol == "recorded" else {"protocol": args.protocol}
     return json.loads(json.dumps({
-        "finetune": finetune, "backbone": sha256_16(args.backbone) if args.backbone else {
+        **protocol, "finetune": finetune,
+        "backbone": sha256_16(args.backbone) if args.backbone else {
             "pretrain_steps": args.pretrain_steps, "seed": args.seed},
         "shots": args.shots, "ignore_label": IGNORE_LABEL,
         "populations": {"seeds": POPULATION_SEEDS, "shape": list(args.phantom_shape),
@@ -325,7 +402,8 @@ def main(argv=None) -> None:
         return
     started = time.perf_counter()
 
-    import_package("voco_core.data.sparse", threads=args.threads)
+    import_package("voco_core.data.sparse", "voco_core.models", threads=(
+        args.threads if args.jobs == 1 else 1))
     from voco_core.data.datalists import load_datalist
     from voco_core.errors import VoCoError
 
@@ -353,10 +431,13 @@ def main(argv=None) -> None:
             **report_header("sparse_bench (held-out Dice against annotated slices per "
                             "volume)", args, work, temporary),
             "fingerprint": fingerprint(args, q),
-            "finetune_config": finetune_config(q, "full", 0).to_dict(),
+            "finetune_config": run_config(args, q, 0).to_dict(),
             "dice": "held-out mean Dice over the 10 foreground classes on the finetuning "
                     "pre-processed grid (the run's own sliding-window validation on the "
-                    "dense held-out phantoms), at the last step",
+                    "dense held-out phantoms), " + (
+                        "at the last step" if args.protocol == "recorded" else
+                        "at the plateau: the mean of the last 3 validations "
+                        f"(every {args.val_every} steps)"),
             "efforts": [*args.slices, EFFORT_WHOLE],
             "axial_slices": args.phantom_shape[2],
         }
@@ -372,6 +453,7 @@ def main(argv=None) -> None:
         pool = load_datalist(folders["pool"], require_labels=True)
         # Seeds outermost, so a partial results file holds whole paired curves, and the
         # whole volumes first in each: every fraction needs its whole-volume reference.
+        planned = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             chosen = choose_subjects(len(pool), args.shots, seed)
             for k in [None, *args.slices]:
@@ -379,16 +461,22 @@ def main(argv=None) -> None:
                 entries, annotation = sparse_entries(pool, chosen, k, seed, work / "sparse")
                 for init in INITS:
                     key = run_key(effort, args.shots, seed, init)
-                    if store.done(key):
-                        continue
-                    row = finetune_run(finetune_config(q, "full", seed), entries, heldout,
-                                       record["checkpoint"] if init == "voco" else None,
-                                       work / "finetune_run")
-                    row["annotation"] = annotation
-                    row["loadavg_1min"] = round(os.getloadavg()[0], 2)
-                    store.add(key, row)
-                    log(f"  {key}: Dice {row['curve'][-1]['mean_dice']} ({row['seconds']} s, "
-                        f"{row['median_s_per_step']} s/step)")
+                    if not store.done(key):
+                        planned.append((key, run_config(args, q, seed), entries, annotation,
+                                        record["checkpoint"] if init == "voco" else None))
+        with Jobs(args.jobs, args.threads) as jobs:
+            handles = {jobs.submit(finetune_run, config, entries, heldout, checkpoint,
+                                   work / "finetune_runs" / key.replace("/", "_")):
+                       (key, annotation)
+                       for key, config, entries, annotation, checkpoint in planned}
+            for handle in jobs.finished(list(handles)):
+                key, annotation = handles[handle]
+                row = handle.result()
+                row["annotation"] = annotation
+                row["loadavg_1min"] = round(os.getloadavg()[0], 2)
+                store.add(key, row)
+                log(f"  {key}: Dice {run_dice(report, row)} ({row['seconds']} s, "
+                    f"{row['median_s_per_step']} s/step)")
     except VoCoError as err:
         raise SystemExit(f"sparse_bench: error: {err}") from err
 

@@ -3,7 +3,9 @@
 Run keys are the quality benchmark's (:func:`quality.runs.run_key`) with the effort
 in the mode's place: ``k3/2shot/seed0/voco`` (3 annotated axial slices per phantom)
 or ``whole/2shot/seed0/scratch`` (every slice). A run's Dice is the held-out mean
-Dice of its last validation.
+Dice at its plateau under the ``plateau`` protocol (``voco compare``'s reading: the
+mean of the last 3 validations), of its last validation under the ``recorded`` one
+(files written before the protocols were named).
 
 "Fraction of the whole-volume Dice" is paired too: for seed ``s`` and init ``i``,
 ``dice(k, s, i) / dice(whole, s, i)``; the effort that reaches a target fraction is
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from voco_core.evaluation.compare import flatness, plateau
 from voco_core.evaluation.stats import paired_difference, spread, t_interval
 
 EFFORT_WHOLE = "whole"
@@ -38,13 +41,46 @@ def slices_of(effort: str, axial_slices: int) -> int:
     return axial_slices if effort == EFFORT_WHOLE else int(effort.removeprefix("k"))
 
 
+def at_plateau(report: dict) -> bool:
+    """Whether runs are read at their plateau (the ``plateau`` protocol)."""
+    return report.get("settings", {}).get("protocol", "recorded") == "plateau"
+
+
+def compare_curve(row: dict) -> list[dict]:
+    """A run's curve in ``voco compare``'s point format (``step``, ``mean``, ``classes``)."""
+    return [{"step": p["step"], "mean": p["mean_dice"], "classes": p.get("class_dice") or {}}
+            for p in row.get("curve", []) if p.get("mean_dice") is not None]
+
+
+def run_dice(report: dict, row: dict) -> float | None:
+    """One run's held-out mean Dice: at its plateau, or at its last validation."""
+    curve = compare_curve(row)
+    if not curve:
+        return None
+    return round(plateau(curve), 4) if at_plateau(report) else float(curve[-1]["mean"])
+
+
 def final_dice(report: dict) -> dict[tuple[str, int, str], float]:
     """``(effort, seed, init) -> held-out mean Dice`` of every finished run."""
     out = {}
     for key, row in report.get("runs", {}).items():
-        dice = row["curve"][-1]["mean_dice"] if row.get("curve") else None
+        dice = run_dice(report, row)
         if dice is not None:
             out[parse_key(key)] = float(dice)
+    return out
+
+
+def flattened(report: dict) -> dict[str, dict]:
+    """``"k3/voco" -> voco compare's flatness`` of each setting's curves over its seeds
+    (the mean curve's last validations against those before, overall and per class)."""
+    curves: dict[str, list] = {}
+    for key, row in report.get("runs", {}).items():
+        effort, _, init = parse_key(key)
+        curves.setdefault(f"{effort}/{init}", []).append(compare_curve(row))
+    out = {}
+    for name, group in sorted(curves.items()):
+        classes = sorted({c for curve in group for p in curve for c in p["classes"]})
+        out[name] = flatness(group, classes)
     return out
 
 
@@ -110,6 +146,8 @@ def summarise(report: dict) -> dict:
                 sparse_points) else {"measured": None, "estimate": None, "below_first": False,
                                      "not_measured": True}
     return {"seeds": seeds, "complete_seeds": complete, "runs": len(dice),
+            "reading": "plateau" if at_plateau(report) else "last validation",
+            **({"flattened": flattened(report)} if at_plateau(report) else {}),
             "planned_runs": len(efforts) * len(INITS) * report.get("settings", {}).get(
                 "seeds", 0), "target": TARGET, "per_effort": per_effort,
             "slices_to_reach_target": reach}
@@ -143,9 +181,11 @@ def markdown(report: dict) -> str:
     """The docs table: Dice per effort and init, the paired difference, the fractions."""
     s = report["summary"]
     axial = report.get("axial_slices", 0)
+    reading = ("at the plateau (mean of the last 3 validations)" if at_plateau(report)
+               else "at the last step")
     lines = [
         f"{len(s['complete_seeds'])} complete paired seeds ({s['runs']} of "
-        f"{s['planned_runs']} runs); Dice = held-out mean Dice, 10 classes; "
+        f"{s['planned_runs']} runs); Dice = held-out mean Dice, 10 classes, {reading}; "
         "[95% t interval over seeds]",
         "",
         "| annotated axial slices per phantom | from scratch | VoCo backbone | "
@@ -175,6 +215,14 @@ def markdown(report: dict) -> str:
         f"{_reach(reach['voco_to_own_whole'], axial)}; to reach {pct} of *scratch's* "
         f"whole-volume Dice, VoCo needs {_reach(reach['voco_to_scratch_whole'], axial)}.",
     ]
+    if "flattened" in s:
+        rising = {name: f for name, f in s["flattened"].items() if not f["flat"]}
+        lines += ["", "Flattened (last 3 validations within 0.01 Dice of the 3 before, "
+                  "overall and per class): " + (
+                      "every setting." if not rising else "not yet: " + "; ".join(
+                          f"{name} (mean {f['mean_change']}, classes "
+                          f"{', '.join(f['classes_not_flat']) or 'none'})"
+                          for name, f in rising.items()) + ".")]
     return "\n".join(lines)
 
 
@@ -242,8 +290,9 @@ def plot_dice_vs_slices(report: dict, out: Path) -> Path | None:
     ax.set_xlabel("annotated axial slices per training phantom")
     ax.set_ylabel("held-out mean Dice (10 classes)")
     settings = report.get("settings", {})
+    reading = "read at the plateau" if at_plateau(report) else "read at the last step"
     ax.set_title(f"{settings.get('shots')} labelled phantoms, {settings.get('steps')} "
-                 f"finetuning steps", fontsize=9)
+                 f"finetuning steps, {reading}", fontsize=9)
     ax.legend(fontsize=7)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -438,13 +438,14 @@ def summarise(record: dict) -> dict[str, Any]:
             "steps_saved_by_voco": paired_difference([a for a, _ in both_reached],
                                                      [b for _, b in both_reached]),
             "voco_never_reached": sum(b is None for b in reached["voco"])},
-        "flattened": {arm: _flatness([p[ARMS.index(arm)] for p in pairs], classes)
+        "flattened": {arm: flatness([p[ARMS.index(arm)] for p in pairs], classes)
                       for arm in ARMS},
     }
 
 
-def _flatness(curves: list[list[dict]], classes: list[str]) -> dict[str, Any]:
-    """Whether the mean curve over pairs has flattened, overall and per class."""
+def flatness(curves: list[list[dict]], classes: list[str]) -> dict[str, Any]:
+    """Whether the mean curve of ``curves`` (the runs of one arm) has flattened, overall
+    and per class: its last :data:`PLATEAU_POINTS` points against the ones before."""
     def change(key: str | None) -> float:
         steps = sorted({p["step"] for c in curves for p in c})
         mean_curve = []
