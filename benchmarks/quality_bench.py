@@ -49,7 +49,7 @@ from pathlib import Path
 
 from quality import report as reporting
 from quality.jobs import Jobs, default_jobs, finetune_job
-from quality.plateau import plateau_recipe, plateau_section
+from quality.plateau import plateau_recipe, plateau_scratch_jobs, plateau_section
 from quality.positions import position_section
 from quality.runs import (
     ResultStore,
@@ -312,6 +312,10 @@ def main(argv=None) -> None:
                         for key, init, config_of_run, entries, subjects in rows]
 
             def record(handle):  # saved as each run ends: a stopped evaluation keeps it
+                if isinstance(handle.result(), str):  # a plateau scratch arm: in its folder
+                    log(f"  plateau {handle.result()}: finished (the plateau section reads "
+                        "it back)")
+                    return
                 key, row = handle.result()
                 store.add(key, row)
                 curve = ", ".join(f"{p['step']}: {p['mean_dice']}" for p in row["curve"])
@@ -325,10 +329,15 @@ def main(argv=None) -> None:
             pretraining_job = jobs.submit(pretrain_or_reuse, config, folders["pretrain"],
                                           work, args.reuse)
             # In parallel, the control runs (which never load the checkpoint) go first,
-            # beside the pretraining; one process keeps the paired order.
+            # beside the pretraining, then the plateau section's scratch arms (its VoCo
+            # arms follow the pretraining, in the section); one process keeps the paired
+            # order.
             early = [row for row in planned if row[1] != "voco"] if jobs.parallel else []
             later = [row for row in planned if row[1] == "voco"] if jobs.parallel else planned
             handles = submit_runs(early, None)
+            if "plateau" in args.sections and jobs.parallel:
+                handles += plateau_scratch_jobs(jobs, args, folders["plateau"],
+                                                work / f"plateau_{out.stem}")
             for handle in jobs.finished([pretraining_job, *handles]):
                 if handle is pretraining_job:
                     break

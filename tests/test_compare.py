@@ -256,3 +256,30 @@ def test_a_comparison_refuses_a_backbone_that_changed_under_it(train_dataset, pr
     one_line_error(capsys, "began with another backbone (sha256 0123456789abcdef, now ",
                    "new --out")
     assert not (out / "runs").exists()
+
+
+def test_scratch_arms_run_before_the_backbone_exists_and_are_read_back(
+        train_dataset, pretrain_run, tmp_path, capsys):
+    """The scratch arms need no backbone: they can run while the pretraining does (the
+    quality benchmark runs them beside it); compare then runs only the VoCo arms."""
+    from voco_core.cli import _flag_overrides, build_parser
+    from voco_core.evaluation.compare import run_scratch_arm, scratch_arms
+
+    args = build_parser().parse_args(["compare", "--data", str(train_dataset), "--pretrained",
+                                      str(pretrain_run), "--out", str(tmp_path), *TINY])
+    settings = CompareSettings(folds=2, steps=1, val_every=1, preset="tiny",
+                               overrides=_flag_overrides(args, "train"))
+    out = tmp_path / "cmp"
+    arms = scratch_arms(train_dataset, out, settings)
+    assert [run.key for run, _ in arms] == ["fold0-seed0-scratch", "fold1-seed0-scratch"]
+    assert all(run.pretrained is None for run, _ in arms)
+    assert run_scratch_arm(*arms[0]) == "fold0-seed0-scratch"
+    assert [run.key for run, _ in scratch_arms(train_dataset, out, settings)] == [
+        "fold1-seed0-scratch"]  # a finished one is not planned again
+    run_scratch_arm(*arms[1])
+    capsys.readouterr()
+    record = compare(train_dataset, pretrain_run, out, settings)
+    printed = capsys.readouterr().out
+    assert "2 of 4 runs finished before: read back" in printed
+    assert "scratch: finetuning" not in printed and "fold1-seed0-voco: finetuning" in printed
+    assert record["status"] == "finished" and record["final_quality"]["difference"]["n"] == 2

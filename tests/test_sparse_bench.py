@@ -46,7 +46,7 @@ def test_plateau_protocol_reads_the_mean_of_the_last_validations_and_says_what_i
     assert not report["summary"]["flattened"]["k3/voco"]["flat"]
     text = markdown(report)
     assert "at the plateau (mean of the last 3 validations)" in text
-    assert "not yet: k3/voco (mean 0.3, classes liver, spleen)" in text
+    assert "not yet: k3/voco (mean +0.300, classes liver, spleen)" in text
     assert "k3/scratch" not in text.split("not yet:")[1]
     # a recorded file (no protocol): its last validation, as it was written
     older = _report(None, runs)
@@ -75,3 +75,15 @@ def test_plateau_protocol_takes_the_presets_recipe_and_a_resumed_file_its_own(tm
     assert args.protocol == "recorded" and args.steps == 50 and args.val_every == 50
     old = sparse_bench.run_config(args, sparse_bench.quality_args(args), seed=0)
     assert old.train.lr == 1e-3 and old.train.val_every == 50
+
+
+def test_quick_populations_are_made_from_the_sparse_arguments(tmp_path):
+    """The quality benchmark's phantom populations, from sparse_bench's own arguments
+    (which name no sections: it once failed there before its first run)."""
+    from quality.runs import make_populations
+
+    args = sparse_bench.parse_args(["--quick", "--jobs", "1", "--n-pretrain", "1",
+                                    "--n-pool", "2", "--shots", "2"])
+    folders = make_populations(sparse_bench.quality_args(args), tmp_path)
+    assert sorted(folders) == ["heldout", "pool", "pretrain"]
+    assert len(list((folders["pool"] / "labelsTr").iterdir())) == 2

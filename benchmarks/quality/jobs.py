@@ -5,8 +5,9 @@ process: a two-thread step waits for its slower thread whenever one is deschedul
 and a finetuning step's small kernels do not split well (measured on the 2-core VM: a
 full-finetuning run takes 219-256 s with 2 threads alone, 285-319 s with one thread
 beside another process, so two processes finish about 1.5x the runs per hour). The
-control runs (scratch, random init) never load the pretrained checkpoint, so they run
-*while* the pretraining does; the VoCo runs follow it.
+control runs (scratch, random init) and the plateau section's scratch arms never load
+the pretrained checkpoint, so they run *while* the pretraining does; the VoCo runs
+follow it.
 
 ``--jobs 1`` keeps everything in this process, one run at a time in the paired order
 (seed s: control, then VoCo), with the results file rewritten after each.

@@ -11,7 +11,9 @@ bootstrap intervals, per class) and the efficiency (steps to 90% of scratch's
 plateau), with whether each arm's curves have flattened, per class.
 
 The comparison's run folders live in ``WORK/plateau_<results name>/`` and resume by
-themselves (``--resume-results`` re-enters the same folder).
+themselves (``--resume-results`` re-enters the same folder). With ``--jobs`` > 1 the
+scratch arms, which need no backbone, run beside the pretraining
+(:func:`plateau_scratch_jobs`); the section then reads them back and runs the VoCo arms.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def plateau_recipe(args) -> dict:
     return {"folds": settings.folds, "seeds": settings.seeds, "steps": settings.steps,
             "val_every": settings.val_every, "preset": settings.preset,
             "overrides": settings.overrides}
+
+
+def plateau_scratch_jobs(jobs, args, data: Path, out: Path) -> list:
+    """Submit the section's unfinished scratch arms to the evaluation's worker
+    processes (:class:`quality.jobs.Jobs`); each handle's result is the run's key."""
+    from voco_core.evaluation.compare import run_scratch_arm, scratch_arms
+
+    return [jobs.submit(run_scratch_arm, run, settings)
+            for run, settings in scratch_arms(data / "dataset.json", out, plateau_settings(args))]
 
 
 def plateau_section(args, data: Path, pretrained: str, out: Path) -> dict:

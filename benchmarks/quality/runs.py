@@ -97,7 +97,7 @@ def make_populations(args, work: Path) -> dict[str, Path]:
     populations = [("pretrain", args.n_pretrain, args.phantom_shape, "classic"),
                    ("heldout", args.n_heldout, args.phantom_shape, "classic"),
                    ("pool", args.n_pool, args.phantom_shape, "classic")]
-    if "plateau" in args.sections:
+    if "plateau" in getattr(args, "sections", ()):  # other benchmarks: no sections
         populations.append(("plateau", args.plateau_cases, args.plateau_shape, "varied"))
     folders = {}
     for name, n, shape, style in populations:

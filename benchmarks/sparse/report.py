@@ -217,12 +217,17 @@ def markdown(report: dict) -> str:
     ]
     if "flattened" in s:
         rising = {name: f for name, f in s["flattened"].items() if not f["flat"]}
+        untold = [name for name, f in rising.items() if f["mean_change"] is None]
+        moving = {name: f for name, f in rising.items() if name not in untold}
+        parts = [f"{name} (mean {f['mean_change']:+.3f}, classes "
+                 f"{', '.join(f['classes_not_flat']) or 'none'})"
+                 for name, f in moving.items()]
+        if untold:
+            parts.append(f"{', '.join(untold)}: too few validations to tell (6 needed)")
         lines += ["", "Flattened (last 3 validations within 0.01 Dice of the 3 before, "
                   "overall and per class): " + (
-                      "every setting." if not rising else "not yet: " + "; ".join(
-                          f"{name} (mean {f['mean_change']}, classes "
-                          f"{', '.join(f['classes_not_flat']) or 'none'})"
-                          for name, f in rising.items()) + ".")]
+                      "every setting." if not rising else "not yet: " + "; ".join(parts)
+                      + ".")]
     return "\n".join(lines)
 
 

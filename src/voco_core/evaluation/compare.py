@@ -132,57 +132,13 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
             stop: StopFlag | None = None) -> dict[str, Any]:
     """Run (or resume) the paired comparison; returns what ``compare.json`` holds
     (``status``: ``finished``, or ``stopped`` when ``stop`` was set before the end)."""
-    from voco_core.config import make_finetune_config
-    from voco_core.plan import default_preset
-
     settings = settings or CompareSettings()
     out = Path(out)
     pretrained = Path(pretrained)
     if not pretrained.exists():
         raise VoCoDataError("pretrained checkpoint or run folder not found", pretrained)
-    cases = load_datalist(data, section="training", require_labels=True)
-    counts = tuple(settings.labelled)
-    if counts and settings.folds:
-        raise VoCoConfigError("--folds and --labelled are two designs: give one of them")
-    if settings.held_out is not None and not counts:
-        raise VoCoConfigError(f"--held-out {settings.held_out} goes with --labelled (the "
-                              "K-fold design holds out each fold in turn)")
-    folds = (labelled_splits(cases, counts, settings.held_out or DEFAULT_HELD_OUT) if counts
-             else k_folds(cases, settings.folds or min(5, len(cases))))
-    declared = dataset_class_names(data)  # each run gets its cases, not the dataset.json
-    if declared:
-        settings = replace(settings, overrides=merge(
-            {"data": {"num_classes": len(declared), "class_names": list(declared)}},
-            settings.overrides))
-    if settings.seeds < 1:
-        raise VoCoConfigError(f"--seeds {settings.seeds}: expected at least 1")
-    if settings.first_seed < 0:
-        raise VoCoConfigError(f"--first-seed {settings.first_seed}: expected 0 or more")
-    digest = _same_backbone(pretrained, out / "compare.json")
-    device = str((settings.overrides.get("run") or {}).get("device", "auto"))
-    config = make_finetune_config(settings.preset or default_preset(device)[0],
-                                  _overrides(settings, 0))  # bad settings: before any run
-    total = config.train.total_steps
-    record: dict[str, Any] = {
-        "data": str(data), "pretrained": str(pretrained), "pretrained_sha256": digest,
-        "preset": config.preset,
-        "design": "labelled" if counts else "folds", "folds": len(folds),
-        **({"labelled": list(counts)} if counts else {}),
-        "seeds": settings.seeds,
-        **({"first_seed": settings.first_seed} if settings.first_seed else {}),
-        "total_steps": total,
-        "val_every": config.train.val_every, "overrides": settings.overrides,
-        "held_out": [[str(c.image_file.name) for c in held] for _, held in folds],
-        "runs": {}}
-    if settings.jobs < 1:
-        raise VoCoConfigError(f"--jobs {settings.jobs}: expected at least 1")
-    planned = []
-    for k, (training, held) in enumerate(folds):
-        for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
-            for arm in ARMS:
-                key = run_key(k, seed, arm, counts[k] if counts else None)
-                planned.append(_Run(key, k, seed, arm, out / "runs" / key, training, held,
-                                    pretrained if arm == "voco" else None))
+    settings, record, planned = _plan(data, out, settings, pretrained)
+    counts, total = tuple(settings.labelled), record["total_steps"]
 
     def keep(run: _Run, curve: list[dict] | None) -> None:
         if curve is None:
@@ -225,6 +181,76 @@ def compare(data: str | Path, pretrained: str | Path, out: str | Path,
         write_json(out / "compare.json", record)
         plot_comparison(record, out / "curves.png", out / "classes.png")
     return record
+
+
+def _plan(data: str | Path, out: Path, settings: CompareSettings,
+          pretrained: Path | None) -> tuple[CompareSettings, dict[str, Any], list[_Run]]:
+    """Check the settings and plan every run: the settings with the dataset's class
+    names, the record's skeleton, the runs in order. ``pretrained`` None: only the
+    scratch arms are wanted (no backbone yet, nothing to check it against)."""
+    from voco_core.config import make_finetune_config
+    from voco_core.plan import default_preset
+
+    cases = load_datalist(data, section="training", require_labels=True)
+    counts = tuple(settings.labelled)
+    if counts and settings.folds:
+        raise VoCoConfigError("--folds and --labelled are two designs: give one of them")
+    if settings.held_out is not None and not counts:
+        raise VoCoConfigError(f"--held-out {settings.held_out} goes with --labelled (the "
+                              "K-fold design holds out each fold in turn)")
+    folds = (labelled_splits(cases, counts, settings.held_out or DEFAULT_HELD_OUT) if counts
+             else k_folds(cases, settings.folds or min(5, len(cases))))
+    declared = dataset_class_names(data)  # each run gets its cases, not the dataset.json
+    if declared:
+        settings = replace(settings, overrides=merge(
+            {"data": {"num_classes": len(declared), "class_names": list(declared)}},
+            settings.overrides))
+    if settings.seeds < 1:
+        raise VoCoConfigError(f"--seeds {settings.seeds}: expected at least 1")
+    if settings.first_seed < 0:
+        raise VoCoConfigError(f"--first-seed {settings.first_seed}: expected 0 or more")
+    if settings.jobs < 1:
+        raise VoCoConfigError(f"--jobs {settings.jobs}: expected at least 1")
+    digest = None if pretrained is None else _same_backbone(pretrained, out / "compare.json")
+    device = str((settings.overrides.get("run") or {}).get("device", "auto"))
+    config = make_finetune_config(settings.preset or default_preset(device)[0],
+                                  _overrides(settings, 0))  # bad settings: before any run
+    record: dict[str, Any] = {
+        "data": str(data), "pretrained": str(pretrained), "pretrained_sha256": digest,
+        "preset": config.preset,
+        "design": "labelled" if counts else "folds", "folds": len(folds),
+        **({"labelled": list(counts)} if counts else {}),
+        "seeds": settings.seeds,
+        **({"first_seed": settings.first_seed} if settings.first_seed else {}),
+        "total_steps": config.train.total_steps,
+        "val_every": config.train.val_every, "overrides": settings.overrides,
+        "held_out": [[str(c.image_file.name) for c in held] for _, held in folds],
+        "runs": {}}
+    planned = []
+    for k, (training, held) in enumerate(folds):
+        for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
+            for arm in ARMS:
+                key = run_key(k, seed, arm, counts[k] if counts else None)
+                planned.append(_Run(key, k, seed, arm, out / "runs" / key, training, held,
+                                    pretrained if arm == "voco" else None))
+    return settings, record, planned
+
+
+def scratch_arms(data: str | Path, out: str | Path,
+                 settings: CompareSettings | None = None) -> list[tuple[_Run, CompareSettings]]:
+    """The comparison's scratch arms not finished yet in ``out``, each with the settings
+    to run it by (:func:`run_scratch_arm`). They need no backbone, so they can run
+    while the pretraining still does; :func:`compare` then reads them back."""
+    settings, record, planned = _plan(data, Path(out), settings or CompareSettings(), None)
+    return [(run, settings) for run in planned if run.arm == "scratch"
+            and _finished_curve(run.run_dir, record["total_steps"]) is None]
+
+
+def run_scratch_arm(run: _Run, settings: CompareSettings) -> str:
+    """Run (or resume) one of :func:`scratch_arms` in this process; returns its key."""
+    if not _run_arm(run.run_dir, run.training, run.held, settings, run.seed, None):
+        raise VoCoDataError("the scratch arm stopped before its last step", run.run_dir)
+    return run.key
 
 
 def _same_backbone(pretrained: Path, recorded: Path) -> str:
