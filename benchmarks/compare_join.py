@@ -41,8 +41,14 @@ def join(records: list[dict], names: list[str]) -> dict:
                          "their VoCo arms are no pairs of one comparison")
     runs: dict = {}
     for record, name in zip(records, names, strict=True):
-        if record.get("status") != "finished":
+        if record.get("status", "finished") != "finished":  # results files may omit it
             raise ValueError(f"{name}: status {record.get('status')!r}, expected 'finished'")
+        arms = {}
+        for run in record["runs"].values():
+            arms.setdefault((run["fold"], run["seed"]), set()).add(run["arm"])
+        unpaired = sorted(unit for unit, have in arms.items() if have != {"scratch", "voco"})
+        if unpaired:
+            raise ValueError(f"{name}: (fold, seed) {unpaired} lack an arm: not pairs")
         shared = sorted(set(runs) & set(record["runs"]))
         if shared:
             raise ValueError(f"{name}: runs {', '.join(shared)} are in another part too")

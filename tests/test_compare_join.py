@@ -66,7 +66,12 @@ def test_what_is_not_one_comparison_is_refused(tmp_path, capsys):
                           ["a", "b"])
     with pytest.raises(ValueError, match="fold0-seed0-scratch, fold0-seed0-voco are in another"):
         compare_join.join([_part([0], 0.01), _part([0], 0.01)], ["a", "b"])
-    older = {k: v for k, v in _part([1], 0.01).items() if k != "pretrained_sha256"}
+    half = _part([1], 0.01)
+    del half["runs"]["fold0-seed1-voco"]
+    with pytest.raises(ValueError, match=r"b: \(fold, seed\) \[\(0, 1\)\] lack an arm"):
+        compare_join.join([_part([0], 0.01), half], ["a", "b"])
+    older = {k: v for k, v in _part([1], 0.01).items()  # a results file: no digest, no status
+             if k not in ("pretrained_sha256", "status")}
     joined = compare_join.join([_part([0], 0.01), older], ["a", "b"])
     assert joined["parts"][1]["pretrained_sha256"] == "not recorded"
     assert compare_join.main([str(tmp_path / "missing.json"), "--out",
