@@ -167,9 +167,14 @@ def plateau_tables(record: dict) -> list[str]:
              "| --- | --- | --- | --- |"]
     for arm in ("scratch", "voco"):
         flat = record["flattened"][arm]
+        if flat["mean_change"] is None:  # fewer than 6 validations
+            verdict, moving = "too few validations to tell", "-"
+        else:
+            verdict = (f"{'yes' if flat['flat'] else 'no'} (mean change "
+                       f"{flat['mean_change']:+.3f})")
+            moving = ", ".join(flat["classes_not_flat"]) or "-"
         lines.append(f"| {arm} | {final[arm]['mean']:.3f} ± {final[arm]['std']:.3f} | "
-                     f"{'yes' if flat['flat'] else 'no'} (mean change "
-                     f"{flat['mean_change']}) | {', '.join(flat['classes_not_flat']) or '-'} |")
+                     f"{verdict} | {moving} |")
     saved = efficiency["steps_saved_by_voco"]
     lines += ["", f"VoCo - scratch, final quality: {_ci(final['difference'])}. Efficiency "
               f"(steps to {efficiency['fraction_of_scratch_plateau']:.0%} of scratch's "
