@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import tempfile
@@ -48,7 +47,7 @@ import time
 from pathlib import Path
 
 from quality import report as reporting
-from quality.jobs import Jobs, default_jobs, finetune_job
+from quality.jobs import Jobs, add_job_arguments, finetune_job, settle_jobs
 from quality.plateau import plateau_recipe, plateau_scratch_jobs, plateau_section
 from quality.positions import position_section
 from quality.runs import (
@@ -111,13 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "seeds split over processes: --first-seed, --seeds) into --out: "
                              "the first file plus the runs the others add, summarised anew")
     parser.add_argument("--seed", type=int, default=0, help="pretraining run seed")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads per process (default: torch's with --jobs 1, "
-                             "else the cores / --jobs; 1 wastes less on a shared machine)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="worker processes for the pretraining and finetuning runs "
-                             "(default: 2 on a CPU with >= 2 cores, 1 on a GPU); the control "
-                             "runs go beside the pretraining")
+    add_job_arguments(parser, "the control runs and the plateau's scratch arms go beside "
+                              "the pretraining")
     parser.add_argument("--sections", default=None,
                         help=f"comma list of {','.join(SECTIONS)} (default "
                              f"{','.join(DEFAULT_SECTIONS)}, with --resume-results the "
@@ -130,13 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.summarize or args.merge:
         return args
     fill_defaults(args)
-    if args.jobs is None:
-        args.jobs = default_jobs(args.device)
-    for name in ("jobs", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)}: expected >= 1")
-    if args.jobs > 1 and args.threads is None:  # the cores shared out, for the record too
-        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    settle_jobs(parser, args)
     if args.sections is None:  # a resumed file goes on with the sections it was run with
         args.sections = ",".join(_recorded_sections(args.resume_results) or DEFAULT_SECTIONS)
     args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]

@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from quality.jobs import Jobs, default_jobs
+from quality.jobs import Jobs, add_job_arguments, settle_jobs
 from quality.runs import (
     ResultStore,
     choose_subjects,
@@ -137,11 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--summarize", type=Path, metavar="FILE",
                         help="only print the tables of FILE and write its figure")
     parser.add_argument("--seed", type=int, default=0, help="pretraining run seed")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads per process (default: the cores / --jobs)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="finetuning runs at once, each in its own process (default: "
-                             "2 on a CPU with >= 2 cores, 1 on a GPU)")
+    add_job_arguments(parser, "the finetuning runs, each in its own process")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="plateau (default): the preset's recipe read at the plateau; "
                              "recorded: the recorded results' 50-step protocol (with "
@@ -192,12 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      f"(fewer than the {args.phantom_shape[2]} axial slices of a phantom)")
     if args.protocol == "recorded":
         args.val_every = args.steps  # one validation, at the last step
-    if args.jobs is None:
-        args.jobs = default_jobs(args.device)
-    if args.threads is None and args.jobs > 1:  # one share of the cores per process
-        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    settle_jobs(parser, args)
     for name in ("seeds", "steps", "val_every", "pretrain_steps", "eval_every", "n_pretrain",
-                 "n_pool", "n_heldout", "shots", "jobs"):
+                 "n_pool", "n_heldout", "shots"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
     if args.shots > args.n_pool:

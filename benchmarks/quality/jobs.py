@@ -88,6 +88,29 @@ class Jobs:
             process.terminate()
 
 
+def add_job_arguments(parser, beside: str) -> None:
+    """``--threads`` and ``--jobs`` of a benchmark whose runs go to :class:`Jobs`
+    (``beside``: what runs beside the pretraining, for the help)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per process (default: torch's with --jobs 1, "
+                             "else the cores / --jobs; 1 wastes less on a shared machine)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="worker processes for the pretraining and finetuning runs "
+                             f"(default: 2 on a CPU with >= 2 cores, 1 on a GPU); {beside}")
+
+
+def settle_jobs(parser, args) -> None:
+    """Fill ``--jobs`` (:func:`default_jobs`) and, with several, ``--threads`` (the cores
+    shared out, for the record too); refuse values below 1."""
+    if args.jobs is None:
+        args.jobs = default_jobs(args.device)
+    for name in ("jobs", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: expected >= 1")
+    if args.jobs > 1 and args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+
 def default_jobs(device: str) -> int:
     """Two single-thread workers on a CPU with >= 2 cores, one process on a GPU."""
     if not device.startswith("cpu"):
