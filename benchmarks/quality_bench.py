@@ -198,6 +198,13 @@ def merge_files(args) -> None:
           f"status {report['status']} -> {args.out}")
 
 
+def population_seeds(args) -> dict:
+    """The population seeds the sections use (the plateau's only with its section, so
+    files written before it existed resume)."""
+    return {name: seed for name, seed in POPULATION_SEEDS.items()
+            if name != "plateau" or "plateau" in args.sections}
+
+
 def fingerprint(args, config) -> dict:
     """What must match for ``--resume-results`` to reuse finished runs."""
     finetune = {}
@@ -213,7 +220,7 @@ def fingerprint(args, config) -> dict:
                            "seed": POPULATION_SEEDS["plateau"]}
     return json.loads(json.dumps({
         **used, "pretrain": pretrain, "pretrain_seed": args.seed, "finetune": finetune,
-        "populations": {"seeds": POPULATION_SEEDS, "shape": list(args.phantom_shape),
+        "populations": {"seeds": population_seeds(args), "shape": list(args.phantom_shape),
                         "n_pretrain": args.n_pretrain, "n_heldout": args.n_heldout,
                         "n_pool": args.n_pool}}))
 

@@ -369,7 +369,9 @@ def fingerprint(args, q) -> dict:
         "backbone": sha256_16(args.backbone) if args.backbone else {
             "pretrain_steps": args.pretrain_steps, "seed": args.seed},
         "shots": args.shots, "ignore_label": IGNORE_LABEL,
-        "populations": {"seeds": POPULATION_SEEDS, "shape": list(args.phantom_shape),
+        "populations": {"seeds": {k: v for k, v in POPULATION_SEEDS.items()
+                                  if k != "plateau"},  # not a population of this benchmark
+                        "shape": list(args.phantom_shape),
                         "n_pretrain": args.n_pretrain, "n_heldout": args.n_heldout,
                         "n_pool": args.n_pool}}))
 

@@ -310,10 +310,17 @@ class ResultStore:
             except (OSError, ValueError) as err:
                 raise SystemExit(f"{prog}: error: --resume-results {path}: not a "
                                  f"results file ({err})") from err
-            if old.get("fingerprint") != report["fingerprint"]:
-                differ = differing_keys(old.get("fingerprint", {}), report["fingerprint"])
+            differ = differing_keys(old.get("fingerprint", {}), report["fingerprint"])
+            added = [key for key in differ
+                     if added_at_default(old.get("fingerprint", {}), report["fingerprint"], key)]
+            if set(differ) - set(added):
                 raise SystemExit(f"{prog}: error: --resume-results {path} was written "
-                                 f"with other settings (differ: {', '.join(differ)})")
+                                 f"with other settings (differ: "
+                                 f"{', '.join(k for k in differ if k not in added)})")
+            if added:
+                log(f"--resume-results: config fields added since {path.name} was written, "
+                    f"at their defaults (the behaviour before them): {', '.join(added)}")
+                self.report["fingerprint"] = old["fingerprint"]  # the file's, as written
             self.report["runs"] = old.get("runs", {})
             log(f"--resume-results: {len(self.report['runs'])} finished runs in {path}")
 
@@ -398,6 +405,50 @@ def merge_results(paths: list[Path], prog: str = "quality_bench") -> dict:
     merged["status"] = ("finished" if all(r.get("status") == "finished" for r in reports)
                         else "partial")
     return merged
+
+
+def added_at_default(old: dict, new: dict, key: str) -> bool:
+    """Whether the dotted config ``key`` of a fingerprint is absent from ``old`` (a field
+    added to the library since the file was written) and ``new`` holds its dataclass
+    default, the value that keeps the behaviour from before the field existed (as
+    reading an older checkpoint's config fills such fields)."""
+    import dataclasses
+
+    from voco_core.config import FinetuneConfig, PretrainConfig
+
+    parts = key.split(".")
+    node, value = old, new
+    for part in parts:
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+        if isinstance(node, dict):
+            node = node.get(part, _ABSENT)
+    if node is not _ABSENT:
+        return False  # in the file with another value: a real difference
+    roots = {"finetune": FinetuneConfig, "pretrain": PretrainConfig}
+    if parts[0] not in roots:
+        return False
+    kind: type | None = roots[parts[0]]
+    default = _ABSENT
+    for part in parts[1:]:
+        fields = {f.name: f for f in dataclasses.fields(kind)} if kind else {}
+        if part not in fields:
+            if kind is roots[parts[0]]:
+                continue  # a name above the config (the quality benchmark's mode)
+            return False
+        field = fields[part]
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        kind = type(default) if dataclasses.is_dataclass(default) else None
+    if dataclasses.is_dataclass(default):
+        return False
+    return default is not _ABSENT and value == default
+
+
+_ABSENT = object()
 
 
 def differing_keys(a, b, prefix: str = "") -> list[str]:
