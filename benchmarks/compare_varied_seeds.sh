@@ -5,7 +5,7 @@
 # recorded commands, seeds FIRST.. run with `voco compare --first-seed`, and the parts'
 # records are joined (benchmarks/compare_join.py) into RESULT with both readings anew.
 #
-# The backbone is a second pretraining with the recorded recipe, not the same bytes: CPU
+# The backbone is a second pretraining with the recorded recipe, maybe not the same bytes: CPU
 # runs agree to float rounding, not bit for bit (run.deterministic: false). The script
 # prints its loss means beside the recorded ones (0.6951 -> 0.4452, first/last 10 steps)
 # and the joined record lists each part's backbone; say so beside any number it gives.

@@ -11,7 +11,8 @@ import yaml
 # Per-preset defaults; every one can be changed from the command line. The budget
 # arithmetic behind them is in docs/benchmarks.md ("Quality").
 SETTINGS: dict[str, dict[str, Any]] = {
-    "tiny": {  # CPU, one thread: about 85 minutes of finetuning (arithmetic in the docs);
+    "tiny": {  # CPU, --jobs 2: 107.7 min end to end on a slow day's VM, ~72 at the speed
+        # of the recorded parts (docs/benchmarks.md, "budget");
         # one 64^3 crop per finetuning step: a decoder step on one thread measured 4.3 s
         # with the preset's two crops, which put the finetuning alone at ~3 hours
         "phantom_shape": (96, 96, 64), "n_pretrain": 16, "n_heldout": 4, "n_pool": 6,
@@ -19,8 +20,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "sub_volumes": 16, "random_inits": 2, "seeds": 8, "shots": "2",
         "full_steps": 80, "full_curve_every": 20, "probe_steps": 40, "probe_curve_every": 20,
         "finetune_spacing": None, "finetune_samples": 1,
-        # plateau: 2 folds x 1 seed of the tiny preset's recipe for 300 steps (about 28
-        # min per run at one thread beside another: 5.1 s/step, 12 s per validation);
+        # plateau: 2 folds x 1 seed of the tiny preset's recipe for 300 steps (28-38 min
+        # per run at one thread beside another: 5.1-6.5 s/step, 12 s per validation);
         # 150 steps ended 0.11-0.13 Dice below 300 with flat-looking last validations
         "plateau_cases": 4, "plateau_shape": (160, 160, 96), "plateau_folds": 2,
         "plateau_seeds": 1, "plateau_steps": 300, "plateau_every": 30,
