@@ -40,7 +40,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -66,6 +65,7 @@ from quality.settings import (
     dotted,
     fill_defaults,
     finetune_config,
+    phantom_data,
     pretrain_config,
 )
 from sparse.report import (
@@ -214,15 +214,12 @@ def run_config(args, q, seed: int):
     if args.protocol == "recorded":
         return finetune_config(q, "full", seed)
     from voco_core.config import make_finetune_config, merge
-    from voco_core.data.phantoms import LABEL_NAMES
 
     train = {"total_steps": args.steps, "val_every": args.val_every}
     if args.finetune_samples:
         train["samples_per_volume"] = args.finetune_samples
     base = {  # the preset's recipe; what the phantoms are, stated
-        "data": {"num_classes": len(LABEL_NAMES), "intensity": "ct",
-                 "class_names": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)],
-                 "ignore_label": IGNORE_LABEL},
+        "data": {**phantom_data(), "ignore_label": IGNORE_LABEL},
         "train": train,
         "run": {"device": args.device, "seed": seed, "tensorboard": False,
                 "checkpoint_every": args.steps, "log_every": 10},
@@ -316,14 +313,14 @@ def backbone(args, config, folders, work: Path) -> dict:
                 "steps": args.pretrain_steps, "seconds": record["seconds"],
                 "loss_first_mean": record["loss_first_mean"],
                 "loss_last_mean": record["loss_last_mean"]}
-    from voco_core.checkpoint import load_pretrain_checkpoint
+    from voco_core.checkpoint import file_digest, load_pretrain_checkpoint
     from voco_core.config import pretrain_config_from_dict
 
     target = work / "backbone.pt"
     if not (target.is_file() and target.samefile(args.backbone)):
         shutil.copyfile(args.backbone, target)  # a copy: the source may be overwritten later
     state = load_pretrain_checkpoint(target)
-    digest = sha256_16(target)
+    digest = file_digest(target)
     # Read back through today's schema (as quality.runs.pretrain_or_reuse does): fields
     # added since the checkpoint was written take their defaults.
     saved = pretrain_config_from_dict(state["config"], check_device=False).to_dict()
@@ -354,19 +351,17 @@ def config_differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------- main
 
 
-def sha256_16(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def fingerprint(args, q) -> dict:
     """What must match for ``--resume-results`` to reuse finished runs (checked before
     anything in the work folder is changed)."""
+    from voco_core.checkpoint import file_digest
+
     finetune = {k: v for k, v in run_config(args, q, 0).to_dict().items() if k != "run"}
     # The recorded protocol's fingerprint is the one its file was written with.
     protocol = {} if args.protocol == "recorded" else {"protocol": args.protocol}
     return json.loads(json.dumps({
         **protocol, "finetune": finetune,
-        "backbone": sha256_16(args.backbone) if args.backbone else {
+        "backbone": file_digest(args.backbone) if args.backbone else {
             "pretrain_steps": args.pretrain_steps, "seed": args.seed},
         "shots": args.shots, "ignore_label": IGNORE_LABEL,
         "populations": {"seeds": {k: v for k, v in POPULATION_SEEDS.items()

@@ -146,16 +146,23 @@ def pretrain_config(args, steps: int):
     return make_pretrain_config(args.preset, merge(base, lever_overrides(args)[0]))
 
 
+def phantom_data() -> dict:
+    """The ``data`` overrides every finetuning on the phantoms states: their classes,
+    named, and CT intensities."""
+    from voco_core.data.phantoms import LABEL_NAMES
+
+    return {"num_classes": len(LABEL_NAMES), "intensity": "ct",
+            "class_names": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)]}
+
+
 def finetune_config(args, mode: str, seed: int):
     """The SwinUNETR finetuning config of one run: ``mode`` probe or full, ``seed``."""
     from voco_core.config import make_finetune_config, merge
-    from voco_core.data.phantoms import LABEL_NAMES
 
     steps = args.probe_steps if mode == "probe" else args.full_steps
     every = args.probe_curve_every if mode == "probe" else args.full_curve_every
     base = {
-        "data": {"num_classes": len(LABEL_NAMES), "intensity": "ct", "spacing": None,
-                 "class_names": [LABEL_NAMES[i] for i in sorted(LABEL_NAMES)]},
+        "data": {**phantom_data(), "spacing": None},
         # The recipe every recorded result was made with (the tiny preset has changed
         # since: 4 mm grid, lr 2e-3, class-balanced CE, batch Dice, no flips); the new
         # one is a --finetune-set away.

@@ -122,6 +122,18 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
                         "checkpoint")
 
 
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256, read in 1 MiB blocks: which
+    checkpoint a comparison or benchmark judged, recorded beside its results."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run folder holding ``checkpoints/last.pt``."""
     path = Path(path)

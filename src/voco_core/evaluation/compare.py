@@ -257,17 +257,12 @@ def _same_backbone(pretrained: Path, recorded: Path) -> str:
     """The judged checkpoint's sha256 (16 hex digits), refused when a comparison that
     started in this folder judged another one: a run folder's ``last.pt`` moves on
     while its pretraining continues, and VoCo arms from two backbones are no pairs."""
-    import hashlib
     import json
 
-    from voco_core.checkpoint import find_checkpoint
+    from voco_core.checkpoint import file_digest, find_checkpoint
 
     checkpoint = find_checkpoint(pretrained)
-    digest = hashlib.sha256()
-    with checkpoint.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    mine = digest.hexdigest()[:16]
+    mine = file_digest(checkpoint)
     try:  # written atomically; an unreadable one holds nothing to check against
         before = json.loads(recorded.read_text()).get("pretrained_sha256")
     except (OSError, ValueError, AttributeError):
