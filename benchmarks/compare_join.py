@@ -81,24 +81,29 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the joined record (JSON)")
     parser.add_argument("--figures", type=Path, help="figure prefix: PREFIX_curves.png and "
                         "PREFIX_classes.png (PREFIX_labelled.png for --labelled)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out and the figures if they exist")
     args = parser.parse_args(argv)
+    from voco_core.errors import VoCoError
     from voco_core.evaluation.compare import headline
     from voco_core.evaluation.figures import plot_comparison, plot_labelled
-    from voco_core.outputs import write_json
+    from voco_core.outputs import refuse_existing, write_json
 
     try:
         records = [json.loads(path.read_text()) for path in args.records]
         joined = join(records, [str(path) for path in args.records])
-    except (OSError, ValueError, KeyError) as err:
+        figures = []
+        if args.figures:
+            second = "labelled" if joined.get("design") == "labelled" else "classes"
+            figures = [Path(f"{args.figures}_curves.png"), Path(f"{args.figures}_{second}.png")]
+        refuse_existing([args.out, *figures], args.overwrite)
+    except (OSError, ValueError, KeyError, VoCoError) as err:
         print(f"compare_join: error: {err}", file=sys.stderr)
         return 1
     write_json(args.out, joined)
-    if args.figures:
-        prefix = str(args.figures)
-        if joined.get("design") == "labelled":
-            plot_labelled(joined, Path(f"{prefix}_curves.png"), Path(f"{prefix}_labelled.png"))
-        else:
-            plot_comparison(joined, Path(f"{prefix}_curves.png"), Path(f"{prefix}_classes.png"))
+    if figures:
+        plot = plot_labelled if joined.get("design") == "labelled" else plot_comparison
+        plot(joined, *figures)
     print(f"{len(joined['runs'])} runs from {len(records)} parts -> {args.out}")
     print(headline(joined))
     return 0

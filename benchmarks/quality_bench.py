@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from quality import report as reporting
-from quality.jobs import Jobs, add_job_arguments, finetune_job, settle_jobs
+from quality.jobs import Jobs, add_job_arguments, add_overwrite_argument, finetune_job, settle_jobs
 from quality.plateau import plateau_recipe, plateau_scratch_jobs, plateau_section
 from quality.positions import position_section
 from quality.runs import (
@@ -110,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "seeds split over processes: --first-seed, --seeds) into --out: "
                              "the first file plus the runs the others add, summarised anew")
     parser.add_argument("--seed", type=int, default=0, help="pretraining run seed")
+    add_overwrite_argument(parser)
     add_job_arguments(parser, "the control runs and the plateau's scratch arms go beside "
                               "the pretraining")
     parser.add_argument("--sections", default=None,
@@ -264,7 +265,8 @@ def main(argv=None) -> None:
                     "averaged over the held-out phantoms; mean_dice is the mean over classes",
             "timings_s": {},
         }
-        store = ResultStore(out, report, resume=args.resume_results is not None)
+        store = ResultStore(out, report, resume=args.resume_results is not None,
+                            overwrite=args.overwrite)
         timings = report["timings_s"]
         log(f"quality_bench: preset {args.preset} on {args.device}, work {work}, "
             f"results {out}")

@@ -47,7 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from quality.jobs import Jobs, add_job_arguments, settle_jobs
+from quality.jobs import Jobs, add_job_arguments, add_overwrite_argument, settle_jobs
 from quality.runs import (
     ResultStore,
     choose_subjects,
@@ -137,6 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--summarize", type=Path, metavar="FILE",
                         help="only print the tables of FILE and write its figure")
     parser.add_argument("--seed", type=int, default=0, help="pretraining run seed")
+    add_overwrite_argument(parser)
     add_job_arguments(parser, "the finetuning runs, each in its own process")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="plateau (default): the preset's recipe read at the plateau; "
@@ -410,7 +411,8 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     device_name = "cuda" if args.device.startswith("cuda") else args.device
     out = args.out or (work / "sparse_bench_quick.json" if args.quick else
-                       ROOT / "benchmarks" / "results" / f"sparse_bench_{device_name}.json")
+                       ROOT / "benchmarks" / "results" / f"sparse_bench_"
+                       f"{'' if args.protocol == 'recorded' else 'plateau_'}{device_name}.json")
     figure = args.figure or (work if args.quick else ROOT / "docs" / "figures") / (
         f"{out.stem}.png")
 
@@ -432,6 +434,7 @@ def main(argv=None) -> None:
             "axial_slices": args.phantom_shape[2],
         }
         store = SparseStore(out, report, resume=args.resume_results is not None,
+                            overwrite=args.overwrite,
                             prog="sparse_bench")
         folders = make_populations(q, work)
         record = backbone(args, config, folders, work)

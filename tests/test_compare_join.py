@@ -56,6 +56,13 @@ def test_parts_join_into_the_reading_of_every_pair(tmp_path, capsys):
         "VoCo - scratch at the plateau: +0.020 Dice [")
     assert (tmp_path / "fig_curves.png").stat().st_size > 0
     assert (tmp_path / "fig_classes.png").stat().st_size > 0
+    written = (tmp_path / "joined.json").read_text()
+    again = [*map(str, paths), "--out", str(tmp_path / "joined.json")]
+    assert compare_join.main(again) == 1  # a file already there is not replaced
+    err = capsys.readouterr().err
+    assert err.startswith("compare_join: error: ") and "joined.json" in err
+    assert "--overwrite" in err and (tmp_path / "joined.json").read_text() == written
+    assert compare_join.main([*again, "--overwrite"]) == 0
 
 
 def test_what_is_not_one_comparison_is_refused(tmp_path, capsys):

@@ -59,3 +59,18 @@ def test_a_real_difference_is_still_refused(tmp_path):
         ResultStore(recorded, {"fingerprint": {"finetune": {"train": {"lr": 2e-3,
                                                                        "batch_dice": False}}}},
                     resume=True)
+
+
+def test_a_new_results_file_never_replaces_one_already_there(tmp_path):
+    """Without --resume-results a new run would start its file afresh: a recorded
+    result at --out is refused unless --overwrite says so."""
+    out = tmp_path / "quality_eval_cpu.json"
+    out.write_text(json.dumps({"fingerprint": {}, "runs": {"probe/2shot/seed0/voco": {}}}))
+    with pytest.raises(SystemExit, match=r"quality_eval_cpu.json exists; go on with it "
+                                         r"\(--resume-results\), choose another --out, or "
+                                         r"pass --overwrite"):
+        ResultStore(out, {"fingerprint": {}}, resume=False)
+    assert "probe/2shot/seed0/voco" in out.read_text()
+    ResultStore(out, {"fingerprint": {}}, resume=False, overwrite=True).save()
+    assert json.loads(out.read_text())["runs"] == {}
+    assert quality_bench.parse_args(["--overwrite"]).overwrite

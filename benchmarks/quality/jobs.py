@@ -99,6 +99,13 @@ def add_job_arguments(parser, beside: str) -> None:
                              f"(default: 2 on a CPU with >= 2 cores, 1 on a GPU); {beside}")
 
 
+def add_overwrite_argument(parser) -> None:
+    """``--overwrite``: a new results file may replace one already at ``--out``."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a results file already at --out (default: refuse, "
+                             "so a recorded result is never lost to a new run)")
+
+
 def settle_jobs(parser, args) -> None:
     """Fill ``--jobs`` (:func:`default_jobs`) and, with several, ``--threads`` (the cores
     shared out, for the record too); refuse values below 1."""

@@ -299,9 +299,14 @@ class ResultStore:
     ``fingerprint`` (configs and populations) guards ``--resume-results``: runs are
     only reused from a file written with the same settings."""
 
-    def __init__(self, path: Path, report: dict, resume: bool, prog: str = "quality_bench"):
+    def __init__(self, path: Path, report: dict, resume: bool, prog: str = "quality_bench",
+                 overwrite: bool = False):
         self.path, self.report = path, report
         self.report.setdefault("runs", {})
+        if not resume and path.is_file() and not overwrite:  # a recorded result, perhaps
+            raise SystemExit(f"{prog}: error: {path} exists; go on with it "
+                             "(--resume-results), choose another --out, or pass --overwrite "
+                             "to replace it")
         if resume:
             if not path.is_file():
                 raise SystemExit(f"{prog}: error: --resume-results {path}: no such file")
